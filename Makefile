@@ -1,0 +1,36 @@
+# Quickstart: `make demo` trains a small GPT on the bundled corpus; `make test` runs the suite.
+# Both create .venv and install the project into it; nothing needs installing by hand.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# CPU machines: the CPU build of torch. On GPU machines: make install TORCH="torch==2.13.0" (see README).
+TORCH  ?= torch==2.13.0
+EXTRAS ?= wandb,dev
+
+.PHONY: install test demo bench lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+demo: install
+	$(BIN)/python -m trainer tokenizer --kind bpe --vocab-size 2048 --out runs/demo/tokenizer data/tinyshakespeare.txt
+	$(BIN)/python -m trainer train configs/demo.yaml
+	$(BIN)/python -m trainer report runs/demo
+
+bench: install
+	$(BIN)/python bench/throughput.py
+
+lint: install
+	$(BIN)/ruff check trainer launch tests bench
+
+clean:
+	rm -rf $(VENV) runs wandb

@@ -1,0 +1,3 @@
+"""Distributed pretraining of GPT- and BERT-style transformers."""
+
+__version__ = "0.1.0"
