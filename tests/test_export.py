@@ -1,0 +1,118 @@
+"""Export to the Hugging Face layout: transformers loads the files and reproduces our logits exactly (fp32)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+from trainer.errors import UserError
+from trainer.export import export_hf
+from trainer.models import build_model
+
+ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+def _perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Move every parameter off its init (LayerNorm 1/0, biases 0) so a swapped or missing mapping shows up."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+def _stored_names(path: Path) -> list[str]:
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        return list(f.keys())
+
+
+def test_gpt_export_loads_in_transformers_with_same_logits(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _perturb(build_model("gpt", "gpt-tiny", vocab_size=211, max_seq_len=32, d_ff=96), seed=1)
+    tok = tmp_path / "src_tokenizer.json"
+    tok.write_text('{"version": "1.0"}')
+    out = export_hf(model, tmp_path / "hf", tokenizer_json=tok, special_token_ids={"eos": 3, "bos_token_id": 2})
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and config["architectures"] == ["GPT2LMHeadModel"]
+    assert (config["n_inner"], config["eos_token_id"], config["bos_token_id"]) == (96, 3, 2)
+    assert (out / "tokenizer.json").read_text() == tok.read_text()
+    names = _stored_names(out)
+    assert "transformer.wte.weight" in names and "lm_head.weight" not in names  # tied tensor stored once
+    assert len(names) == len(set(names))
+
+    hf, info = transformers.GPT2LMHeadModel.from_pretrained(out, output_loading_info=True)
+    hf.eval()
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr()
+    ids = torch.randint(0, 211, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), rtol=0, atol=ATOL)
+
+
+def test_bert_export_loads_in_transformers_with_same_logits(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _perturb(build_model("bert", "bert-tiny", vocab_size=199, max_seq_len=24, type_vocab_size=3), seed=2)
+    out = export_hf(model, tmp_path / "hf", special_token_ids={"pad_id": 0, "mask_id": 4, "eos_id": None})
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "bert" and config["architectures"] == ["BertForMaskedLM"]
+    assert (config["type_vocab_size"], config["pad_token_id"], config["hidden_act"]) == (3, 0, "gelu")
+    assert "mask_token_id" not in config and config.get("eos_token_id") is None
+    names = _stored_names(out)
+    assert "cls.predictions.bias" in names
+    assert not {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"} & set(names)
+    assert len(names) == len(set(names))
+
+    hf, info = transformers.BertForMaskedLM.from_pretrained(out, output_loading_info=True)
+    hf.eval()
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    ids = torch.randint(0, 199, (2, 20))
+    types = torch.zeros_like(ids)
+    types[:, 8:] = 1
+    types[1, 15:] = 2
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0  # second sequence padded
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), rtol=0, atol=ATOL)
+        ours = model(ids, token_type_ids=types, attention_mask=mask)
+        theirs = hf(ids, token_type_ids=types, attention_mask=mask).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=ATOL)
+
+
+def test_export_needs_a_model_of_this_package(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="ModelConfig"):
+        export_hf(torch.nn.Linear(2, 2), tmp_path)
+    with pytest.raises(UserError, match="tokenizer"):
+        export_hf(build_model("gpt", "gpt-tiny"), tmp_path, tokenizer_json=tmp_path / "missing.json")
+
+
+def test_export_strips_checkpoint_wrapper_prefixes(tmp_path: Path) -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    model = _perturb(build_model("gpt", "gpt-tiny", vocab_size=64, max_seq_len=16), seed=3)
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = checkpoint_wrapper(block)
+    out = export_hf(model, tmp_path)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    ids = torch.randint(0, 64, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), rtol=0, atol=ATOL)
+
+
+def test_gpt_bos_defaults_to_eos(tmp_path: Path) -> None:
+    out = export_hf(build_model("gpt", "gpt-tiny"), tmp_path, special_token_ids={"eos_id": 5, "unk_id": 1})
+    config = json.loads((out / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (5, 5) and "unk_token_id" not in config

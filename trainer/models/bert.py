@@ -1,0 +1,156 @@
+"""BERT for masked-language modelling in plain torch.nn, matching the original / Hugging Face BertForMaskedLM.
+
+Word + position + token-type embeddings -> LayerNorm -> dropout; post-LayerNorm encoder layers; MLM head
+(dense -> GELU -> LayerNorm -> decoder tied to the word embedding, with its own bias). No pooler, as BertForMaskedLM.
+Layer names mirror `trainer.models.gpt` for tensor parallelism (`wq`/`wk`/`wv`/`fc_in` column-parallel,
+`wo`/`fc_out` row-parallel); `trainer.export` maps them to Hugging Face names.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.errors import UserError
+from trainer.models.presets import ModelConfig
+
+INIT_STD = 0.02
+
+
+class SelfAttention(nn.Module):
+    """Bidirectional multi-head attention; `attn_bias` is a boolean (B, 1, 1, T) mask, True where a key is visible."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.dropout = cfg.dropout
+        self.wq = nn.Linear(cfg.d_model, cfg.d_model)
+        self.wk = nn.Linear(cfg.d_model, cfg.d_model)
+        self.wv = nn.Linear(cfg.d_model, cfg.d_model)
+        self.wo = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, d_model) -> (B, T, d_model), before the output dropout and residual."""
+        b, t, _ = x.shape
+        # -1 heads: the local head count, which is n_head / tp when wq/wk/wv are column-sharded.
+        q = self.wq(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=p)
+        return self.wo(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    """d_model -> d_ff -> exact (erf) GELU -> d_model."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.fc_in = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.fc_out = nn.Linear(cfg.d_ff, cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, d_model) -> (B, T, d_model), before the output dropout and residual."""
+        return self.fc_out(F.gelu(self.fc_in(x)))
+
+
+class Block(nn.Module):
+    """Post-LayerNorm encoder layer: x = ln_attn(x + attn(x)); x = ln_mlp(x + mlp(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn = SelfAttention(cfg)
+        self.ln_attn = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+        self.ln_mlp = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, d_model) -> (B, T, d_model); `attn_bias` as in `SelfAttention`."""
+        x = self.ln_attn(x + self.dropout(self.attn(x, attn_bias)))
+        return self.ln_mlp(x + self.dropout(self.mlp(x)))
+
+
+class MLMHead(nn.Module):
+    """The transform before the tied decoder: dense d_model -> d_model, exact GELU, LayerNorm."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model)
+        self.ln = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, d_model) -> (B, T, d_model)."""
+        return self.ln(F.gelu(self.dense(x)))
+
+
+class BERT(nn.Module):
+    """BERT masked LM: `forward(input_ids, token_type_ids=None, attention_mask=None) -> logits (B, T, vocab_size)`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.arch != "bert":
+            raise UserError(f"BERT needs a bert config, got model.arch={cfg.arch!r}; build it with build_model")
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model)
+        self.ln_emb = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.emb_dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.head = MLMHead(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=True)
+        self.tie_weights()
+        self.init_weights()
+
+    def tie_weights(self) -> None:
+        """Make the decoder share the word embedding's Parameter (call again after replacing either)."""
+        self.lm_head.weight = self.tok_emb.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """BERT init: N(0, 0.02) weights, zero biases, unit LayerNorms.
+
+        Public so a model built on the meta device can be initialised after `to_empty`, which unties the decoder
+        from the embedding (meta -> real device makes new Parameters); this re-ties it first.
+        """
+        self.tie_weights()
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                if module is not self.lm_head:  # its weight is tok_emb's
+                    nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token ids (B, T) -> MLM logits (B, T, vocab_size).
+
+        token_type_ids: (B, T) segment ids, default all 0. attention_mask: (B, T), 1 for real tokens and 0 for padding;
+        padded keys are hidden from every query (padded positions still get logits, which the loss should ignore).
+        """
+        t = input_ids.shape[-1]
+        if t > self.config.max_seq_len:
+            raise UserError(
+                f"sequence length {t} exceeds model.max_seq_len={self.config.max_seq_len}; "
+                f"shorten data.seq_len or raise model.max_seq_len"
+            )
+        positions = torch.arange(t, device=input_ids.device)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = self.tok_emb(input_ids) + self.pos_emb(positions) + self.type_emb(token_type_ids)
+        x = self.emb_dropout(self.ln_emb(x))
+        attn_bias = None if attention_mask is None else attention_mask[:, None, None, :].to(torch.bool)
+        for block in self.blocks:
+            x = block(x, attn_bias)
+        return self.lm_head(self.head(x))

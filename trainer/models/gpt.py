@@ -1,0 +1,163 @@
+"""GPT-2 in plain torch.nn: pre-LayerNorm decoder blocks, learned positions, LM head tied to the token embedding.
+
+Layer names are chosen for tensor parallelism: attention has separate `wq`/`wk`/`wv` (column-parallel) and `wo`
+(row-parallel); the MLP has `fc_in` (column-parallel) and `fc_out` (row-parallel). Attention infers the number of
+local heads from the projection width, so it runs unchanged when those layers are sharded over heads.
+`trainer.export` maps these names to Hugging Face's GPT2LMHeadModel layout (fused, transposed Conv1D `c_attn`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.errors import UserError
+from trainer.models.presets import ModelConfig
+
+INIT_STD = 0.02
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention via scaled_dot_product_attention."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.dropout = cfg.dropout
+        self.wq = nn.Linear(cfg.d_model, cfg.d_model)
+        self.wk = nn.Linear(cfg.d_model, cfg.d_model)
+        self.wv = nn.Linear(cfg.d_model, cfg.d_model)
+        self.wo = nn.Linear(cfg.d_model, cfg.d_model)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, d_model) -> (B, T, d_model)."""
+        b, t, _ = x.shape
+        # -1 heads: the local head count, which is n_head / tp when wq/wk/wv are column-sharded.
+        q = self.wq(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        y = y.transpose(1, 2).reshape(b, t, -1)
+        return self.resid_dropout(self.wo(y))
+
+
+class MLP(nn.Module):
+    """d_model -> d_ff -> GELU (tanh approximation, as GPT-2) -> d_model."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.fc_in = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.fc_out = nn.Linear(cfg.d_ff, cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, d_model) -> (B, T, d_model)."""
+        return self.dropout(self.fc_out(F.gelu(self.fc_in(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """x + attn(ln_1(x)), then + mlp(ln_2(x)). Takes and returns only the hidden state (checkpoint-wrappable)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, d_model) -> (B, T, d_model)."""
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """GPT-2 language model: `forward(input_ids (B, T)) -> logits (B, T, vocab_size)`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.arch != "gpt":
+            raise UserError(f"GPT needs a gpt config, got model.arch={cfg.arch!r}; build it with build_model")
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.emb_dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        self.init_weights()
+
+    def tie_weights(self) -> None:
+        """Make the LM head share the token embedding's Parameter (call again after replacing either)."""
+        self.lm_head.weight = self.tok_emb.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2 init: N(0, 0.02) weights, zero biases, unit LayerNorms; residual projections scaled by 1/sqrt(2L).
+
+        Public so a model built on the meta device can be initialised after `to_empty`, which unties the LM head
+        from the embedding (meta -> real device makes new Parameters); this re-ties it first.
+        """
+        self.tie_weights()
+        resid_std = INIT_STD / math.sqrt(2 * self.config.n_layer)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                if module is self.lm_head:
+                    continue  # tied to tok_emb, initialised there
+                std = resid_std if name.endswith(("attn.wo", "mlp.fc_out")) else INIT_STD
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) with T <= max_seq_len -> next-token logits (B, T, vocab_size)."""
+        t = input_ids.shape[-1]
+        if t > self.config.max_seq_len:
+            raise UserError(
+                f"sequence length {t} exceeds model.max_seq_len={self.config.max_seq_len}; "
+                f"shorten data.seq_len or raise model.max_seq_len"
+            )
+        positions = torch.arange(t, device=input_ids.device)
+        x = self.emb_dropout(self.tok_emb(input_ids) + self.pos_emb(positions))
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample `max_new_tokens` tokens after `input_ids` (B, T); returns (B, T + max_new_tokens).
+
+        The context is cropped to the last max_seq_len tokens. temperature <= 0 means greedy decoding.
+        No KV cache: meant for samples during and after training, not for serving.
+        """
+        ids = input_ids
+        for _ in range(max_new_tokens):
+            logits = self(ids[:, -self.config.max_seq_len :])[:, -1, :].float()
+            if temperature <= 0:
+                next_id = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = torch.softmax(logits, dim=-1)
+                next_id = torch.multinomial(probs, num_samples=1, generator=generator)
+            ids = torch.cat([ids, next_id.to(ids.dtype)], dim=1)
+        return ids
