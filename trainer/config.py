@@ -1,0 +1,297 @@
+"""The run config: typed sections loaded from YAML and overridden from the command line as `section.key=value`.
+
+Every field below is a public config key (see docs in design.md). Unknown keys and wrong types are user errors that
+name the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainer.errors import UserError
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"  # the run's name (W&B run name, default directory)
+    dir: str | None = None  # where config, metrics and checkpoints go; defaults to runs/<name>
+    seed: int = 1234  # seeds weights, dropout and the MLM masks
+
+
+@dataclass
+class ModelSection:
+    arch: str = "gpt"  # gpt | bert
+    preset: str | None = None  # gpt2-small, gpt2-medium, ..., bert-base, bert-large, gpt-tiny, bert-tiny, ...
+    n_layer: int | None = None  # dims below override the preset
+    n_head: int | None = None
+    d_model: int | None = None
+    d_ff: int | None = None  # MLP width; 4 * d_model when unset
+    vocab_size: int | None = None  # defaults to the tokenizer's vocabulary size
+    max_seq_len: int | None = None  # learned positions
+    dropout: float | None = None
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)  # files, globs or directories
+    valid: list[str] = field(default_factory=list)  # evaluation corpus; no evaluation when empty
+    format: str = "auto"  # auto | text | jsonl | parquet | tokens (a directory from `trainer prepare`)
+    text_field: str = "text"  # the field holding the text in jsonl/parquet rows
+    tokenizer: str | None = None  # path to tokenizer.json (from `trainer tokenizer`)
+    seq_len: int = 128  # tokens per training sample
+    num_workers: int = 1  # DataLoader worker processes that tokenize (0 = in the training process)
+    bad_lines: str = "skip"  # skip | error: what to do with corpus lines that are not valid JSON
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps in the whole run
+    micro_batch: int = 8  # samples per rank per forward/backward
+    grad_accum: int = 1  # micro-batches per optimizer step; global batch = micro_batch * grad_accum * dp
+    lr: float = 3e-4  # peak learning rate, reached after warmup_steps
+    min_lr: float = 3e-5  # cosine decay ends here at `steps`
+    warmup_steps: int = 100  # linear warmup from 0
+    weight_decay: float = 0.1  # AdamW decay on matrices only (not norms, biases, embeddings)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds dynamic loss scaling)
+    activation_checkpointing: str = "none"  # none | full (every block) | selective (every other block)
+    compile: bool = False  # torch.compile the model
+    eval_every: int = 100  # steps between evaluations (and at the last step); 0 disables
+    eval_steps: int = 10  # validation micro-batches per evaluation
+    max_bad_steps: int = 5  # consecutive non-finite steps (skipped) before the run stops
+    sample_tokens: int = 48  # GPT: tokens generated as a sample at each evaluation; 0 disables
+
+
+@dataclass
+class ParallelConfig:
+    engine: str = "ddp"  # ddp (fsdp and deepspeed come later)
+    zero_stage: int = 0  # ddp is ZeRO stage 0
+    tp: int = 1  # tensor-parallel degree
+    offload: str = "none"  # none | cpu
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000  # steps between checkpoints (also written at the end and on SIGTERM/SIGUSR1); 0 = only those
+    keep: int = 3  # newest complete checkpoints kept
+    resume: str = "auto"  # auto (latest in run dir, if any) | never | PATH to a checkpoint directory
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "online"  # online | offline | disabled; online falls back to offline without an API key
+    project: str = "trainer"
+    entity: str | None = None
+
+
+@dataclass
+class LogConfig:
+    every: int = 10  # steps between metric lines
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) if self.run.dir else Path("runs") / self.run.name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "model.arch": ("gpt", "bert"),
+    "data.format": ("auto", "text", "jsonl", "parquet", "tokens"),
+    "data.bad_lines": ("skip", "error"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.activation_checkpointing": ("none", "full", "selective"),
+    "parallel.engine": ("ddp", "fsdp", "deepspeed"),
+    "parallel.offload": ("none", "cpu"),
+    "log.wandb.mode": ("online", "offline", "disabled"),
+}
+POSITIVE = ("train.steps", "train.micro_batch", "train.grad_accum", "data.seq_len", "log.every", "checkpoint.keep",
+            "parallel.tp")
+NON_NEGATIVE = ("train.warmup_steps", "train.eval_every", "train.eval_steps", "train.grad_clip", "train.lr",
+                "train.min_lr", "train.weight_decay", "checkpoint.every", "data.num_workers", "train.sample_tokens",
+                "train.max_bad_steps")
+
+
+def _type_name(tp: Any) -> str:
+    names = {int: "an integer", float: "a number", bool: "true/false", str: "a string"}
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) is list:
+        return "a list of strings"
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks `value` against the field type `tp`; ints are accepted for floats, a single string for a list."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except UserError:
+                pass
+    elif origin is list:
+        if isinstance(value, (str, Path)):
+            return [str(value)]
+        if isinstance(value, list) and all(isinstance(v, (str, Path)) for v in value):
+            return [str(v) for v in value]
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise UserError(f"config key {key} expects {_type_name(tp)}, got {value!r}: fix it in the YAML or the override")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"config section {prefix or 'root'} must be a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known keys: {', '.join(names)})"
+            raise UserError(f"unknown config key {full}{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def _get(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that do not need the model or the data (those come at build time)."""
+    for key, choices in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            raise UserError(f"config key {key}={value!r} is not one of {', '.join(choices)}")
+    for key in POSITIVE:
+        if _get(cfg, key) <= 0:
+            raise UserError(f"config key {key} must be positive, got {_get(cfg, key)}")
+    for key in NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            raise UserError(f"config key {key} must not be negative, got {_get(cfg, key)}")
+    if cfg.parallel.engine != "ddp":
+        raise UserError(f"parallel.engine={cfg.parallel.engine} is not available in this version; use parallel.engine=ddp")
+    if cfg.parallel.zero_stage != 0 or cfg.parallel.tp != 1 or cfg.parallel.offload != "none":
+        raise UserError("the ddp engine runs ZeRO stage 0 without tensor parallelism or offload: set "
+                        "parallel.zero_stage=0 parallel.tp=1 parallel.offload=none")
+    if cfg.train.min_lr > cfg.train.lr:
+        raise UserError(f"train.min_lr={cfg.train.min_lr} is above train.lr={cfg.train.lr}; lower min_lr")
+    if not cfg.data.train:
+        raise UserError("data.train is empty: give the training corpus, e.g. data.train=[corpus/*.jsonl]")
+    if not cfg.data.tokenizer:
+        raise UserError("data.tokenizer is not set: train one with `trainer tokenizer` and set data.tokenizer=DIR/tokenizer.json")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise UserError(f"override {text!r} is not of the form section.key=value (e.g. train.lr=3e-4)")
+    key, value = text.split("=", 1)
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        parsed = value
+    if isinstance(parsed, str) and _looks_like_float(parsed):
+        parsed = float(parsed)  # YAML 1.1 reads 3e-4 as a string
+    return key.strip().split("."), parsed
+
+
+def _looks_like_float(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return s.strip().lower() not in ("nan", "inf", "-inf", "infinity", "+inf")
+
+
+def _fix_floats(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _fix_floats(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fix_floats(v) for v in node]
+    if isinstance(node, str) and _looks_like_float(node) and any(c in node for c in "eE."):
+        return float(node)
+    return node
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Reads a YAML config (or none: all defaults), applies `section.key=value` overrides, validates."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {p} does not exist: check the path")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise UserError(f"config file {p} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"config file {p} must hold a mapping of sections (run, model, data, train, ...)")
+        raw = _fix_floats(raw)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        node[keys[-1]] = value
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

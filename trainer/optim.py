@@ -1,0 +1,45 @@
+"""AdamW with decay on weight matrices only, and the warmup + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay applies to 2-D weight matrices of linear layers; norms, biases and embeddings are not decayed."""
+    no_decay_ids = set()
+    for module in model.modules():
+        if isinstance(module, (nn.Embedding, nn.LayerNorm)):
+            no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (no_decay if p.dim() < 2 or id(p) in no_decay_ids else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
+                    eps: float) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
+
+
+def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Linear warmup from 0 to `lr` over warmup_steps, then cosine decay to `min_lr` at total_steps.
+
+    `step` counts optimizer steps from 0; the LR of step 0 is lr/warmup_steps so no step runs at LR 0."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if total_steps <= warmup_steps:
+        return lr
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
