@@ -141,12 +141,19 @@ class Checkpointer:
         state = json.loads((path / STATE_FILE).read_text())
         if state.get("model_config") != model_config:
             saved, now = state.get("model_config", {}), model_config
-            diff = ", ".join(f"{k}: {saved.get(k)} -> {now.get(k)}" for k in sorted(set(saved) | set(now))
-                             if saved.get(k) != now.get(k))
-            raise UserError(f"checkpoint {path} holds another model shape ({diff}); match model.* to it or start "
-                            f"a fresh run (checkpoint.resume=never or another run.dir)")
-        engine_state = {"model": torch.load(path / "model.pt", map_location="cpu", weights_only=True),
-                        **torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)}
+            diff = ", ".join(
+                f"{k}: {saved.get(k)} -> {now.get(k)}"
+                for k in sorted(set(saved) | set(now))
+                if saved.get(k) != now.get(k)
+            )
+            raise UserError(
+                f"checkpoint {path} holds another model shape ({diff}); match model.* to it or start "
+                f"a fresh run (checkpoint.resume=never or another run.dir)"
+            )
+        engine_state = {
+            "model": torch.load(path / "model.pt", map_location="cpu", weights_only=True),
+            **torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False),
+        }
         rng_file = path / f"rng_rank{self.rank}.pt"
         rng = torch.load(rng_file, weights_only=False) if rng_file.is_file() else None
         return engine_state, state, rng

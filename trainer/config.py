@@ -129,11 +129,28 @@ CHOICES = {
     "parallel.offload": ("none", "cpu"),
     "log.wandb.mode": ("online", "offline", "disabled"),
 }
-POSITIVE = ("train.steps", "train.micro_batch", "train.grad_accum", "data.seq_len", "log.every", "checkpoint.keep",
-            "parallel.tp")
-NON_NEGATIVE = ("train.warmup_steps", "train.eval_every", "train.eval_steps", "train.grad_clip", "train.lr",
-                "train.min_lr", "train.weight_decay", "checkpoint.every", "data.num_workers", "train.sample_tokens",
-                "train.max_bad_steps")
+POSITIVE = (
+    "train.steps",
+    "train.micro_batch",
+    "train.grad_accum",
+    "data.seq_len",
+    "log.every",
+    "checkpoint.keep",
+    "parallel.tp",
+)
+NON_NEGATIVE = (
+    "train.warmup_steps",
+    "train.eval_every",
+    "train.eval_steps",
+    "train.grad_clip",
+    "train.lr",
+    "train.min_lr",
+    "train.weight_decay",
+    "checkpoint.every",
+    "data.num_workers",
+    "train.sample_tokens",
+    "train.max_bad_steps",
+)
 
 
 def _type_name(tp: Any) -> str:
@@ -164,18 +181,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return [str(value)]
         if isinstance(value, list) and all(isinstance(v, (str, Path)) for v in value):
             return [str(v) for v in value]
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
+    elif tp is bool and isinstance(value, bool) or tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
     raise UserError(f"config key {key} expects {_type_name(tp)}, got {value!r}: fix it in the YAML or the override")
 
 
@@ -221,16 +232,22 @@ def validate(cfg: Config) -> None:
         if _get(cfg, key) < 0:
             raise UserError(f"config key {key} must not be negative, got {_get(cfg, key)}")
     if cfg.parallel.engine != "ddp":
-        raise UserError(f"parallel.engine={cfg.parallel.engine} is not available in this version; use parallel.engine=ddp")
+        raise UserError(
+            f"parallel.engine={cfg.parallel.engine} is not available in this version; use parallel.engine=ddp"
+        )
     if cfg.parallel.zero_stage != 0 or cfg.parallel.tp != 1 or cfg.parallel.offload != "none":
-        raise UserError("the ddp engine runs ZeRO stage 0 without tensor parallelism or offload: set "
-                        "parallel.zero_stage=0 parallel.tp=1 parallel.offload=none")
+        raise UserError(
+            "the ddp engine runs ZeRO stage 0 without tensor parallelism or offload: set "
+            "parallel.zero_stage=0 parallel.tp=1 parallel.offload=none"
+        )
     if cfg.train.min_lr > cfg.train.lr:
         raise UserError(f"train.min_lr={cfg.train.min_lr} is above train.lr={cfg.train.lr}; lower min_lr")
     if not cfg.data.train:
         raise UserError("data.train is empty: give the training corpus, e.g. data.train=[corpus/*.jsonl]")
     if not cfg.data.tokenizer:
-        raise UserError("data.tokenizer is not set: train one with `trainer tokenizer` and set data.tokenizer=DIR/tokenizer.json")
+        raise UserError(
+            "data.tokenizer is not set: train one with `trainer tokenizer` and set data.tokenizer=DIR/tokenizer.json"
+        )
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

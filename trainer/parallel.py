@@ -28,8 +28,10 @@ class ParallelDims:
 
     def __post_init__(self) -> None:
         if self.dp * self.tp != self.world_size:
-            raise UserError(f"dp={self.dp} x tp={self.tp} does not equal the world size {self.world_size}: "
-                            f"set parallel.tp to a divisor of {self.world_size}")
+            raise UserError(
+                f"dp={self.dp} x tp={self.tp} does not equal the world size {self.world_size}: "
+                f"set parallel.tp to a divisor of {self.world_size}"
+            )
 
     @property
     def dp_rank(self) -> int:

@@ -19,8 +19,9 @@ class DDPEngine:
     A step is: `forward` + `backward` for each micro-batch (gradients synchronised only on the last one), then `step`,
     which unscales, clips, and applies the update only when the gradient is finite."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, precision: str,
-                 grad_clip: float) -> None:
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, precision: str, grad_clip: float
+    ) -> None:
         self.raw_model = model
         self.optimizer = optimizer
         self.device = device
@@ -66,8 +67,11 @@ class DDPEngine:
         return norm, applied
 
     def state_dict(self) -> dict:
-        return {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict()}
+        return {
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.raw_model.load_state_dict(state["model"])

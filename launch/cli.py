@@ -1,0 +1,153 @@
+"""`launch local`: start the ranks of a run on this node with torchrun, one process per device.
+
+    launch local [--nproc-per-node N] [--nnodes N --node-rank R --master HOST:PORT] [--max-restarts K] [--dry-run]
+                 -- CONFIG [overrides...]
+
+Single node: torchrun --standalone (it picks a free rendezvous port). Several nodes: run the same command on every
+node with its own --node-rank; --master is the address of node 0 (static rendezvous, torchrun's
+--master-addr/--master-port), so node ranks are exactly the ones given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import FrameType
+
+
+def default_nproc_per_node() -> int:
+    """One process per visible CUDA GPU, or a single process on a machine without one."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 1
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    """argparse type: HOST:PORT (IPv6 hosts in brackets, e.g. [::1]:29500)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (e.g. node001:29500)")
+    return host, int(port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `launch` argument parser (one subcommand: local)."""
+    parser = argparse.ArgumentParser(prog="launch", description="Start the ranks of a training run.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    local = commands.add_parser(
+        "local",
+        help="run torchrun on this node",
+        description="Run `trainer train CONFIG [overrides]` under torchrun on this node.",
+    )
+    local.add_argument(
+        "--nproc-per-node",
+        type=_positive_int,
+        default=None,
+        help="processes on this node (default: number of CUDA GPUs, or 1 without GPUs)",
+    )
+    local.add_argument("--nnodes", type=_positive_int, default=1, help="number of nodes (default 1)")
+    local.add_argument("--node-rank", type=_non_negative_int, default=0, help="rank of this node, 0..nnodes-1")
+    local.add_argument("--master", type=_host_port, default=None, help="HOST:PORT of node 0 (needed with --nnodes > 1)")
+    local.add_argument(
+        "--max-restarts",
+        type=_non_negative_int,
+        default=0,
+        help="times torchrun restarts failed ranks; the trainer resumes from the latest checkpoint",
+    )
+    local.add_argument("--dry-run", action="store_true", help="print the command and exit")
+    local.add_argument("config", help="the run's YAML config")
+    local.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    local.set_defaults(subparser=local)  # so checks across arguments report under `launch local`
+    return parser
+
+
+def torchrun_command(
+    config: str,
+    overrides: list[str],
+    nproc_per_node: int,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    master: tuple[str, int] | None = None,
+    max_restarts: int = 0,
+) -> list[str]:
+    """The torchrun argv that runs `trainer train CONFIG overrides...` on this node."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc_per_node),
+        "--nnodes",
+        str(nnodes),
+        "--max-restarts",
+        str(max_restarts),
+    ]
+    if nnodes == 1:
+        cmd.append("--standalone")
+    else:
+        assert master is not None
+        cmd += ["--node-rank", str(node_rank), "--master-addr", master[0], "--master-port", str(master[1])]
+    return cmd + ["-m", "trainer", "train", config, *overrides]
+
+
+def run_forwarding_signals(cmd: list[str]) -> int:
+    """Run `cmd` and return its exit code, passing SIGTERM/SIGINT on to it so the trainer can checkpoint first.
+
+    The child gets its own session so a Ctrl-C in the terminal reaches it once (through us), not twice.
+    """
+    child = subprocess.Popen(cmd, start_new_session=True)
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        returncode = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 - returncode if returncode < 0 else returncode  # killed by signal N -> 128+N, as shells report it
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `launch` / `python -m launch`: print the torchrun command, then (unless --dry-run) run it."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    local: argparse.ArgumentParser = args.subparser
+    if args.nnodes > 1 and args.master is None:
+        local.error(f"--nnodes {args.nnodes} needs --master HOST:PORT (the address of node 0)")
+    if args.node_rank >= args.nnodes:
+        local.error(f"--node-rank {args.node_rank} must be below --nnodes {args.nnodes}")
+    if args.nnodes == 1 and args.master is not None:
+        local.error("--master is only for several nodes; leave it out with --nnodes 1")
+    nproc = args.nproc_per_node or default_nproc_per_node()
+    cmd = torchrun_command(
+        args.config, args.overrides, nproc, args.nnodes, args.node_rank, args.master, args.max_restarts
+    )
+    if not args.dry_run and not Path(args.config).is_file():
+        local.error(f"config file not found: {args.config}")
+    print(shlex.join(cmd), flush=True)
+    if args.dry_run:
+        return
+    sys.exit(run_forwarding_signals(cmd))

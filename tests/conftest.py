@@ -1,0 +1,106 @@
+"""Shared fixtures: a slice of the bundled corpus and tokenizers trained on it once per session."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO / "data" / "tinyshakespeare.txt"
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """The first ~120 KB of tiny Shakespeare, cut at a paragraph boundary."""
+    text = CORPUS.read_text()[:120_000]
+    path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
+    path.write_text(text[: text.rfind("\n\n")] + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def gpt_tok(corpus, tmp_path_factory) -> Path:
+    from trainer.tokenizer import train_tokenizer
+
+    return train_tokenizer("bpe", 512, [str(corpus)], tmp_path_factory.mktemp("bpe"))
+
+
+@pytest.fixture(scope="session")
+def bert_tok(corpus, tmp_path_factory) -> Path:
+    from trainer.tokenizer import train_tokenizer
+
+    return train_tokenizer("wordpiece", 512, [str(corpus)], tmp_path_factory.mktemp("wordpiece"))
+
+
+def tiny_config(run_dir: Path, corpus: Path, tokenizer: Path, arch: str = "gpt", **overrides) -> dict:
+    """A config dict for a model that trains in a second; overrides use dotted keys."""
+    cfg = {
+        "run": {"name": "test", "dir": str(run_dir), "seed": 7},
+        "model": {"arch": arch, "n_layer": 2, "n_head": 2, "d_model": 64, "max_seq_len": 64, "dropout": 0.0},
+        "data": {
+            "train": [str(corpus)],
+            "valid": [str(corpus)],
+            "format": "text",
+            "tokenizer": str(tokenizer),
+            "seq_len": 32,
+            "num_workers": 1,
+        },
+        "train": {
+            "steps": 4,
+            "micro_batch": 4,
+            "grad_accum": 1,
+            "lr": 3e-3,
+            "min_lr": 3e-4,
+            "warmup_steps": 2,
+            "weight_decay": 0.1,
+            "grad_clip": 1.0,
+            "precision": "fp32",
+            "eval_every": 0,
+            "eval_steps": 2,
+        },
+        "parallel": {"engine": "ddp"},
+        "checkpoint": {"every": 0, "keep": 2, "resume": "auto"},
+        "log": {"every": 1, "wandb": {"mode": "disabled"}},
+    }
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return cfg
+
+
+def write_config(cfg: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """Training loss by step; a later (re)start's line for a step replaces an earlier one."""
+    return {m["step"]: m["loss"] for m in read_metrics(run_dir) if "loss" in m and "event" not in m}
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )

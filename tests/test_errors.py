@@ -1,0 +1,123 @@
+"""Bad input: one line on stderr naming the problem and the fix, exit code 2, no traceback, nothing saved is lost."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import run_cli, tiny_config, write_config
+
+from trainer.cli import main
+from trainer.config import load_config
+from trainer.errors import UserError
+
+
+def cli_error(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(list(argv))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_config_overrides_are_typed(tmp_path, corpus, gpt_tok):
+    path = write_config(tiny_config(tmp_path / "r", corpus, gpt_tok), tmp_path / "c.yaml")
+    cfg = load_config(
+        path,
+        [
+            "train.lr=3e-4",
+            "data.train=[a.txt,b.txt]",
+            "log.wandb.mode=disabled",
+            "train.compile=true",
+            "model.preset=gpt-tiny",
+        ],
+    )
+    assert cfg.train.lr == 3e-4 and cfg.data.train == ["a.txt", "b.txt"] and cfg.train.compile is True
+    assert cfg.model.preset == "gpt-tiny" and cfg.log.wandb.mode == "disabled"
+    assert load_config(path, ["data.train=x.txt"]).data.train == ["x.txt"]
+
+
+def test_unknown_key_is_named_with_the_closest_one(tmp_path, corpus, gpt_tok):
+    """Through a real subprocess, as a user sees it."""
+    path = write_config(tiny_config(tmp_path / "r", corpus, gpt_tok), tmp_path / "c.yaml")
+    r = run_cli("trainer", "train", str(path), "train.stepz=3")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == "error: unknown config key train.stepz (did you mean train.steps?)"
+    assert not (tmp_path / "r").exists()
+
+
+def test_unknown_key_in_yaml(tmp_path, capsys, corpus, gpt_tok):
+    cfg = tiny_config(tmp_path / "r", corpus, gpt_tok)
+    cfg["train"]["warmup"] = 10
+    line = cli_error(capsys, "train", str(write_config(cfg, tmp_path / "c.yaml")))
+    assert "train.warmup" in line and "train.warmup_steps" in line
+
+
+def test_wrong_type(tmp_path, capsys, corpus, gpt_tok):
+    path = write_config(tiny_config(tmp_path / "r", corpus, gpt_tok), tmp_path / "c.yaml")
+    line = cli_error(capsys, "train", str(path), "train.steps=many")
+    assert "train.steps" in line and "integer" in line and "'many'" in line
+    line = cli_error(capsys, "train", str(path), "train.precision=fp8")
+    assert "train.precision" in line and "bf16" in line
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert "does not exist" in cli_error(capsys, "train", str(tmp_path / "nope.yaml"))
+
+
+def test_missing_corpus_file_and_empty_glob(tmp_path, capsys, corpus, gpt_tok):
+    path = write_config(tiny_config(tmp_path / "r", corpus, gpt_tok), tmp_path / "c.yaml")
+    line = cli_error(capsys, "train", str(path), f"data.train=[{tmp_path / 'missing.txt'}]")
+    assert "missing.txt" in line
+    line = cli_error(capsys, "train", str(path), f"data.train=[{tmp_path / 'none' / '*.jsonl'}]")
+    assert "*.jsonl" in line
+
+
+def test_tokenizer_larger_than_model_vocab(tmp_path, capsys, corpus, gpt_tok):
+    path = write_config(tiny_config(tmp_path / "r", corpus, gpt_tok), tmp_path / "c.yaml")
+    line = cli_error(capsys, "train", str(path), "model.vocab_size=100")
+    assert "512 tokens" in line and "model.vocab_size" in line
+
+
+def test_seq_len_beyond_positions(tmp_path, capsys, corpus, gpt_tok):
+    path = write_config(tiny_config(tmp_path / "r", corpus, gpt_tok), tmp_path / "c.yaml")
+    line = cli_error(capsys, "train", str(path), "data.seq_len=128")
+    assert "data.seq_len=128" in line and "64 positions" in line
+
+
+def test_wrong_tokenizer_kind_for_arch(tmp_path, capsys, corpus, bert_tok):
+    path = write_config(tiny_config(tmp_path / "r", corpus, bert_tok, "gpt"), tmp_path / "c.yaml")
+    assert "--kind bpe" in cli_error(capsys, "train", str(path))
+
+
+def test_invalid_json_lines_skipped_or_fatal(tmp_path, capfd, corpus, gpt_tok):
+    rows = [json.dumps({"text": p}) for p in corpus.read_text().split("\n\n")[:10]]
+    rows.insert(3, "{not json")
+    data = tmp_path / "corpus.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    cfg = tiny_config(
+        tmp_path / "r",
+        corpus,
+        gpt_tok,
+        **{"data.train": [str(data)], "data.valid": [], "data.format": "jsonl", "train.steps": 8},
+    )
+    path = write_config(cfg, tmp_path / "c.yaml")
+    main(["train", str(path)])  # skip is the default: trains, and says how many lines it skipped (worker's stderr)
+    assert "skipped 1" in capfd.readouterr().err
+    line = cli_error(capfd, "train", str(path), "data.bad_lines=error", f"run.dir={tmp_path / 'r2'}")
+    assert "corpus.jsonl:4: invalid JSON" in line and "data.bad_lines=skip" in line
+
+
+def test_resume_with_another_model_shape_keeps_the_checkpoint(tmp_path, capsys, corpus, gpt_tok):
+    path = write_config(tiny_config(tmp_path / "r", corpus, gpt_tok, **{"train.steps": 1}), tmp_path / "c.yaml")
+    main(["train", str(path)])
+    capsys.readouterr()
+    line = cli_error(capsys, "train", str(path), "model.d_model=32", "train.steps=2")
+    assert "another model shape" in line and "d_model: 64 -> 32" in line
+    assert (tmp_path / "r" / "checkpoints" / "step_1" / "model.pt").is_file()
+
+
+def test_user_error_type_for_api_users(tmp_path):
+    with pytest.raises(UserError, match="data.train is empty"):
+        load_config(None, ["data.tokenizer=x.json"])

@@ -1,0 +1,87 @@
+"""`launch local`: the torchrun command it builds, and its argument checks."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+import pytest
+
+from launch.cli import main
+
+
+def dry_run(capsys, *args: str) -> list[str]:
+    main(["local", "--dry-run", *args])
+    return shlex.split(capsys.readouterr().out.strip())
+
+
+def test_dry_run_single_node(capsys):
+    cmd = dry_run(
+        capsys,
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "3",
+        "--",
+        "configs/demo.yaml",
+        "train.lr=3e-4",
+        "data.train=[a.jsonl, b.jsonl]",
+    )
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert cmd[cmd.index("--nproc-per-node") + 1] == "2"
+    assert cmd[cmd.index("--max-restarts") + 1] == "3"
+    assert cmd[cmd.index("--nnodes") + 1] == "1"
+    assert "--standalone" in cmd
+    assert cmd[-6:] == ["-m", "trainer", "train", "configs/demo.yaml", "train.lr=3e-4", "data.train=[a.jsonl, b.jsonl]"]
+
+
+def test_dry_run_multi_node(capsys):
+    cmd = dry_run(
+        capsys,
+        "--nproc-per-node",
+        "8",
+        "--nnodes",
+        "4",
+        "--node-rank",
+        "2",
+        "--master",
+        "node001:29500",
+        "--",
+        "run.yaml",
+    )
+    assert "--standalone" not in cmd
+    assert cmd[cmd.index("--nnodes") + 1] == "4"
+    assert cmd[cmd.index("--node-rank") + 1] == "2"
+    assert cmd[cmd.index("--master-addr") + 1] == "node001"
+    assert cmd[cmd.index("--master-port") + 1] == "29500"
+    assert cmd[-4:] == ["-m", "trainer", "train", "run.yaml"]
+
+
+def test_dry_run_default_nproc_is_positive(capsys):
+    cmd = dry_run(capsys, "run.yaml")
+    assert int(cmd[cmd.index("--nproc-per-node") + 1]) >= 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--nproc-per-node", "0", "run.yaml"], "positive"),
+        (["--nnodes", "2", "run.yaml"], "--master"),
+        (["--nnodes", "2", "--node-rank", "2", "--master", "h:1", "run.yaml"], "--node-rank"),
+        (["--nnodes", "2", "--master", "nohost", "run.yaml"], "HOST:PORT"),
+        (["--dry-run"], "config"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["local", *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err.strip().splitlines()[-1]
+
+
+def test_missing_config_is_reported_before_running(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["local", "--nproc-per-node", "1", str(tmp_path / "absent.yaml")])
+    assert exit_info.value.code == 2
+    assert "config file not found" in capsys.readouterr().err

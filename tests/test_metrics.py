@@ -1,0 +1,89 @@
+"""FLOPs accounting, peak FLOP/s lookup and measurement, MFU and memory."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+
+from trainer.errors import UserError
+from trainer.metrics import flops_per_token, gpu_peak_from_table, mem_peak_gb, mfu, peak_flops
+
+
+def test_flops_per_token_gpt2_small_by_hand():
+    # gpt2-small: 12 layers, d_model 768, context 1024, vocab 50257 (tied). Non-embedding params: per layer
+    # attention 4*768*768 + 4*768 = 2,362,368, MLP 8*768*768 + 4*768 + 768 = 4,722,432, two LayerNorms 3,072:
+    # 7,087,872 per layer, 85,054,464 for 12 layers, plus the final LayerNorm 1,536 = 85,056,000.
+    n_nonemb = 85_056_000
+    # 6*N = 510,336,000; 12*L*d*T = 12*12*768*1024 = 113,246,208; 6*d*V = 6*768*50257 = 231,584,256.
+    assert flops_per_token(n_nonemb, 12, 768, 1024, causal=True) == 510_336_000 + 113_246_208
+    assert flops_per_token(n_nonemb, 12, 768, 1024, causal=True, vocab_size=50257) == 855_166_464
+    # The attention term is counted in full for causal and bidirectional models alike (documented convention).
+    assert flops_per_token(n_nonemb, 12, 768, 1024, causal=False) == flops_per_token(n_nonemb, 12, 768, 1024, True)
+
+
+def test_flops_per_token_rejects_negative_sizes():
+    with pytest.raises(UserError, match="n_layer"):
+        flops_per_token(1000, -1, 64, 32, causal=True)
+
+
+def test_peak_table_h100_bf16():
+    flops, source = gpu_peak_from_table("NVIDIA H100 80GB HBM3", torch.bfloat16)
+    assert flops == 989e12
+    assert "H100" in source and "bf16" in source
+
+
+def test_peak_table_specific_names_win_and_unknown_is_none():
+    assert gpu_peak_from_table("NVIDIA H100 PCIe", torch.bfloat16)[0] == 756e12
+    assert gpu_peak_from_table("NVIDIA A10G", torch.float16)[0] == 70e12
+    assert gpu_peak_from_table("NVIDIA L40S", torch.bfloat16)[0] == 362e12
+    assert gpu_peak_from_table("NVIDIA A100-SXM4-80GB", torch.float32)[0] in (19.5e12, 156e12)  # fp32 or tf32
+    assert gpu_peak_from_table("Tesla V100-SXM2-16GB", torch.bfloat16)[0] == 15.7e12  # no bf16 tensor cores
+    assert gpu_peak_from_table("Mystery Accelerator 9000", torch.bfloat16) is None
+
+
+def test_peak_table_fp32_follows_tf32_setting():
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert gpu_peak_from_table("NVIDIA H100 80GB HBM3", torch.float32)[0] == 67e12
+        torch.set_float32_matmul_precision("high")
+        assert gpu_peak_from_table("NVIDIA H100 80GB HBM3", torch.float32)[0] == 495e12
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_cpu_peak_is_measured_once_and_cached():
+    t0 = time.perf_counter()
+    first, source = peak_flops(torch.device("cpu"), torch.float32)
+    first_s = time.perf_counter() - t0
+    assert first > 1e8 and math.isfinite(first)
+    assert "measured" in source and "threads" in source
+    t0 = time.perf_counter()
+    second, _ = peak_flops(torch.device("cpu"), torch.float32)
+    assert second == first
+    assert time.perf_counter() - t0 < 0.01
+    assert first_s < 2.0
+
+
+def test_peak_flops_rejects_unsupported_dtype():
+    with pytest.raises(UserError, match="dtype"):
+        peak_flops(torch.device("cpu"), torch.int8)
+
+
+def test_mfu_arithmetic():
+    # 10k tok/s * 855,166,464 FLOPs/token = 8.55e12 FLOP/s against a 989 TFLOP/s peak.
+    assert mfu(10_000, 855_166_464, 989e12) == pytest.approx(8_551_664_640_000 / 989e12)
+    assert mfu(1.0, 2.0, 4.0) == 0.5
+    assert math.isnan(mfu(1.0, 2.0, 0.0))
+    assert math.isnan(mfu(1.0, 2.0, math.nan))
+
+
+def test_mem_peak_gb_cpu_is_process_rss():
+    before = mem_peak_gb(torch.device("cpu"))
+    assert 0.01 < before < 1000
+    block = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, touched
+    assert block.sum() > 0
+    assert mem_peak_gb(torch.device("cpu")) >= before

@@ -1,0 +1,238 @@
+"""The training loop against independent references: reshaped batches, 2-rank DDP, and stop/resume all reproduce the
+reference run's losses and weights."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, read_metrics, run_cli, step_losses, tiny_config, write_config
+
+from trainer.checkpoint import latest_checkpoint, load_model
+from trainer.config import load_config
+from trainer.train import train
+
+
+def train_in_process(cfg: dict, tmp_path: Path, name: str = "cfg.yaml") -> dict:
+    return train(load_config(write_config(cfg, tmp_path / name)))
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_model(latest_checkpoint(Path(run_dir) / "checkpoints")).state_dict()
+
+
+def assert_same_run(a: Path, b: Path, rtol: float = 1e-6, weights_atol: float = 1e-6) -> None:
+    la, lb = step_losses(a), step_losses(b)
+    assert la.keys() == lb.keys()
+    for step in la:
+        assert math.isclose(la[step], lb[step], rel_tol=rtol), (step, la[step], lb[step])
+    wa, wb = final_weights(a), final_weights(b)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=weights_atol, msg=name)
+
+
+def test_gpt_trains_and_writes_artifacts(tmp_path, corpus, gpt_tok):
+    cfg = tiny_config(
+        tmp_path / "run",
+        corpus,
+        gpt_tok,
+        **{"train.steps": 30, "train.eval_every": 15, "checkpoint.every": 10, "train.warmup_steps": 5},
+    )
+    train_in_process(cfg, tmp_path)
+    lines = read_metrics(tmp_path / "run")
+    start = lines[0]
+    assert start["event"] == "start" and start["global_batch_tokens"] == 4 * 32 and start["resumed_from_step"] is None
+    steps = [m for m in lines if "loss" in m and "event" not in m]
+    assert [m["step"] for m in steps] == list(range(1, 31))
+    assert steps[-1]["tokens"] == 30 * 4 * 32
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.6  # it learns: ln(512) = 6.2 at the start
+    evals = [m for m in lines if "val_loss" in m]
+    assert [m["step"] for m in evals] == [15, 30] and evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert any("sample" in m for m in lines)
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_20", "step_30"]  # keep=2
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_30"
+
+
+def test_bert_micro_batch_reshape_gives_same_update(tmp_path, corpus, bert_tok):
+    """8 x 1 and 2 x 4 see the same samples and masks; only the global token normalisation makes them equal."""
+    base = {"train.steps": 3, "checkpoint.every": 3}
+    a = tiny_config(tmp_path / "a", corpus, bert_tok, "bert", **base, **{"train.micro_batch": 8})
+    b = tiny_config(tmp_path / "b", corpus, bert_tok, "bert", **base, **{"train.micro_batch": 2, "train.grad_accum": 4})
+    train_in_process(a, tmp_path, "a.yaml")
+    train_in_process(b, tmp_path, "b.yaml")
+    assert_same_run(tmp_path / "a", tmp_path / "b", rtol=1e-5, weights_atol=1e-5)
+
+
+def test_activation_checkpointing_does_not_change_numerics(tmp_path, corpus, gpt_tok):
+    base = {"train.steps": 3, "checkpoint.every": 3}
+    train_in_process(tiny_config(tmp_path / "a", corpus, gpt_tok, **base), tmp_path, "a.yaml")
+    train_in_process(
+        tiny_config(tmp_path / "b", corpus, gpt_tok, **base, **{"train.activation_checkpointing": "full"}),
+        tmp_path,
+        "b.yaml",
+    )
+    assert_same_run(tmp_path / "a", tmp_path / "b")
+
+
+def torchrun(nproc: int, config: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "trainer",
+            "train",
+            str(config),
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def test_two_rank_ddp_equals_one_process(tmp_path, corpus, bert_tok):
+    """BERT: the masked-token count differs per rank, so this also checks the global-batch loss normalisation."""
+    base = {"train.steps": 3, "checkpoint.every": 3, "train.eval_every": 3}
+    one = write_config(
+        tiny_config(tmp_path / "one", corpus, bert_tok, "bert", **base, **{"train.micro_batch": 4}),
+        tmp_path / "one.yaml",
+    )
+    two = write_config(
+        tiny_config(tmp_path / "two", corpus, bert_tok, "bert", **base, **{"train.micro_batch": 2}),
+        tmp_path / "two.yaml",
+    )
+    r = run_cli("trainer", "train", str(one), env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = torchrun(2, two)
+    assert r.returncode == 0, r.stderr[-3000:]
+    start = read_metrics(tmp_path / "two")[0]
+    assert start["world_size"] == 2 and start["dp"] == 2
+    assert_same_run(tmp_path / "one", tmp_path / "two", rtol=1e-5, weights_atol=1e-5)
+    val = [[m["val_loss"] for m in read_metrics(tmp_path / d) if "val_loss" in m] for d in ("one", "two")]
+    assert math.isclose(val[0][0], val[1][0], rel_tol=1e-5)
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        if (run_dir / "metrics.jsonl").exists() and any(s >= step for s in step_losses(run_dir)):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached")
+
+
+def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, corpus, gpt_tok):
+    """Stop with SIGTERM mid-run (checkpoint written at that step), resume with the same command: every logged loss
+    and the final weights equal the uninterrupted run's, and the W&B run continues under the same id."""
+    overrides = {
+        "train.steps": 40,
+        "checkpoint.every": 0,
+        "model.dropout": 0.1,
+        "log.wandb.mode": "offline",
+        "train.eval_every": 0,
+    }
+    ref_cfg = write_config(tiny_config(tmp_path / "ref", corpus, gpt_tok, **overrides), tmp_path / "ref.yaml")
+    r = run_cli("trainer", "train", str(ref_cfg))
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    cfg = write_config(tiny_config(tmp_path / "run", corpus, gpt_tok, **overrides), tmp_path / "run.yaml")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer", "train", str(cfg)],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    wait_for_step(tmp_path / "run", 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    stopped = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    stopped_step = int(stopped.name.split("_")[1])
+    assert 5 <= stopped_step < 40, "the signal should stop the run early"
+    first_id = json.loads((stopped / "state.json").read_text())["train_state"]["wandb_run_id"]
+
+    r = run_cli("trainer", "train", str(cfg))
+    assert r.returncode == 0, r.stderr[-2000:]
+    starts = [m for m in read_metrics(tmp_path / "run") if m.get("event") == "start"]
+    assert [s["resumed_from_step"] for s in starts] == [None, stopped_step]
+    assert_same_run(tmp_path / "ref", tmp_path / "run")
+    final = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    state = json.loads((final / "state.json").read_text())["train_state"]
+    assert state["wandb_run_id"] == first_id and first_id
+    assert state["data"]["next_sample"] == 40 * 4
+
+
+def test_precisions_train_on_tiny_shapes(tmp_path, corpus, gpt_tok):
+    losses = {}
+    for precision in ("fp32", "bf16", "fp16"):
+        cfg = tiny_config(
+            tmp_path / precision,
+            corpus,
+            gpt_tok,
+            **{"train.steps": 2, "train.precision": precision, "model.d_model": 32, "data.seq_len": 16},
+        )
+        train_in_process(cfg, tmp_path, f"{precision}.yaml")
+        losses[precision] = step_losses(tmp_path / precision)[1]
+    assert all(math.isfinite(v) for v in losses.values())
+    assert abs(losses["bf16"] - losses["fp32"]) < 0.05 and abs(losses["fp16"] - losses["fp32"]) < 0.05
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, corpus, gpt_tok):
+    """An absurd LR blows the weights up after one update; later steps are non-finite, skipped, and the run stops."""
+    cfg = write_config(
+        tiny_config(
+            tmp_path / "run",
+            corpus,
+            gpt_tok,
+            **{
+                "train.steps": 20,
+                "train.lr": 1e30,
+                "train.min_lr": 0.0,
+                "train.warmup_steps": 0,
+                "train.max_bad_steps": 3,
+                "train.grad_clip": 0.0,
+            },
+        ),
+        tmp_path / "c.yaml",
+    )
+    r = run_cli("trainer", "train", str(cfg))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "non-finite" in r.stderr.strip().splitlines()[-1]
+    lines = [m for m in read_metrics(tmp_path / "run") if "loss" in m and "event" not in m]
+    assert lines[-1]["skipped_steps"] == 3 and len(lines) <= 5
+
+
+@pytest.mark.parametrize("arch", ["gpt", "bert"])
+def test_export_from_checkpoint_loads_in_transformers(tmp_path, corpus, gpt_tok, bert_tok, arch, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok = gpt_tok if arch == "gpt" else bert_tok
+    cfg = write_config(tiny_config(tmp_path / "run", corpus, tok, arch, **{"train.steps": 2}), tmp_path / "c.yaml")
+    assert run_cli("trainer", "train", str(cfg)).returncode == 0
+    r = run_cli("trainer", "export", str(tmp_path / "run"), "--out", str(tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
+    cls = transformers.GPT2LMHeadModel if arch == "gpt" else transformers.BertForMaskedLM
+    hf = cls.from_pretrained(tmp_path / "hf").eval()
+    ours = load_model(tmp_path / "run")
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,157 @@
+"""`trainer` command line: train, tokenizer, prepare, export, report.
+
+Bad input ends with one line `error: ...` on stderr and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from trainer.errors import UserError
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from trainer.config import load_config
+    from trainer.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    last = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0 and last:
+        print_summary(cfg.run_dir)
+
+
+def print_summary(run_dir: Path) -> None:
+    """What was trained, how well, and where to look next."""
+    from trainer.checkpoint import latest_checkpoint
+    from trainer.report import summarize
+
+    s = summarize(run_dir)
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    model = cfg["model"]["preset"] or f"{cfg['model']['n_layer']} layers x {cfg['model']['d_model']}"
+    corpus = ", ".join(cfg["data"]["train"])
+    lines = [
+        (
+            f"\nTrained a {cfg['model']['arch'].upper()} ({model}) for {s['final_step']} steps on "
+            f"{s['tokens'] or 0:,} tokens of {corpus}; last train loss {s['last_loss'] or float('nan'):.4f}"
+        )
+    ]
+    if s.get("last_val_loss") is not None:
+        lines.append(f"  validation:  loss {s['last_val_loss']:.4f}, perplexity {s['val_ppl']:.2f}")
+    if s.get("mean_tokens_per_s"):
+        lines.append(
+            f"  throughput:  {s['mean_tokens_per_s']:,.0f} tokens/s, MFU {100 * (s.get('mean_mfu') or 0):.1f}%"
+        )
+    lines += [
+        f"  metrics:     {run_dir / 'metrics.jsonl'}",
+        f"  checkpoint:  {ckpt}" if ckpt else "  checkpoint:  none",
+        f"  plot:        trainer report {run_dir}",
+        f"  export:      trainer export {ckpt or run_dir} --out {run_dir / 'hf'}",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> None:
+    from trainer.tokenizer import train_tokenizer
+
+    path = train_tokenizer(args.kind, args.vocab_size, args.inputs, args.out)
+    print(f"tokenizer written to {path}")
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from trainer.config import load_config
+    from trainer.data import prepare, resolve_files
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out)
+    for split, paths in (("train", cfg.data.train), ("valid", cfg.data.valid)):
+        if not paths:
+            continue
+        meta = prepare(
+            resolve_files(paths),
+            cfg.data.format,
+            cfg.data.text_field,
+            cfg.data.tokenizer,
+            cfg.model.arch,
+            out / split,
+            bad_lines=cfg.data.bad_lines,
+        )
+        print(f"{split}: {meta['n_docs']:,} documents, {meta['n_tokens']:,} tokens -> {out / split}")
+    print(f"train on them with: data.train=[{out / 'train'}] data.valid=[{out / 'valid'}] data.format=tokens")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from trainer.checkpoint import load_model, resolve_checkpoint_dir
+    from trainer.export import export_hf
+    from trainer.tokenizer import load_tokenizer
+
+    ckpt = resolve_checkpoint_dir(args.checkpoint)
+    model = load_model(ckpt)
+    tok_file = ckpt / "tokenizer.json"
+    special = None
+    if tok_file.is_file():
+        tok = load_tokenizer(tok_file)
+        special = {k: getattr(tok, k) for k in ("eos_id", "cls_id", "sep_id", "mask_id", "pad_id", "unk_id")}
+    out = export_hf(model, args.out, tokenizer_json=tok_file if tok_file.is_file() else None, special_token_ids=special)
+    print(f"exported {ckpt} to {out} (config.json, model.safetensors{', tokenizer.json' if special else ''})")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from trainer.report import make_report
+
+    print(f"plot written to {make_report(args.run_dir)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="trainer", description="Pretrain GPT- and BERT-style models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train (one process of a run; under torchrun it reads RANK/WORLD_SIZE)")
+    t.add_argument("config", help="YAML config")
+    t.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=3e-4")
+    t.set_defaults(func=cmd_train)
+
+    k = sub.add_parser("tokenizer", help="train a tokenizer with HF tokenizers")
+    k.add_argument("--kind", choices=["bpe", "wordpiece"], required=True, help="bpe for GPT, wordpiece for BERT")
+    k.add_argument("--vocab-size", type=int, required=True)
+    k.add_argument("--out", required=True, help="directory; tokenizer.json is written into it")
+    k.add_argument("inputs", nargs="+", help="text/jsonl/parquet files or globs")
+    k.set_defaults(func=cmd_tokenizer)
+
+    r = sub.add_parser("prepare", help="pre-tokenize data.train/data.valid into token shards (data.format=tokens)")
+    r.add_argument("config")
+    r.add_argument("overrides", nargs="*")
+    r.add_argument("--out", required=True)
+    r.set_defaults(func=cmd_prepare)
+
+    e = sub.add_parser("export", help="export a checkpoint in the Hugging Face layout")
+    e.add_argument("checkpoint", help="checkpoints/step_<N> (or a run directory: its latest checkpoint)")
+    e.add_argument("--out", required=True)
+    e.set_defaults(func=cmd_export)
+
+    rp = sub.add_parser("report", help="draw loss, learning rate and throughput curves of a run into a PNG")
+    rp.add_argument("run_dir")
+    rp.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        rank = os.environ.get("RANK")
+        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
+        print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Throughput accounting: training FLOPs per token, the device's peak FLOP/s, MFU and peak memory.
+
+MFU (model FLOPs utilisation, PaLM appendix B) = achieved model FLOP/s / peak dense FLOP/s of the device. "Model FLOPs"
+are the FLOPs the model needs (forward + backward), not what the hardware ends up executing, so activation
+recomputation does not raise MFU.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+
+import torch
+
+from trainer.errors import UserError
+
+# Dense (no sparsity) peak FLOP/s from vendor spec sheets, per accelerator, by precision of the matmul inputs.
+# "bf16"/"fp16" are tensor-core numbers with fp32 accumulation (what PyTorch uses); "tf32" is the tensor-core rate for
+# fp32 inputs when TF32 matmuls are allowed; "fp32" the plain fp32 rate. Order matters: the first name that is a
+# substring of torch's device name wins, so specific names ("H100 PCIe", "A10G", "L40S") come before general ones.
+_GPU_PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
+    ("GH200", {"bf16": 989e12, "fp16": 989e12, "tf32": 495e12, "fp32": 67e12}),
+    ("H200 NVL", {"bf16": 835e12, "fp16": 835e12, "tf32": 418e12, "fp32": 60e12}),
+    ("H200", {"bf16": 989e12, "fp16": 989e12, "tf32": 495e12, "fp32": 67e12}),
+    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51e12}),
+    ("H100 NVL", {"bf16": 835e12, "fp16": 835e12, "tf32": 418e12, "fp32": 60e12}),
+    ("H100", {"bf16": 989e12, "fp16": 989e12, "tf32": 495e12, "fp32": 67e12}),  # SXM, e.g. "H100 80GB HBM3"
+    ("H800", {"bf16": 989e12, "fp16": 989e12, "tf32": 495e12, "fp32": 67e12}),
+    ("B200", {"bf16": 2250e12, "fp16": 2250e12, "tf32": 1100e12, "fp32": 75e12}),
+    ("A100", {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
+    ("A800", {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
+    ("A10G", {"bf16": 70e12, "fp16": 70e12, "tf32": 35e12, "fp32": 31.2e12}),
+    ("A10", {"bf16": 125e12, "fp16": 125e12, "tf32": 62.5e12, "fp32": 31.2e12}),
+    ("L40S", {"bf16": 362e12, "fp16": 362e12, "tf32": 183e12, "fp32": 91.6e12}),
+    ("L40", {"bf16": 181e12, "fp16": 181e12, "tf32": 90.5e12, "fp32": 90.5e12}),
+    ("L4", {"bf16": 121e12, "fp16": 121e12, "tf32": 60e12, "fp32": 30.3e12}),
+    ("V100", {"fp16": 125e12, "fp32": 15.7e12}),  # no bf16 or tf32 tensor cores
+    ("T4", {"fp16": 65e12, "fp32": 8.1e12}),
+    ("RTX 4090", {"bf16": 165e12, "fp16": 165e12, "tf32": 82.6e12, "fp32": 82.6e12}),
+    ("RTX 3090", {"bf16": 71e12, "fp16": 71e12, "tf32": 35.6e12, "fp32": 35.6e12}),
+    ("MI325X", {"bf16": 1307e12, "fp16": 1307e12, "tf32": 654e12, "fp32": 163e12}),
+    ("MI300X", {"bf16": 1307e12, "fp16": 1307e12, "tf32": 654e12, "fp32": 163e12}),
+    ("MI250X", {"bf16": 383e12, "fp16": 383e12, "fp32": 95.7e12}),
+    ("MI250", {"bf16": 362e12, "fp16": 362e12, "fp32": 90.5e12}),
+]
+
+_DTYPE_KEYS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+_measured_peak_cache: dict[tuple, float] = {}
+
+
+def flops_per_token(
+    n_params_non_embedding: int, n_layer: int, d_model: int, seq_len: int, causal: bool, vocab_size: int = 0
+) -> float:
+    """Training (forward + backward) FLOPs per token: 6*N + 12*L*d*T + 6*d*V.
+
+    - 6*N: every non-embedding weight does one multiply-add (2 FLOPs) per token forward and two backward.
+    - 12*L*d*T: attention scores (QK^T) and the weighted sum (AV), 2*2*d*T FLOPs per token per layer forward, times 3.
+      Counted over the full T x T score matrix for causal and bidirectional models alike (the PaLM / nanoGPT /
+      torchtitan convention), so `causal` does not change the count and MFU stays comparable with published numbers.
+    - 6*d*V: the output projection to the vocabulary (LM head / MLM decoder). It is real compute even when its
+      weight is tied to the embedding, which keeps it out of N; pass vocab_size=0 to leave it out.
+    """
+    for name, value in [
+        ("n_params_non_embedding", n_params_non_embedding),
+        ("n_layer", n_layer),
+        ("d_model", d_model),
+        ("seq_len", seq_len),
+        ("vocab_size", vocab_size),
+    ]:
+        if value < 0:
+            raise UserError(f"flops_per_token: {name}={value} is negative; pass the model's real size")
+    del causal  # same count either way, see the docstring
+    return 6.0 * n_params_non_embedding + 12.0 * n_layer * d_model * seq_len + 6.0 * d_model * vocab_size
+
+
+def _precision_key(dtype: torch.dtype) -> str:
+    """The peak-table column for matmuls with inputs of `dtype` (fp32 reads as tf32 when PyTorch allows TF32)."""
+    if dtype not in _DTYPE_KEYS:
+        raise UserError(f"peak_flops: unsupported dtype {dtype}; use torch.float32, torch.bfloat16 or torch.float16")
+    key = _DTYPE_KEYS[dtype]
+    if key == "fp32" and torch.get_float32_matmul_precision() != "highest":
+        key = "tf32"
+    return key
+
+
+def gpu_peak_from_table(device_name: str, dtype: torch.dtype) -> tuple[float, str] | None:
+    """Look up the dense peak FLOP/s of a GPU by its name (as torch reports it); None when the name is unknown."""
+    key = _precision_key(dtype)
+    for pattern, peaks in _GPU_PEAK_FLOPS:
+        if pattern.lower() in device_name.lower():
+            # Missing precisions fall back to the plain fp32 rate (e.g. bf16 on V100/T4 has no tensor cores).
+            column = key if key in peaks else "fp32"
+            return peaks[column], f"spec sheet: {pattern} dense {column} peak ({device_name})"
+    return None
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued kernels on `device` so timings cover the work, whatever the backend."""
+    if device.type == "cpu":
+        return
+    backend = getattr(torch, device.type, None)
+    if backend is not None and hasattr(backend, "synchronize"):
+        backend.synchronize()
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, budget_s: float = 0.5) -> float:
+    """Best observed FLOP/s of square matmuls on `device` in `dtype`, within about `budget_s` seconds.
+
+    Used where no spec sheet applies (CPUs, unknown accelerators). It measures with the current torch thread count,
+    so it is the peak this process can reach, which is what its MFU should be measured against.
+    """
+    size = 1024 if device.type == "cpu" else 4096
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    torch.matmul(a, b)  # warm-up: thread pool / kernel selection
+    _synchronize(device)
+    t0 = time.perf_counter()
+    torch.matmul(a, b)
+    _synchronize(device)
+    one = time.perf_counter() - t0
+    while one > budget_s / 8 and size > 128:  # too slow (e.g. fp16 on CPU): shrink so that trials fit the budget
+        size //= 2
+        a, b = a[:size, :size].contiguous(), b[:size, :size].contiguous()
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        _synchronize(device)
+        one = time.perf_counter() - t0
+    trials = 5
+    reps = max(1, int(budget_s / trials / max(one, 1e-6)))
+    best = math.inf
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.matmul(a, b)
+        _synchronize(device)
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return 2.0 * size**3 / best
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """Peak dense FLOP/s of one `device` for matmuls in `dtype`, and where the number comes from.
+
+    GPUs: the spec-sheet table above, by device name. CPUs and accelerators missing from the table: a short matmul
+    benchmark, measured once per process (per device, dtype and thread count) and cached.
+    """
+    device = torch.device(device)
+    key = _precision_key(dtype)
+    name = ""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        found = gpu_peak_from_table(name, dtype)
+        if found is not None:
+            return found
+    cache_key = (device.type, device.index, dtype, key, torch.get_num_threads())
+    if cache_key not in _measured_peak_cache:
+        _measured_peak_cache[cache_key] = measure_matmul_peak(device, dtype)
+    where = f"{name or device.type}, {torch.get_num_threads()} threads" if device.type == "cpu" else name or str(device)
+    return _measured_peak_cache[cache_key], f"measured {key} matmul peak ({where})"
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak: float) -> float:
+    """Model FLOPs utilisation: tokens_per_s * flops_per_token / peak (all for the same devices); NaN without a peak."""
+    if not (peak > 0 and math.isfinite(peak)):
+        return math.nan
+    return tokens_per_s * flops_per_token / peak
+
+
+def mem_peak_gb(device: torch.device) -> float:
+    """Peak memory in GB (1e9 bytes): allocated tensor memory on an accelerator, peak resident set size on CPU.
+
+    On CPU this is the whole process's high-water mark since it started (ru_maxrss cannot be reset).
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return maxrss / 1e9 if sys.platform == "darwin" else maxrss * 1024 / 1e9  # bytes on macOS, KiB on Linux
+    backend = getattr(torch, device.type, None)
+    if backend is not None and hasattr(backend, "max_memory_allocated"):
+        return backend.max_memory_allocated(device) / 1e9
+    return math.nan

@@ -1,0 +1,146 @@
+"""Train and load tokenizers with Hugging Face `tokenizers`: byte-level BPE for GPT, WordPiece for BERT.
+
+The saved tokenizer.json is the standard HF format, so exported models load with `transformers` unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from trainer.errors import UserError
+
+EOS = "<|endoftext|>"
+PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
+KINDS = ("bpe", "wordpiece")
+_MIN_VOCAB = {"bpe": 257, "wordpiece": 16}  # bpe: 256 byte symbols + <|endoftext|>
+
+
+@dataclass
+class TokenizerInfo:
+    """A loaded tokenizer plus the facts the data pipeline and models need (vocab size, special token ids)."""
+
+    tokenizer: Tokenizer
+    path: Path
+    vocab_size: int
+    kind: str  # "bpe", "wordpiece" or "other"
+    eos_id: int | None = None
+    cls_id: int | None = None
+    sep_id: int | None = None
+    mask_id: int | None = None
+    pad_id: int | None = None
+    unk_id: int | None = None
+    sha256: str = field(default="", repr=False)  # of the canonical JSON: identifies the tokenizer across copies
+
+    @property
+    def special_ids(self) -> set[int]:
+        """Ids of all special tokens present (never masked or drawn as random MLM replacements)."""
+        ids = {self.eos_id, self.cls_id, self.sep_id, self.mask_id, self.pad_id, self.unk_id}
+        return {i for i in ids if i is not None}
+
+
+def train_tokenizer(
+    kind: str,
+    vocab_size: int,
+    files: list[str] | str,
+    out_dir: str | os.PathLike,
+    fmt: str = "auto",
+    text_field: str = "text",
+) -> Path:
+    """Train a `kind` tokenizer ("bpe" or "wordpiece") on text/jsonl/parquet files; write and return out_dir/tokenizer.json."""
+    # Imported here: trainer.data imports this module (load_tokenizer), so a top-level import would be circular.
+    from trainer.data.sources import detect_format, iter_documents, resolve_files
+
+    if kind not in KINDS:
+        raise UserError(f"unknown tokenizer kind {kind!r}; use --kind bpe (GPT) or --kind wordpiece (BERT)")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < _MIN_VOCAB[kind]:
+        raise UserError(f"vocab size {vocab_size!r} is invalid for {kind}; use an integer >= {_MIN_VOCAB[kind]}")
+    paths = resolve_files(files)
+    fmt = detect_format(paths, fmt)
+    if fmt == "tokens":
+        raise UserError("cannot train a tokenizer on prepared token shards; pass the raw text/jsonl/parquet files")
+
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOS],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+    else:
+        tok = Tokenizer(models.WordPiece(unk_token=UNK))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece(prefix="##")
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size, special_tokens=[PAD, UNK, CLS, SEP, MASK], show_progress=False
+        )
+
+    n_docs = 0
+
+    def documents() -> Iterator[str]:
+        nonlocal n_docs
+        for doc in iter_documents(paths, fmt, text_field):
+            n_docs += 1
+            yield doc
+
+    tok.train_from_iterator(documents(), trainer=trainer)
+    if n_docs == 0:
+        raise UserError(f"no documents found in {', '.join(paths)}; check the files and their format/text field")
+    if kind == "wordpiece":
+        cls_id, sep_id = tok.token_to_id(CLS), tok.token_to_id(SEP)
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{CLS} $A {SEP}", pair=f"{CLS} $A {SEP} $B:1 {SEP}:1", special_tokens=[(CLS, cls_id), (SEP, sep_id)]
+        )
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "tokenizer.json"
+    tmp = out / f".tokenizer.json.tmp-{os.getpid()}"
+    tok.save(str(tmp))
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written tokenizer.json
+    return path
+
+
+def load_tokenizer(path: str | os.PathLike) -> TokenizerInfo:
+    """Load tokenizer.json (or a directory holding it) and collect its vocabulary size and special token ids."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise UserError(
+            f"tokenizer file {str(p)!r} not found; train one with `trainer tokenizer` or fix data.tokenizer"
+        )
+    try:
+        tok = Tokenizer.from_file(str(p))
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception for bad JSON or unknown parts
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load tokenizer {str(p)!r} ({first}); re-create it with `trainer tokenizer`") from None
+    vocab = tok.get_vocab(with_added_tokens=True)
+    if EOS in vocab:
+        kind = "bpe"
+    elif all(t in vocab for t in (CLS, SEP, MASK)):
+        kind = "wordpiece"
+    else:
+        kind = "other"
+    return TokenizerInfo(
+        tokenizer=tok,
+        path=p,
+        vocab_size=tok.get_vocab_size(with_added_tokens=True),
+        kind=kind,
+        eos_id=vocab.get(EOS),
+        cls_id=vocab.get(CLS),
+        sep_id=vocab.get(SEP),
+        mask_id=vocab.get(MASK),
+        pad_id=vocab.get(PAD),
+        unk_id=vocab.get(UNK),
+        sha256=hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest(),
+    )

@@ -1,0 +1,317 @@
+"""The pretraining loop: build everything from the config, then step, log, evaluate and checkpoint.
+
+One step trains global samples [s*G, (s+1)*G), G = micro_batch * grad_accum * dp. The loss of every micro-batch is
+its summed token loss divided by the target tokens of the whole global batch, so any micro_batch / grad_accum / world
+size split of the same global batch gives the same update.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from trainer.checkpoint import Checkpointer, model_config_dict, set_rng_state
+from trainer.config import Config, save_config
+from trainer.data import build_stream
+from trainer.engines import build_engine
+from trainer.errors import UserError
+from trainer.evaluate import evaluate, generate_sample
+from trainer.metrics import flops_per_token, mem_peak_gb, mfu, peak_flops
+from trainer.models import ModelConfig, count_params, model_from_config, resolve_model_config
+from trainer.monitor import MetricsLogger
+from trainer.optim import build_optimizer, lr_at, set_lr
+from trainer.parallel import ParallelDims, all_reduce_sum, init_distributed, parallelize, shutdown_distributed
+from trainer.tokenizer import TokenizerInfo, load_tokenizer
+
+
+@dataclass
+class TrainState:
+    """Counters saved in every checkpoint besides model, optimizer and RNG."""
+
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # training tokens consumed (global)
+    skipped_steps: int = 0  # steps whose update was dropped for a non-finite loss or gradient
+    data: dict = field(default_factory=lambda: {"next_sample": 0})  # the train stream's position
+    wandb_run_id: str | None = None
+
+
+class StopSignal:
+    """Remembers SIGTERM/SIGUSR1 so the loop can checkpoint at the end of the current step and exit."""
+
+    def __init__(self) -> None:
+        self.received = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+
+def resolve_model(cfg: Config, tok: TokenizerInfo) -> ModelConfig:
+    """The model shape: preset, then explicit dims; vocab_size defaults to the tokenizer's."""
+    m = cfg.model
+    dims = {
+        k: getattr(m, k)
+        for k in ("n_layer", "n_head", "d_model", "d_ff", "vocab_size", "max_seq_len", "dropout")
+        if getattr(m, k) is not None
+    }
+    dims.setdefault("vocab_size", tok.vocab_size)
+    mc = resolve_model_config(m.arch, m.preset, **dims)
+    if tok.vocab_size > mc.vocab_size:
+        raise UserError(
+            f"tokenizer {cfg.data.tokenizer} has {tok.vocab_size} tokens but model.vocab_size is "
+            f"{mc.vocab_size}: raise model.vocab_size to at least {tok.vocab_size} or leave it unset"
+        )
+    if cfg.data.seq_len > mc.max_seq_len:
+        raise UserError(
+            f"data.seq_len={cfg.data.seq_len} exceeds the model's {mc.max_seq_len} positions: lower "
+            f"data.seq_len or raise model.max_seq_len"
+        )
+    needed = ["eos_id"] if mc.arch == "gpt" else ["cls_id", "sep_id", "mask_id"]
+    if any(getattr(tok, k) is None for k in needed):
+        kind = "bpe" if mc.arch == "gpt" else "wordpiece"
+        raise UserError(
+            f"tokenizer {cfg.data.tokenizer} lacks the special tokens a {mc.arch} model needs: train one "
+            f"with `trainer tokenizer --kind {kind}`"
+        )
+    return mc
+
+
+def build_train_stream(
+    cfg: Config, dims: ParallelDims, files: list[str], start: dict, num_workers: int, micro_batch: int
+):
+    return build_stream(
+        files,
+        cfg.data.format,
+        cfg.data.text_field,
+        cfg.data.tokenizer,
+        cfg.model.arch,
+        cfg.data.seq_len,
+        cfg.run.seed,
+        dims.dp_rank,
+        dims.dp,
+        micro_batch,
+        start_sample=start.get("next_sample", 0),
+        num_workers=num_workers,
+        bad_lines=cfg.data.bad_lines,
+        seek=start if start.get("next_sample") else None,
+    )
+
+
+def train_step(engine, batches: list[dict], dp: int, device: torch.device) -> tuple[torch.Tensor, float]:
+    """Forward/backward over the step's micro-batches; returns (this rank's summed loss, global target tokens)."""
+    local_targets = sum(int((b["labels"] != -100).sum()) for b in batches)
+    global_targets = all_reduce_sum(torch.tensor([float(local_targets)], device=device)).item()
+    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+    for i, batch in enumerate(batches):
+        labels = batch["labels"].to(device, non_blocking=True)
+        with engine.sync_context(last_micro_batch=i == len(batches) - 1):
+            logits = engine.forward(batch["input_ids"].to(device, non_blocking=True))
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+            # DDP averages gradients over dp ranks; scaling by dp makes the result the global-batch token mean.
+            engine.backward(loss * (dp / global_targets))
+        loss_sum += loss.detach()
+    return loss_sum, global_targets
+
+
+def run_evaluation(
+    cfg: Config,
+    dims: ParallelDims,
+    device: torch.device,
+    engine,
+    valid_files: list[str],
+    tok: TokenizerInfo,
+    logger: MetricsLogger,
+    step: int,
+) -> dict:
+    """Validation loss over eval_steps micro-batches from the start of the valid corpus; a GPT sample on rank 0."""
+    stream = build_train_stream(cfg, dims, valid_files, {}, num_workers=0, micro_batch=cfg.train.micro_batch)
+    batches = iter(stream)
+    result = {"step": step, **evaluate(engine.raw_model, batches, cfg.train.eval_steps, device, engine.autocast)}
+    if cfg.model.arch == "gpt":
+        result.pop("val_accuracy")  # next-token accuracy is not a figure GPT users read
+    logger.log_eval(result)
+    if cfg.model.arch == "gpt" and cfg.train.sample_tokens and dims.is_main:
+        first = next(iter(build_train_stream(cfg, dims, valid_files, {}, num_workers=0, micro_batch=1)))
+        prompt = first["input_ids"][0, :16].tolist()
+        n_new = min(cfg.train.sample_tokens, engine.raw_model.config.max_seq_len - len(prompt))
+        ids = generate_sample(engine.raw_model, prompt, n_new, device, seed=cfg.run.seed)
+        logger.log_text(step, "sample", tok.tokenizer.decode(ids))
+    return result
+
+
+def train(cfg: Config) -> dict:
+    """Runs (or resumes) the configured run on this rank; returns the last logged metrics."""
+    dims, device = init_distributed(cfg.parallel.tp)
+    try:
+        return _train(cfg, dims, device)
+    finally:
+        shutdown_distributed()
+
+
+def _train(cfg: Config, dims: ParallelDims, device: torch.device) -> dict:
+    stop = StopSignal()
+    run_dir = cfg.run_dir
+    tok = load_tokenizer(cfg.data.tokenizer)
+    model_cfg = resolve_model(cfg, tok)
+    from trainer.data import resolve_files
+
+    train_files, valid_files = resolve_files(cfg.data.train), resolve_files(cfg.data.valid) if cfg.data.valid else []
+    if dims.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+    torch.manual_seed(cfg.run.seed)
+    model = model_from_config(model_cfg).to(device)
+    n_params, n_nonemb = count_params(model), count_params(model, exclude_embeddings=True)
+    model = parallelize(model, cfg.train.activation_checkpointing, cfg.train.compile)
+    t = cfg.train
+    optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
+    engine = build_engine(
+        cfg.parallel.engine,
+        model=model,
+        optimizer=optimizer,
+        device=device,
+        precision=t.precision,
+        grad_clip=t.grad_clip,
+    )
+
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep, dims.rank, dims.world_size)
+    ckpt.clean_partial()
+    state, rng = TrainState(), None
+    resume_from = ckpt.find_resume(cfg.checkpoint.resume)
+    if resume_from is not None:
+        engine_state, saved, rng = ckpt.load(resume_from, model_config_dict(model))
+        engine.load_state_dict(engine_state)
+        state = TrainState(**saved["train_state"])
+
+    seq_len = cfg.data.seq_len
+    global_batch = t.micro_batch * t.grad_accum * dims.dp
+    fpt = flops_per_token(
+        n_nonemb,
+        model_cfg.n_layer,
+        model_cfg.d_model,
+        seq_len,
+        causal=model_cfg.arch == "gpt",
+        vocab_size=model_cfg.vocab_size,
+    )
+    peak, peak_source = peak_flops(device, engine.dtype)
+    logger = MetricsLogger(
+        run_dir,
+        dims.is_main,
+        t.steps,
+        state.step,
+        cfg.log.wandb.mode,
+        cfg.log.wandb.project,
+        cfg.log.wandb.entity,
+        cfg.run.name,
+        cfg.to_dict(),
+        state.wandb_run_id,
+    )
+    state.wandb_run_id = logger.wandb_run_id
+    logger.start(
+        {
+            "n_params": n_params,
+            "n_params_non_embedding": n_nonemb,
+            "world_size": dims.world_size,
+            "dp": dims.dp,
+            "tp": dims.tp,
+            "global_batch": global_batch,
+            "global_batch_tokens": global_batch * seq_len,
+            "flops_per_token": fpt,
+            "resumed_from_step": state.step if resume_from else None,
+            "resumed_from": str(resume_from) if resume_from else None,
+            "arch": model_cfg.arch,
+            "preset": cfg.model.preset,
+            "device": str(device),
+            "precision": t.precision,
+            "peak_flops": peak * dims.world_size,
+            "peak_flops_source": peak_source,
+        }
+    )
+    if resume_from:
+        logger.print(f"resumed from {resume_from} at step {state.step}")
+
+    stream = build_train_stream(cfg, dims, train_files, state.data, cfg.data.num_workers, t.micro_batch)
+    batches_iter = iter(stream)
+    # The RNG (dropout) is set last, so nothing in start-up draws from it and a resumed run continues its stream.
+    if rng is not None:
+        set_rng_state(rng)
+    else:
+        torch.manual_seed(cfg.run.seed + 1000 * dims.rank)  # dropout streams differ per rank
+    model.train()
+    bad_in_row, last = 0, {}
+    window = {"time": 0.0, "tokens": 0, "wait": 0.0, "steps": 0}
+    while state.step < t.steps:
+        t0 = time.perf_counter()
+        batches = [next(batches_iter) for _ in range(t.grad_accum)]
+        t_data = time.perf_counter() - t0
+        set_lr(optimizer, lr := lr_at(state.step, t.lr, t.min_lr, t.warmup_steps, t.steps))
+        loss_sum, global_targets = train_step(engine, batches, dims.dp, device)
+        flags = torch.tensor([float(stop.received)], device=device)
+        reduced = all_reduce_sum(torch.cat([loss_sum.reshape(1), flags])).tolist()
+        loss, stop_now = reduced[0] / global_targets, reduced[1] > 0
+        grad_norm, applied = engine.step(skip=not math.isfinite(loss))
+        state.step += 1
+        state.tokens += global_batch * seq_len
+        state.data = stream.state_dict()
+        if not applied:
+            state.skipped_steps += 1
+            bad_in_row += 1
+            logger.print(
+                f"step {state.step}: non-finite loss or gradient (loss={loss}, grad_norm={grad_norm}); "
+                f"update skipped ({bad_in_row} in a row)"
+            )
+        else:
+            bad_in_row = 0
+        dt = time.perf_counter() - t0
+        window = {
+            "time": window["time"] + dt,
+            "tokens": window["tokens"] + global_batch * seq_len,
+            "wait": window["wait"] + t_data,
+            "steps": window["steps"] + 1,
+        }
+        if state.step % cfg.log.every == 0 or state.step == t.steps or stop_now:
+            tokens_per_s = window["tokens"] / window["time"]
+            last = {
+                "step": state.step,
+                "tokens": state.tokens,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s": tokens_per_s,
+                "mfu": mfu(tokens_per_s, fpt, peak * dims.world_size),
+                "step_time_s": window["time"] / window["steps"],
+                "mem_peak_gb": mem_peak_gb(device),
+                "data_wait_s": window["wait"] / window["steps"],
+                "skipped_steps": state.skipped_steps,
+            }
+            logger.log_step(last)
+            window = {"time": 0.0, "tokens": 0, "wait": 0.0, "steps": 0}
+        if valid_files and t.eval_every and (state.step % t.eval_every == 0 or state.step == t.steps):
+            run_evaluation(cfg, dims, device, engine, valid_files, tok, logger, state.step)
+        if bad_in_row >= t.max_bad_steps:
+            logger.close()
+            raise UserError(
+                f"stopped at step {state.step}: {bad_in_row} steps in a row had a non-finite loss or "
+                f"gradient; lower train.lr, raise train.warmup_steps or use train.precision=bf16"
+            )
+        every = cfg.checkpoint.every
+        if (every and state.step % every == 0) or state.step == t.steps or stop_now:
+            path = ckpt.save(
+                state.step,
+                engine.state_dict(),
+                {"train_state": vars(state).copy(), "model_config": model_config_dict(model), "config": cfg.to_dict()},
+                cfg.data.tokenizer,
+            )
+            logger.print(f"checkpoint saved: {path}")
+        if stop_now:
+            logger.print(f"stop signal received: stopped at step {state.step}; resume with the same command")
+            break
+    logger.close()
+    return last
