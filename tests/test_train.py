@@ -177,6 +177,8 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, corpus, gpt_tok)
     final = latest_checkpoint(tmp_path / "run" / "checkpoints")
     state = json.loads((final / "state.json").read_text())["train_state"]
     assert state["wandb_run_id"] == first_id and first_id
+    wandb_runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and all(p.name.endswith(first_id) for p in wandb_runs)
     assert state["data"]["next_sample"] == 40 * 4
 
 
