@@ -19,8 +19,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from trainer.train import train
 
     cfg = load_config(args.config, args.overrides)
-    last = train(cfg)
-    if int(os.environ.get("RANK", "0")) == 0 and last:
+    train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
         print_summary(cfg.run_dir)
 
 
@@ -29,7 +29,10 @@ def print_summary(run_dir: Path) -> None:
     from trainer.checkpoint import latest_checkpoint
     from trainer.report import summarize
 
-    s = summarize(run_dir)
+    try:
+        s = summarize(run_dir)
+    except UserError:  # nothing logged yet (e.g. stopped before the first step)
+        return
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     model = cfg["model"]["preset"] or f"{cfg['model']['n_layer']} layers x {cfg['model']['d_model']}"

@@ -174,6 +174,8 @@ class MetricsLogger:
             id=self._wandb_run_id,
             resume="allow",
             mode=mode,
+            # quiet: no run summary table in the console; console off: W&B does not wrap stdout/stderr.
+            settings=wandb.Settings(quiet=True, console="off"),
         )
         self._wandb_run_id = self._wandb_run.id
         if mode == "online" and self._wandb_run.resumed:

@@ -236,6 +236,8 @@ def _train(cfg: Config, dims: ParallelDims, device: torch.device) -> dict:
     )
     if resume_from:
         logger.print(f"resumed from {resume_from} at step {state.step}")
+    if state.step >= t.steps:
+        logger.print(f"the run is complete at step {state.step}: raise train.steps to train further")
 
     stream = build_train_stream(cfg, dims, train_files, state.data, cfg.data.num_workers, t.micro_batch)
     batches_iter = iter(stream)
