@@ -238,3 +238,31 @@ def test_export_from_checkpoint_loads_in_transformers(tmp_path, corpus, gpt_tok,
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_prepared_shards_train_like_streaming(tmp_path, corpus, gpt_tok):
+    """`trainer prepare` then data.format=tokens: the same losses as streaming the text."""
+    base = {"train.steps": 3, "checkpoint.every": 3, "train.eval_every": 3}
+    text_cfg = write_config(tiny_config(tmp_path / "text", corpus, gpt_tok, **base), tmp_path / "text.yaml")
+    r = run_cli("trainer", "prepare", str(text_cfg), "--out", str(tmp_path / "shards"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "shards" / "train" / "meta.json").is_file()
+    train_in_process(tiny_config(tmp_path / "text", corpus, gpt_tok, **base), tmp_path, "text.yaml")
+    shards = {
+        "data.train": [str(tmp_path / "shards" / "train")],
+        "data.valid": [str(tmp_path / "shards" / "valid")],
+        "data.format": "tokens",
+    }
+    train_in_process(tiny_config(tmp_path / "tokens", corpus, gpt_tok, **base, **shards), tmp_path, "tokens.yaml")
+    assert_same_run(tmp_path / "text", tmp_path / "tokens")
+    val = [[m["val_loss"] for m in read_metrics(tmp_path / d) if "val_loss" in m] for d in ("text", "tokens")]
+    assert val[0] == val[1]
+
+
+def test_compile_matches_eager(tmp_path, corpus, gpt_tok):
+    base = {"train.steps": 3, "checkpoint.every": 3, "model.n_layer": 1}
+    train_in_process(tiny_config(tmp_path / "eager", corpus, gpt_tok, **base), tmp_path, "a.yaml")
+    train_in_process(
+        tiny_config(tmp_path / "compiled", corpus, gpt_tok, **base, **{"train.compile": True}), tmp_path, "b.yaml"
+    )
+    assert_same_run(tmp_path / "eager", tmp_path / "compiled", rtol=1e-4, weights_atol=1e-4)

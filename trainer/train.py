@@ -141,7 +141,14 @@ def run_evaluation(
         prompt = first["input_ids"][0, :16].tolist()
         n_new = min(cfg.train.sample_tokens, engine.raw_model.config.max_seq_len - len(prompt))
         ids = generate_sample(engine.raw_model, prompt, n_new, device, seed=cfg.run.seed)
-        logger.log_text(step, "sample", tok.tokenizer.decode(ids))
+        docs, doc = [], []  # decode document by document: the end-of-text token becomes a blank line
+        for i in ids:
+            if i == tok.eos_id:
+                docs.append(doc)
+                doc = []
+            else:
+                doc.append(i)
+        logger.log_text(step, "sample", "\n\n".join(tok.tokenizer.decode(d) for d in [*docs, doc]))
     return result
 
 
