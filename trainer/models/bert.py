@@ -13,46 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.errors import UserError
+from trainer.models.layers import MLP, SelfAttention
 from trainer.models.presets import ModelConfig
 
 INIT_STD = 0.02
-
-
-class SelfAttention(nn.Module):
-    """Bidirectional multi-head attention; `attn_bias` is a boolean (B, 1, 1, T) mask, True where a key is visible."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.head_dim = cfg.head_dim
-        self.dropout = cfg.dropout
-        self.wq = nn.Linear(cfg.d_model, cfg.d_model)
-        self.wk = nn.Linear(cfg.d_model, cfg.d_model)
-        self.wv = nn.Linear(cfg.d_model, cfg.d_model)
-        self.wo = nn.Linear(cfg.d_model, cfg.d_model)
-
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T, d_model) -> (B, T, d_model), before the output dropout and residual."""
-        b, t, _ = x.shape
-        # -1 heads: the local head count, which is n_head / tp when wq/wk/wv are column-sharded.
-        q = self.wq(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=p)
-        return self.wo(y.transpose(1, 2).reshape(b, t, -1))
-
-
-class MLP(nn.Module):
-    """d_model -> d_ff -> exact (erf) GELU -> d_model."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.fc_in = nn.Linear(cfg.d_model, cfg.d_ff)
-        self.fc_out = nn.Linear(cfg.d_ff, cfg.d_model)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, d_model) -> (B, T, d_model), before the output dropout and residual."""
-        return self.fc_out(F.gelu(self.fc_in(x)))
 
 
 class Block(nn.Module):
@@ -60,9 +24,9 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.attn = SelfAttention(cfg)
+        self.attn = SelfAttention(cfg, causal=False)
         self.ln_attn = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, gelu_approximate="none")
         self.ln_mlp = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
 

@@ -1,8 +1,6 @@
 """GPT-2 in plain torch.nn: pre-LayerNorm decoder blocks, learned positions, LM head tied to the token embedding.
 
-Layer names are chosen for tensor parallelism: attention has separate `wq`/`wk`/`wv` (column-parallel) and `wo`
-(row-parallel); the MLP has `fc_in` (column-parallel) and `fc_out` (row-parallel). Attention infers the number of
-local heads from the projection width, so it runs unchanged when those layers are sharded over heads.
+Attention and MLP live in `trainer.models.layers` (shared with BERT, names chosen for tensor parallelism).
 `trainer.export` maps these names to Hugging Face's GPT2LMHeadModel layout (fused, transposed Conv1D `c_attn`).
 """
 
@@ -11,52 +9,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from trainer.errors import UserError
+from trainer.models.layers import MLP, SelfAttention
 from trainer.models.presets import ModelConfig
 
 INIT_STD = 0.02
-
-
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention via scaled_dot_product_attention."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.head_dim = cfg.head_dim
-        self.dropout = cfg.dropout
-        self.wq = nn.Linear(cfg.d_model, cfg.d_model)
-        self.wk = nn.Linear(cfg.d_model, cfg.d_model)
-        self.wv = nn.Linear(cfg.d_model, cfg.d_model)
-        self.wo = nn.Linear(cfg.d_model, cfg.d_model)
-        self.resid_dropout = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, d_model) -> (B, T, d_model)."""
-        b, t, _ = x.shape
-        # -1 heads: the local head count, which is n_head / tp when wq/wk/wv are column-sharded.
-        q = self.wq(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
-        y = y.transpose(1, 2).reshape(b, t, -1)
-        return self.resid_dropout(self.wo(y))
-
-
-class MLP(nn.Module):
-    """d_model -> d_ff -> GELU (tanh approximation, as GPT-2) -> d_model."""
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.fc_in = nn.Linear(cfg.d_model, cfg.d_ff)
-        self.fc_out = nn.Linear(cfg.d_ff, cfg.d_model)
-        self.dropout = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, d_model) -> (B, T, d_model)."""
-        return self.dropout(self.fc_out(F.gelu(self.fc_in(x), approximate="tanh")))
 
 
 class Block(nn.Module):
@@ -65,14 +24,15 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = SelfAttention(cfg, causal=True)
         self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, gelu_approximate="tanh")
+        self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, d_model) -> (B, T, d_model)."""
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.dropout(self.attn(self.ln_1(x)))
+        return x + self.dropout(self.mlp(self.ln_2(x)))
 
 
 class GPT(nn.Module):

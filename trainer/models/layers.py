@@ -1,0 +1,54 @@
+"""The layers GPT and BERT share: multi-head self-attention and the two-layer MLP.
+
+Names are chosen for tensor parallelism: `wq`/`wk`/`wv` and `fc_in` are column-parallel, `wo` and `fc_out`
+row-parallel (Y = XW, W = [W_1 ... W_p] split over heads / hidden units). Attention infers the number of local heads
+from the projection width, so it runs unchanged when those layers are sharded.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.models.presets import ModelConfig
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention through scaled_dot_product_attention; causal for GPT, bidirectional with an optional
+    boolean key mask `attn_mask` (B, 1, 1, T), True where a key is visible, for BERT. Output dropout is the caller's."""
+
+    def __init__(self, cfg: ModelConfig, causal: bool) -> None:
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.dropout = cfg.dropout
+        self.causal = causal
+        self.wq = nn.Linear(cfg.d_model, cfg.d_model)
+        self.wk = nn.Linear(cfg.d_model, cfg.d_model)
+        self.wv = nn.Linear(cfg.d_model, cfg.d_model)
+        self.wo = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, d_model) -> (B, T, d_model)."""
+        b, t, _ = x.shape
+        # -1 heads: the local head count, which is n_head / tp when wq/wk/wv are column-sharded.
+        q = self.wq(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=self.causal)
+        return self.wo(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    """d_model -> d_ff -> GELU -> d_model; GPT-2 uses the tanh approximation of GELU, BERT the exact (erf) one."""
+
+    def __init__(self, cfg: ModelConfig, gelu_approximate: str) -> None:
+        super().__init__()
+        self.gelu_approximate = gelu_approximate
+        self.fc_in = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.fc_out = nn.Linear(cfg.d_ff, cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, d_model) -> (B, T, d_model), before the output dropout and residual."""
+        return self.fc_out(F.gelu(self.fc_in(x), approximate=self.gelu_approximate))
