@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -266,3 +267,22 @@ def test_compile_matches_eager(tmp_path, corpus, gpt_tok):
         tiny_config(tmp_path / "compiled", corpus, gpt_tok, **base, **{"train.compile": True}), tmp_path, "b.yaml"
     )
     assert_same_run(tmp_path / "eager", tmp_path / "compiled", rtol=1e-4, weights_atol=1e-4)
+
+
+def test_resume_on_two_ranks_continues_a_one_process_run(tmp_path, corpus, bert_tok):
+    """Checkpoint on 1 process, resume under torchrun on 2 ranks at the same global batch: the losses and weights
+    equal the uninterrupted 1-process run, so no sample was repeated or skipped across the change of world size."""
+    base = {"train.steps": 4, "checkpoint.every": 2}
+    ref = write_config(tiny_config(tmp_path / "ref", corpus, bert_tok, "bert", **base), tmp_path / "ref.yaml")
+    assert run_cli("trainer", "train", str(ref), env={"OMP_NUM_THREADS": "1"}).returncode == 0
+
+    cfg = write_config(tiny_config(tmp_path / "run", corpus, bert_tok, "bert", **base), tmp_path / "run.yaml")
+    r = run_cli("trainer", "train", str(cfg), env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_4")  # drop the end of the run: resume from step 2
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_2")
+    r = torchrun(2, cfg, "train.micro_batch=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    starts = [m for m in read_metrics(tmp_path / "run") if m.get("event") == "start"]
+    assert [(s["resumed_from_step"], s["world_size"]) for s in starts] == [(None, 1), (2, 2)]
+    assert_same_run(tmp_path / "ref", tmp_path / "run", rtol=1e-5, weights_atol=1e-5)

@@ -268,7 +268,6 @@ def _train(cfg: Config, dims: ParallelDims, device: torch.device) -> dict:
         grad_norm, applied = engine.step(skip=not math.isfinite(loss))
         state.step += 1
         state.tokens += global_batch * seq_len
-        state.data = stream.state_dict()
         if not applied:
             state.skipped_steps += 1
             bad_in_row += 1
@@ -312,6 +311,7 @@ def _train(cfg: Config, dims: ParallelDims, device: torch.device) -> dict:
             )
         every = cfg.checkpoint.every
         if (every and state.step % every == 0) or state.step == t.steps or stop_now:
+            state.data = stream.state_dict()  # at a step boundary: every rank has consumed the same samples
             path = ckpt.save(
                 state.step,
                 engine.state_dict(),
