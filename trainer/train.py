@@ -10,15 +10,15 @@ from __future__ import annotations
 import math
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from trainer.checkpoint import Checkpointer, model_config_dict, set_rng_state
 from trainer.config import Config, save_config
-from trainer.data import build_stream
-from trainer.engines import build_engine
+from trainer.data import build_stream, resolve_files
+from trainer.engines import DDPEngine, build_engine
 from trainer.errors import UserError
 from trainer.evaluate import evaluate, generate_sample
 from trainer.metrics import flops_per_token, mem_peak_gb, mfu, peak_flops
@@ -38,6 +38,54 @@ class TrainState:
     skipped_steps: int = 0  # steps whose update was dropped for a non-finite loss or gradient
     data: dict = field(default_factory=lambda: {"next_sample": 0})  # the train stream's position
     wandb_run_id: str | None = None
+
+
+@dataclass
+class Throughput:
+    """Time, tokens and data wait accumulated between two logged steps."""
+
+    time: float = 0.0
+    tokens: int = 0
+    data_wait: float = 0.0
+    steps: int = 0
+
+    def add(self, seconds: float, tokens: int, data_wait: float) -> None:
+        self.time, self.tokens = self.time + seconds, self.tokens + tokens
+        self.data_wait, self.steps = self.data_wait + data_wait, self.steps + 1
+
+    def take(self) -> dict:
+        """Averages over the window, which then starts again."""
+        out = {
+            "tokens_per_s": self.tokens / self.time,
+            "step_time_s": self.time / self.steps,
+            "data_wait_s": self.data_wait / self.steps,
+        }
+        self.time, self.tokens, self.data_wait, self.steps = 0.0, 0, 0.0, 0
+        return out
+
+
+@dataclass
+class Run:
+    """Everything one rank builds from the config before the first step."""
+
+    cfg: Config
+    dims: ParallelDims
+    device: torch.device
+    tok: TokenizerInfo
+    model_cfg: ModelConfig
+    engine: DDPEngine
+    ckpt: Checkpointer
+    logger: MetricsLogger
+    state: TrainState
+    rng: dict | None  # the RNG state to continue from, when resuming
+    valid_files: list[str]
+    train_files: list[str]
+    flops_per_token: float
+    peak_flops: float  # of all ranks together
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.train.micro_batch * self.cfg.train.grad_accum * self.dims.dp
 
 
 class StopSignal:
@@ -156,28 +204,30 @@ def train(cfg: Config) -> dict:
     """Runs (or resumes) the configured run on this rank; returns the last logged metrics."""
     dims, device = init_distributed(cfg.parallel.tp)
     try:
-        return _train(cfg, dims, device)
+        run = build_run(cfg, dims, device)
+        try:
+            return train_loop(run)
+        finally:
+            run.logger.close()
     finally:
         shutdown_distributed()
 
 
-def _train(cfg: Config, dims: ParallelDims, device: torch.device) -> dict:
-    stop = StopSignal()
-    run_dir = cfg.run_dir
+def build_run(cfg: Config, dims: ParallelDims, device: torch.device) -> Run:
+    """Tokenizer, model, engine, checkpoint state and loggers; resumes from a checkpoint when there is one."""
     tok = load_tokenizer(cfg.data.tokenizer)
     model_cfg = resolve_model(cfg, tok)
-    from trainer.data import resolve_files
-
-    train_files, valid_files = resolve_files(cfg.data.train), resolve_files(cfg.data.valid) if cfg.data.valid else []
+    train_files = resolve_files(cfg.data.train)
+    valid_files = resolve_files(cfg.data.valid) if cfg.data.valid else []
     if dims.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, cfg.run_dir / "config.yaml")
 
+    t = cfg.train
     torch.manual_seed(cfg.run.seed)
     model = model_from_config(model_cfg).to(device)
     n_params, n_nonemb = count_params(model), count_params(model, exclude_embeddings=True)
-    model = parallelize(model, cfg.train.activation_checkpointing, cfg.train.compile)
-    t = cfg.train
+    model = parallelize(model, t.activation_checkpointing, t.compile)
     optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
     engine = build_engine(
         cfg.parallel.engine,
@@ -188,7 +238,7 @@ def _train(cfg: Config, dims: ParallelDims, device: torch.device) -> dict:
         grad_clip=t.grad_clip,
     )
 
-    ckpt = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep, dims.rank, dims.world_size)
+    ckpt = Checkpointer(cfg.run_dir / "checkpoints", cfg.checkpoint.keep, dims.rank, dims.world_size)
     ckpt.clean_partial()
     state, rng = TrainState(), None
     resume_from = ckpt.find_resume(cfg.checkpoint.resume)
@@ -197,30 +247,45 @@ def _train(cfg: Config, dims: ParallelDims, device: torch.device) -> dict:
         engine.load_state_dict(engine_state)
         state = TrainState(**saved["train_state"])
 
-    seq_len = cfg.data.seq_len
-    global_batch = t.micro_batch * t.grad_accum * dims.dp
     fpt = flops_per_token(
         n_nonemb,
         model_cfg.n_layer,
         model_cfg.d_model,
-        seq_len,
+        cfg.data.seq_len,
         causal=model_cfg.arch == "gpt",
         vocab_size=model_cfg.vocab_size,
     )
     peak, peak_source = peak_flops(device, engine.dtype)
+    wb = cfg.log.wandb
     logger = MetricsLogger(
-        run_dir,
+        cfg.run_dir,
         dims.is_main,
         t.steps,
         state.step,
-        cfg.log.wandb.mode,
-        cfg.log.wandb.project,
-        cfg.log.wandb.entity,
+        wb.mode,
+        wb.project,
+        wb.entity,
         cfg.run.name,
         cfg.to_dict(),
         state.wandb_run_id,
     )
     state.wandb_run_id = logger.wandb_run_id
+    run = Run(
+        cfg,
+        dims,
+        device,
+        tok,
+        model_cfg,
+        engine,
+        ckpt,
+        logger,
+        state,
+        rng,
+        valid_files,
+        train_files,
+        fpt,
+        peak * dims.world_size,
+    )
     logger.start(
         {
             "n_params": n_params,
@@ -228,8 +293,8 @@ def _train(cfg: Config, dims: ParallelDims, device: torch.device) -> dict:
             "world_size": dims.world_size,
             "dp": dims.dp,
             "tp": dims.tp,
-            "global_batch": global_batch,
-            "global_batch_tokens": global_batch * seq_len,
+            "global_batch": run.global_batch,
+            "global_batch_tokens": run.global_batch * cfg.data.seq_len,
             "flops_per_token": fpt,
             "resumed_from_step": state.step if resume_from else None,
             "resumed_from": str(resume_from) if resume_from else None,
@@ -237,7 +302,7 @@ def _train(cfg: Config, dims: ParallelDims, device: torch.device) -> dict:
             "preset": cfg.model.preset,
             "device": str(device),
             "precision": t.precision,
-            "peak_flops": peak * dims.world_size,
+            "peak_flops": run.peak_flops,
             "peak_flops_source": peak_source,
         }
     )
@@ -245,82 +310,76 @@ def _train(cfg: Config, dims: ParallelDims, device: torch.device) -> dict:
         logger.print(f"resumed from {resume_from} at step {state.step}")
     if state.step >= t.steps:
         logger.print(f"the run is complete at step {state.step}: raise train.steps to train further")
+    return run
 
-    stream = build_train_stream(cfg, dims, train_files, state.data, cfg.data.num_workers, t.micro_batch)
+
+def save_checkpoint(run: Run, stream) -> None:
+    run.state.data = stream.state_dict()  # at a step boundary: every rank has consumed the same samples
+    saved = {"train_state": vars(run.state).copy(), "model_config": asdict(run.model_cfg), "config": run.cfg.to_dict()}
+    path = run.ckpt.save(run.state.step, run.engine.state_dict(), saved, run.cfg.data.tokenizer)
+    run.logger.print(f"checkpoint saved: {path}")
+
+
+def train_loop(run: Run) -> dict:
+    """Steps until train.steps (or a stop signal): log, evaluate, checkpoint."""
+    cfg, t, state, engine, logger = run.cfg, run.cfg.train, run.state, run.engine, run.logger
+    step_tokens = run.global_batch * cfg.data.seq_len
+    stop = StopSignal()
+    stream = build_train_stream(cfg, run.dims, run.train_files, state.data, cfg.data.num_workers, t.micro_batch)
     batches_iter = iter(stream)
     # The RNG (dropout) is set last, so nothing in start-up draws from it and a resumed run continues its stream.
-    if rng is not None:
-        set_rng_state(rng)
+    if run.rng is not None:
+        set_rng_state(run.rng)
     else:
-        torch.manual_seed(cfg.run.seed + 1000 * dims.rank)  # dropout streams differ per rank
-    model.train()
-    bad_in_row, last = 0, {}
-    window = {"time": 0.0, "tokens": 0, "wait": 0.0, "steps": 0}
+        torch.manual_seed(cfg.run.seed + 1000 * run.dims.rank)  # dropout streams differ per rank
+    engine.raw_model.train()
+    bad_in_row, last, window = 0, {}, Throughput()
     while state.step < t.steps:
         t0 = time.perf_counter()
         batches = [next(batches_iter) for _ in range(t.grad_accum)]
         t_data = time.perf_counter() - t0
-        set_lr(optimizer, lr := lr_at(state.step, t.lr, t.min_lr, t.warmup_steps, t.steps))
-        loss_sum, global_targets = train_step(engine, batches, dims.dp, device)
-        flags = torch.tensor([float(stop.received)], device=device)
+        set_lr(engine.optimizer, lr := lr_at(state.step, t.lr, t.min_lr, t.warmup_steps, t.steps))
+        loss_sum, global_targets = train_step(engine, batches, run.dims.dp, run.device)
+        flags = torch.tensor([float(stop.received)], device=run.device)
         reduced = all_reduce_sum(torch.cat([loss_sum.reshape(1), flags])).tolist()
         loss, stop_now = reduced[0] / global_targets, reduced[1] > 0
         grad_norm, applied = engine.step(skip=not math.isfinite(loss))
         state.step += 1
-        state.tokens += global_batch * seq_len
+        state.tokens += step_tokens
+        bad_in_row = 0 if applied else bad_in_row + 1
         if not applied:
             state.skipped_steps += 1
-            bad_in_row += 1
             logger.print(
                 f"step {state.step}: non-finite loss or gradient (loss={loss}, grad_norm={grad_norm}); "
                 f"update skipped ({bad_in_row} in a row)"
             )
-        else:
-            bad_in_row = 0
-        dt = time.perf_counter() - t0
-        window = {
-            "time": window["time"] + dt,
-            "tokens": window["tokens"] + global_batch * seq_len,
-            "wait": window["wait"] + t_data,
-            "steps": window["steps"] + 1,
-        }
-        if state.step % cfg.log.every == 0 or state.step == t.steps or stop_now:
-            tokens_per_s = window["tokens"] / window["time"]
+        window.add(time.perf_counter() - t0, step_tokens, t_data)
+        last_step = state.step == t.steps
+        if state.step % cfg.log.every == 0 or last_step or stop_now:
             last = {
                 "step": state.step,
                 "tokens": state.tokens,
                 "loss": loss,
                 "lr": lr,
                 "grad_norm": grad_norm,
-                "tokens_per_s": tokens_per_s,
-                "mfu": mfu(tokens_per_s, fpt, peak * dims.world_size),
-                "step_time_s": window["time"] / window["steps"],
-                "mem_peak_gb": mem_peak_gb(device),
-                "data_wait_s": window["wait"] / window["steps"],
+                **window.take(),
+                "mem_peak_gb": mem_peak_gb(run.device),
                 "skipped_steps": state.skipped_steps,
             }
+            last["mfu"] = mfu(last["tokens_per_s"], run.flops_per_token, run.peak_flops)
             logger.log_step(last)
-            window = {"time": 0.0, "tokens": 0, "wait": 0.0, "steps": 0}
-        if valid_files and t.eval_every and (state.step % t.eval_every == 0 or state.step == t.steps):
-            run_evaluation(cfg, dims, device, engine, valid_files, tok, logger, state.step)
+        if run.valid_files and t.eval_every and (state.step % t.eval_every == 0 or last_step):
+            run_evaluation(cfg, run.dims, run.device, engine, run.valid_files, run.tok, logger, state.step)
         if bad_in_row >= t.max_bad_steps:
-            logger.close()
             raise UserError(
                 f"stopped at step {state.step}: {bad_in_row} steps in a row had a non-finite loss or "
                 f"gradient; lower train.lr, raise train.warmup_steps or use train.precision=bf16"
             )
         every = cfg.checkpoint.every
-        if (every and state.step % every == 0) or state.step == t.steps or stop_now:
-            state.data = stream.state_dict()  # at a step boundary: every rank has consumed the same samples
-            path = ckpt.save(
-                state.step,
-                engine.state_dict(),
-                {"train_state": vars(state).copy(), "model_config": model_config_dict(model), "config": cfg.to_dict()},
-                cfg.data.tokenizer,
-            )
-            logger.print(f"checkpoint saved: {path}")
+        if (every and state.step % every == 0) or last_step or stop_now:
+            save_checkpoint(run, stream)
         if stop_now:
             logger.print(f"stop signal received: stopped at step {state.step}; resume with the same command")
             break
-    logger.close()
+    stream.close()
     return last
