@@ -22,7 +22,7 @@ test: install
 	$(BIN)/python -m pytest -q tests
 
 demo: install
-	$(BIN)/python -m trainer tokenizer --kind bpe --vocab-size 2048 --out runs/demo/tokenizer data/tinyshakespeare.txt
+	$(BIN)/python -m trainer tokenizer --kind bpe --vocab-size 2048 --out runs/demo/tokenizer data/shakespeare/train.txt
 	$(BIN)/python -m trainer train configs/demo.yaml
 	$(BIN)/python -m trainer report runs/demo
 

@@ -65,7 +65,7 @@ def project_loop(work: Path, tokenizer: Path, model_dims: dict, seq_len: int, mi
         "run": {"name": "bench", "dir": str(work / "run"), "seed": 0},
         "model": {"arch": "gpt", **model_dims},
         "data": {
-            "train": [str(REPO / "data" / "tinyshakespeare.txt")],
+            "train": [str(REPO / "data" / "shakespeare" / "train.txt")],
             "format": "text",
             "tokenizer": str(tokenizer),
             "seq_len": seq_len,
@@ -100,7 +100,7 @@ def main() -> None:
         f"peak {peak / 1e9:.1f} GFLOP/s fp32 ({source})"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        tok = train_tokenizer("bpe", 2048, [str(REPO / "data" / "tinyshakespeare.txt")], Path(tmp) / "tok")
+        tok = train_tokenizer("bpe", 2048, [str(REPO / "data" / "shakespeare" / "train.txt")], Path(tmp) / "tok")
         print(f"{'case':<12} {'loop':<8} {'tokens/s':>10} {'MFU':>7} {'data wait':>10}")
         for name in args.only or list(CASES):
             dims, seq_len, micro_batch, steps = CASES[name]

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-CORPUS = REPO / "data" / "tinyshakespeare.txt"
+CORPUS = REPO / "data" / "shakespeare" / "train.txt"
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

@@ -17,7 +17,7 @@ from trainer.data.shards import TokenShards
 from trainer.errors import UserError
 from trainer.tokenizer import load_tokenizer, train_tokenizer
 
-CORPUS = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
+CORPUS = Path(__file__).resolve().parents[1] / "data" / "shakespeare" / "train.txt"
 SEQ = {"gpt": 16, "bert": 18}  # bert: 16 content tokens + [CLS] + [SEP]
 
 

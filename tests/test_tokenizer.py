@@ -10,7 +10,7 @@ import pytest
 from trainer.errors import UserError
 from trainer.tokenizer import load_tokenizer, train_tokenizer
 
-CORPUS = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
+CORPUS = Path(__file__).resolve().parents[1] / "data" / "shakespeare" / "train.txt"
 
 
 @pytest.fixture(scope="module")
