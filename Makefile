@@ -3,8 +3,10 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# CPU machines: the CPU build of torch. On GPU machines: make install TORCH="torch==2.13.0" (see README).
+# torch is installed first, from TORCH_INDEX when set (e.g. the PyTorch CPU or CUDA wheel index; see README), so
+# the project's own install finds it satisfied and never pulls another build.
 TORCH  ?= torch==2.13.0
+TORCH_INDEX ?=
 EXTRAS ?= wandb,dev
 
 .PHONY: install test demo bench lint clean
@@ -14,7 +16,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import run_cli, tiny_config, write_config
+from conftest import REPO, run_cli, tiny_config, write_config
 
 from trainer.cli import main
 from trainer.config import load_config
@@ -121,3 +121,13 @@ def test_resume_with_another_model_shape_keeps_the_checkpoint(tmp_path, capsys, 
 def test_user_error_type_for_api_users(tmp_path):
     with pytest.raises(UserError, match="data.train is empty"):
         load_config(None, ["data.tokenizer=x.json"])
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "demo-bert.yaml", "gpt2-small.yaml", "bert-base.yaml"])
+def test_shipped_configs_are_valid(name):
+    from trainer.models import resolve_model_config
+
+    cfg = load_config(REPO / "configs" / name)
+    dims = {k: v for k, v in vars(cfg.model).items() if k not in ("arch", "preset") and v is not None}
+    model = resolve_model_config(cfg.model.arch, cfg.model.preset, **{"vocab_size": 2048, **dims})
+    assert cfg.data.seq_len <= model.max_seq_len
