@@ -286,3 +286,21 @@ def test_resume_on_two_ranks_continues_a_one_process_run(tmp_path, corpus, bert_
     starts = [m for m in read_metrics(tmp_path / "run") if m.get("event") == "start"]
     assert [(s["resumed_from_step"], s["world_size"]) for s in starts] == [(None, 1), (2, 2)]
     assert_same_run(tmp_path / "ref", tmp_path / "run", rtol=1e-5, weights_atol=1e-5)
+
+
+def test_half_written_checkpoint_is_ignored_and_removed(tmp_path, corpus, gpt_tok):
+    """What a crash mid-save leaves (a .tmp_step_N directory, a step directory without its state file) neither
+    breaks nor misleads a resume: it continues from the latest complete checkpoint."""
+    cfg = tiny_config(tmp_path / "run", corpus, gpt_tok, **{"train.steps": 2, "checkpoint.every": 2})
+    train_in_process(cfg, tmp_path)
+    ckpts = tmp_path / "run" / "checkpoints"
+    (ckpts / ".tmp_step_3").mkdir()
+    (ckpts / ".tmp_step_3" / "model.pt").write_bytes(b"half a file")
+    (ckpts / "step_3").mkdir()  # a directory without state.json is not a checkpoint
+    assert latest_checkpoint(ckpts).name == "step_2"
+    cfg["train"]["steps"] = 4
+    train_in_process(cfg, tmp_path)
+    starts = [m for m in read_metrics(tmp_path / "run") if m.get("event") == "start"]
+    assert starts[-1]["resumed_from_step"] == 2
+    assert not (ckpts / ".tmp_step_3").exists()
+    assert (ckpts / "latest").read_text() == "step_4"

@@ -44,7 +44,10 @@ def print_summary(run_dir: Path) -> None:
         )
     ]
     if s.get("last_val_loss") is not None:
-        lines.append(f"  validation:  loss {s['last_val_loss']:.4f}, perplexity {s['val_ppl']:.2f}")
+        accuracy = (
+            f", masked-token accuracy {100 * s['val_accuracy']:.1f}%" if s.get("val_accuracy") is not None else ""
+        )
+        lines.append(f"  validation:  loss {s['last_val_loss']:.4f}, perplexity {s['val_ppl']:.2f}{accuracy}")
     if s.get("mean_tokens_per_s"):
         lines.append(
             f"  throughput:  {s['mean_tokens_per_s']:,.0f} tokens/s, MFU {100 * (s.get('mean_mfu') or 0):.1f}%"

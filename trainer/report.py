@@ -110,6 +110,7 @@ def summarize(run_dir: Path) -> dict[str, Any]:
         "best_val_loss": float(val.min()) if len(val) else None,
         "last_val_loss": float(val[-1]) if len(val) else None,
         "val_ppl": last("val_ppl"),
+        "val_accuracy": last("val_accuracy"),
         "mean_tokens_per_s": late_mean("tokens_per_s"),
         "mean_mfu": late_mean("mfu"),
         "restarts": max(0, len(starts) - 1),
