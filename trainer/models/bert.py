@@ -13,10 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.errors import UserError
-from trainer.models.layers import MLP, SelfAttention
+from trainer.models.layers import MLP, SelfAttention, check_seq_len, init_weights_
 from trainer.models.presets import ModelConfig
-
-INIT_STD = 0.02
 
 
 class Block(nn.Module):
@@ -80,17 +78,7 @@ class BERT(nn.Module):
         from the embedding (meta -> real device makes new Parameters); this re-ties it first.
         """
         self.tie_weights()
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                if module is not self.lm_head:  # its weight is tok_emb's
-                    nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_weights_(self, self.lm_head)
 
     def forward(
         self,
@@ -104,11 +92,7 @@ class BERT(nn.Module):
         padded keys are hidden from every query (padded positions still get logits, which the loss should ignore).
         """
         t = input_ids.shape[-1]
-        if t > self.config.max_seq_len:
-            raise UserError(
-                f"sequence length {t} exceeds model.max_seq_len={self.config.max_seq_len}; "
-                f"shorten data.seq_len or raise model.max_seq_len"
-            )
+        check_seq_len(t, self.config.max_seq_len)
         positions = torch.arange(t, device=input_ids.device)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)

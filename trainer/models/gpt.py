@@ -12,10 +12,8 @@ import torch
 from torch import nn
 
 from trainer.errors import UserError
-from trainer.models.layers import MLP, SelfAttention
+from trainer.models.layers import INIT_STD, MLP, SelfAttention, check_seq_len, init_weights_
 from trainer.models.presets import ModelConfig
-
-INIT_STD = 0.02
 
 
 class Block(nn.Module):
@@ -65,28 +63,14 @@ class GPT(nn.Module):
         """
         self.tie_weights()
         resid_std = INIT_STD / math.sqrt(2 * self.config.n_layer)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                if module is self.lm_head:
-                    continue  # tied to tok_emb, initialised there
-                std = resid_std if name.endswith(("attn.wo", "mlp.fc_out")) else INIT_STD
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_weights_(
+            self, self.lm_head, lambda name: resid_std if name.endswith(("attn.wo", "mlp.fc_out")) else INIT_STD
+        )
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) with T <= max_seq_len -> next-token logits (B, T, vocab_size)."""
         t = input_ids.shape[-1]
-        if t > self.config.max_seq_len:
-            raise UserError(
-                f"sequence length {t} exceeds model.max_seq_len={self.config.max_seq_len}; "
-                f"shorten data.seq_len or raise model.max_seq_len"
-            )
+        check_seq_len(t, self.config.max_seq_len)
         positions = torch.arange(t, device=input_ids.device)
         x = self.emb_dropout(self.tok_emb(input_ids) + self.pos_emb(positions))
         for block in self.blocks:

@@ -7,11 +7,16 @@ from the projection width, so it runs unchanged when those layers are sharded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.errors import UserError
 from trainer.models.presets import ModelConfig
+
+INIT_STD = 0.02
 
 
 class SelfAttention(nn.Module):
@@ -52,3 +57,31 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, d_model) -> (B, T, d_model), before the output dropout and residual."""
         return self.fc_out(F.gelu(self.fc_in(x), approximate=self.gelu_approximate))
+
+
+def check_seq_len(t: int, max_seq_len: int) -> None:
+    if t > max_seq_len:
+        raise UserError(
+            f"sequence length {t} exceeds model.max_seq_len={max_seq_len}; "
+            f"shorten data.seq_len or raise model.max_seq_len"
+        )
+
+
+@torch.no_grad()
+def init_weights_(
+    model: nn.Module, tied_head: nn.Linear, std_for: Callable[[str], float] = lambda name: INIT_STD
+) -> None:
+    """N(0, std) linear weights (`std_for(module name)`) and embeddings, zero biases, unit LayerNorms.
+
+    The tied head's weight is the token embedding's, so it is initialised once, as an embedding."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            if module is not tied_head:
+                nn.init.normal_(module.weight, mean=0.0, std=std_for(name))
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
