@@ -160,9 +160,11 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, corpus, gpt_tok)
         text=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        start_new_session=True,
     )
     wait_for_step(tmp_path / "run", 5, proc)
-    proc.send_signal(signal.SIGTERM)
+    # The whole process group, DataLoader workers included, as Slurm and torchrun signal it.
+    os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
     stopped = latest_checkpoint(tmp_path / "run" / "checkpoints")

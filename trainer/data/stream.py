@@ -12,6 +12,7 @@ micro_batch of them (see packing.py for what sample i is). Two sources supply co
 from __future__ import annotations
 
 import os
+import signal
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -107,6 +108,13 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGUSR1 to the training process: torchrun and Slurm signal the whole process group, and
+    the trainer must outlive that signal by one step to checkpoint (its DataLoader then stops the workers itself)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def _keep(item: tuple[int, int, np.ndarray]) -> tuple[int, int, np.ndarray]:
     """Collate function for batch_size=None: pass each (epoch, doc, tokens) item through unchanged."""
     return item
@@ -152,6 +160,7 @@ class StreamSource:
                     # Its own generator: starting workers must not draw from the global RNG (dropout), or a resumed
                     # run, whose workers start at another step, would continue on a different random stream.
                     generator=torch.Generator().manual_seed(0),
+                    worker_init_fn=_ignore_stop_signals,
                 )
                 self._loader_iter = iter(loader)
                 items = _raise_failures(self._loader_iter)
