@@ -306,3 +306,26 @@ def test_half_written_checkpoint_is_ignored_and_removed(tmp_path, corpus, gpt_to
     assert starts[-1]["resumed_from_step"] == 2
     assert not (ckpts / ".tmp_step_3").exists()
     assert (ckpts / "latest").read_text() == "step_4"
+
+
+def test_sigusr1_checkpoints_and_stops(tmp_path, corpus, gpt_tok):
+    """SIGUSR1 (what Slurm sends ahead of a time limit, with --signal) stops like SIGTERM: checkpoint, exit 0."""
+    cfg = write_config(
+        tiny_config(tmp_path / "run", corpus, gpt_tok, **{"train.steps": 100000, "checkpoint.every": 0}),
+        tmp_path / "c.yaml",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer", "train", str(cfg)],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    wait_for_step(tmp_path / "run", 3, proc)
+    os.killpg(proc.pid, signal.SIGUSR1)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stop signal received" in out + err
+    step = max(step_losses(tmp_path / "run"))
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == f"step_{step}"
