@@ -129,6 +129,18 @@ def test_two_rank_ddp_equals_one_process(tmp_path, corpus, bert_tok):
     assert math.isclose(val[0][0], val[1][0], rel_tol=1e-5)
 
 
+def start_trainer(config: Path) -> subprocess.Popen:
+    """`trainer train CONFIG` in its own process group, which the tests signal as a whole (as Slurm and torchrun do)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "trainer", "train", str(config)],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -154,16 +166,8 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, corpus, gpt_tok)
     assert r.returncode == 0, r.stderr[-2000:]
 
     cfg = write_config(tiny_config(tmp_path / "run", corpus, gpt_tok, **overrides), tmp_path / "run.yaml")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "trainer", "train", str(cfg)],
-        cwd=REPO,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+    proc = start_trainer(cfg)
     wait_for_step(tmp_path / "run", 5, proc)
-    # The whole process group, DataLoader workers included, as Slurm and torchrun signal it.
     os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
@@ -314,14 +318,7 @@ def test_sigusr1_checkpoints_and_stops(tmp_path, corpus, gpt_tok):
         tiny_config(tmp_path / "run", corpus, gpt_tok, **{"train.steps": 100000, "checkpoint.every": 0}),
         tmp_path / "c.yaml",
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "trainer", "train", str(cfg)],
-        cwd=REPO,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+    proc = start_trainer(cfg)
     wait_for_step(tmp_path / "run", 3, proc)
     os.killpg(proc.pid, signal.SIGUSR1)
     out, err = proc.communicate(timeout=120)
