@@ -120,7 +120,7 @@ def test_two_rank_ddp_equals_one_process(tmp_path, corpus, bert_tok):
     )
     r = run_cli("trainer", "train", str(one), env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
-    r = torchrun(2, two)
+    r = run_cli("launch", "local", "--nproc-per-node", "2", "--", str(two))  # the launcher runs torchrun
     assert r.returncode == 0, r.stderr[-3000:]
     start = read_metrics(tmp_path / "two")[0]
     assert start["world_size"] == 2 and start["dp"] == 2
