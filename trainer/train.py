@@ -306,6 +306,12 @@ def build_run(cfg: Config, dims: ParallelDims, device: torch.device) -> Run:
             "peak_flops_source": peak_source,
         }
     )
+    name = model_cfg.arch.upper() + (f" {cfg.model.preset}" if cfg.model.preset else "")
+    logger.print(
+        f"{name}: {n_params:,} parameters | {dims.world_size} rank(s) on "
+        f"{device.type} | {run.global_batch} x {cfg.data.seq_len} = {run.global_batch * cfg.data.seq_len:,} tokens "
+        f"per step | {t.steps:,} steps, {t.precision} | run dir {cfg.run_dir}"
+    )
     if resume_from:
         logger.print(f"resumed from {resume_from} at step {state.step}")
     if state.step >= t.steps:
