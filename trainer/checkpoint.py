@@ -15,9 +15,7 @@ import json
 import os
 import random
 import shutil
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -168,7 +166,3 @@ def load_model(checkpoint_dir: str | Path) -> nn.Module:
     model = model_from_config(ModelConfig(**state["model_config"]))
     model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
     return model.eval()
-
-
-def model_config_dict(model: nn.Module) -> dict[str, Any]:
-    return asdict(model.config)

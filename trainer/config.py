@@ -258,9 +258,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         parsed = yaml.safe_load(value) if value != "" else ""
     except yaml.YAMLError:
         parsed = value
-    if isinstance(parsed, str) and _looks_like_float(parsed):
-        parsed = float(parsed)  # YAML 1.1 reads 3e-4 as a string
-    return key.strip().split("."), parsed
+    return key.strip().split("."), _fix_floats(parsed)
 
 
 def _looks_like_float(s: str) -> bool:
@@ -272,6 +270,7 @@ def _looks_like_float(s: str) -> bool:
 
 
 def _fix_floats(node: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads 3e-4 as a string; such strings become floats, in files and overrides alike."""
     if isinstance(node, dict):
         return {k: _fix_floats(v) for k, v in node.items()}
     if isinstance(node, list):

@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from trainer.checkpoint import Checkpointer, model_config_dict, set_rng_state
+from trainer.checkpoint import Checkpointer, set_rng_state
 from trainer.config import Config, save_config
 from trainer.data import build_stream, resolve_files
 from trainer.engines import DDPEngine, build_engine
@@ -91,13 +91,19 @@ class Run:
 class StopSignal:
     """Remembers SIGTERM/SIGUSR1 so the loop can checkpoint at the end of the current step and exit."""
 
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
     def __init__(self) -> None:
         self.received = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:
         self.received = True
+
+    def restore(self) -> None:
+        """Give the signals back to whoever handled them before the run (a script calling train())."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def resolve_model(cfg: Config, tok: TokenizerInfo) -> ModelConfig:
@@ -205,9 +211,11 @@ def train(cfg: Config) -> dict:
     dims, device = init_distributed(cfg.parallel.tp)
     try:
         run = build_run(cfg, dims, device)
+        stop = StopSignal()
         try:
-            return train_loop(run)
+            return train_loop(run, stop)
         finally:
+            stop.restore()
             run.logger.close()
     finally:
         shutdown_distributed()
@@ -243,7 +251,7 @@ def build_run(cfg: Config, dims: ParallelDims, device: torch.device) -> Run:
     state, rng = TrainState(), None
     resume_from = ckpt.find_resume(cfg.checkpoint.resume)
     if resume_from is not None:
-        engine_state, saved, rng = ckpt.load(resume_from, model_config_dict(model))
+        engine_state, saved, rng = ckpt.load(resume_from, model_cfg.to_dict())
         engine.load_state_dict(engine_state)
         state = TrainState(**saved["train_state"])
 
@@ -321,16 +329,19 @@ def build_run(cfg: Config, dims: ParallelDims, device: torch.device) -> Run:
 
 def save_checkpoint(run: Run, stream) -> None:
     run.state.data = stream.state_dict()  # at a step boundary: every rank has consumed the same samples
-    saved = {"train_state": vars(run.state).copy(), "model_config": asdict(run.model_cfg), "config": run.cfg.to_dict()}
+    saved = {
+        "train_state": vars(run.state).copy(),
+        "model_config": run.model_cfg.to_dict(),
+        "config": run.cfg.to_dict(),
+    }
     path = run.ckpt.save(run.state.step, run.engine.state_dict(), saved, run.cfg.data.tokenizer)
     run.logger.print(f"checkpoint saved: {path}")
 
 
-def train_loop(run: Run) -> dict:
+def train_loop(run: Run, stop: StopSignal) -> dict:
     """Steps until train.steps (or a stop signal): log, evaluate, checkpoint."""
     cfg, t, state, engine, logger = run.cfg, run.cfg.train, run.state, run.engine, run.logger
     step_tokens = run.global_batch * cfg.data.seq_len
-    stop = StopSignal()
     stream = build_train_stream(cfg, run.dims, run.train_files, state.data, cfg.data.num_workers, t.micro_batch)
     batches_iter = iter(stream)
     # The RNG (dropout) is set last, so nothing in start-up draws from it and a resumed run continues its stream.
