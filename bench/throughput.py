@@ -93,7 +93,19 @@ def project_loop(work: Path, tokenizer: Path, model_dims: dict, seq_len: int, mi
 
 def data_rate(tokenizer: Path, fmt: str, files: list[str], num_workers: int, batches: int = 300) -> float:
     """Tokens/s the data pipeline alone delivers to one rank (seq 128, micro_batch 16), after its start-up."""
-    stream = build_stream(files, fmt, "text", tokenizer, "gpt", 128, 0, 0, 1, 16, num_workers=num_workers)
+    stream = build_stream(
+        files,
+        fmt=fmt,
+        text_field="text",
+        tokenizer_path=tokenizer,
+        arch="gpt",
+        seq_len=128,
+        seed=0,
+        dp_rank=0,
+        dp_size=1,
+        micro_batch=16,
+        num_workers=num_workers,
+    )
     for _ in range(5):
         next(stream)
     t0 = time.perf_counter()

@@ -52,6 +52,20 @@ def stream(env, arch, files="corpus.txt", **kw):
     return build_stream([files], arch=arch, **args)
 
 
+def _args(fmt, tokenizer):
+    return {
+        "fmt": fmt,
+        "text_field": "text",
+        "tokenizer_path": tokenizer,
+        "arch": "gpt",
+        "seq_len": 16,
+        "seed": 0,
+        "dp_rank": 0,
+        "dp_size": 1,
+        "micro_batch": 2,
+    }
+
+
 def take(s, n_batches):
     return [next(s) for _ in range(n_batches)]
 
@@ -231,26 +245,17 @@ def test_input_errors(env, tmp_path):
         stream(env, "gpt", files="nothing_*.jsonl")
     with pytest.raises(UserError, match="mix formats"):
         build_stream(
-            [str(env["root"] / "corpus.txt"), str(env["root"] / "corpus.jsonl")],
-            "auto",
-            "text",
-            env["tok"]["gpt"],
-            "gpt",
-            16,
-            0,
-            0,
-            1,
-            2,
+            [str(env["root"] / "corpus.txt"), str(env["root"] / "corpus.jsonl")], **_args("auto", env["tok"]["gpt"])
         )
     other = train_tokenizer("bpe", 300, [str(env["root"] / "tiny.txt")], tmp_path / "other")
     with pytest.raises(UserError, match="another tokenizer"):
-        build_stream([env["tokens"]["gpt"]], "tokens", "text", other, "gpt", 16, 0, 0, 1, 2)
+        build_stream([env["tokens"]["gpt"]], **_args("tokens", other))
     relabelled = tmp_path / "relabelled"
     shutil.copytree(env["tokens"]["gpt"], relabelled)
     meta = json.loads((relabelled / "meta.json").read_text())
     (relabelled / "meta.json").write_text(json.dumps({**meta, "arch": "bert"}))
     with pytest.raises(UserError, match="prepared for arch 'bert', not 'gpt'"):
-        build_stream([str(relabelled)], "auto", "text", env["tok"]["gpt"], "gpt", 16, 0, 0, 1, 2)
+        build_stream([str(relabelled)], **_args("auto", env["tok"]["gpt"]))
     with pytest.raises(UserError, match="no <|endoftext|>"):
         stream(env, "gpt", tokenizer_path=env["tok"]["bert"])
     with pytest.raises(UserError, match="no column 'body'"):

@@ -115,7 +115,7 @@ def test_resume_with_another_model_shape_keeps_the_checkpoint(tmp_path, capsys, 
     capsys.readouterr()
     line = cli_error(capsys, "train", str(path), "model.d_model=32", "train.steps=2")
     assert "another model shape" in line and "d_model: 64 -> 32" in line
-    assert (tmp_path / "r" / "checkpoints" / "step_1" / "model.pt").is_file()
+    assert (tmp_path / "r" / "checkpoints" / "step_1" / "dcp" / ".metadata").is_file()
 
 
 def test_user_error_type_for_api_users(tmp_path):

@@ -1,8 +1,10 @@
 """Checkpoints: written whole into a temporary directory, renamed into place, then the `latest` pointer moves.
 
 Layout of `checkpoints/step_<N>/`:
-- `model.pt`, `optimizer.pt`: consolidated state dicts (ddp keeps a full replica on every rank; rank 0 writes them).
-- `rng_rank<R>.pt`: each rank's RNG states (dropout streams differ per rank).
+- `dcp/`: model and optimizer state through torch.distributed.checkpoint, keyed by parameter name; every rank writes
+  its own shards (plus the engine's small extras such as the fp16 loss scale), so a run saved with one layout (engine,
+  world size, tp degree) resumes with another, and `load_model` consolidates it on one CPU process.
+- `rng_dp<R>.pt`: the RNG states of data-parallel rank R (dropout streams differ per dp rank, tp peers share one).
 - `state.json`: step, token counters, data position, W&B run id, model config, the resolved run config.
 - `tokenizer.json`: a copy, so `trainer export` and `load_model` need nothing but this directory.
 A crash mid-save leaves only a `.tmp_step_<N>` directory, which the next start removes; `latest` names the newest
@@ -18,10 +20,12 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from trainer.engines.base import DCP_DIR, Engine
 from trainer.errors import UserError
-from trainer.parallel import barrier, broadcast_object
+from trainer.parallel import ParallelDims, barrier, broadcast_object
 
 STATE_FILE = "state.json"
 LATEST = "latest"
@@ -78,44 +82,52 @@ def set_rng_state(state: dict) -> None:
 class Checkpointer:
     """Saves and restores everything with state, collectively over all ranks."""
 
-    def __init__(self, root: Path, keep: int, rank: int, world_size: int) -> None:
+    def __init__(self, root: Path, keep: int, dims: ParallelDims) -> None:
         self.root = root
         self.keep = keep
-        self.rank = rank
-        self.world_size = world_size
+        self.dims = dims
 
     def clean_partial(self) -> None:
         """Removes half-written checkpoints a crash left behind."""
-        if self.rank == 0 and self.root.is_dir():
+        if self.dims.is_main and self.root.is_dir():
             for tmp in self.root.glob(".tmp_step_*"):
                 shutil.rmtree(tmp, ignore_errors=True)
         barrier()
 
-    def save(self, step: int, engine_state: dict, state: dict, tokenizer_path: str | None) -> Path:
+    def save(self, step: int, engine: Engine, state: dict, tokenizer_path: str | None) -> Path:
+        """Every rank writes its part into `.tmp_step_<N>` and fsyncs it; after a barrier rank 0 renames the
+        directory into place and moves `latest`."""
         final = self.root / f"step_{step}"
         tmp = self.root / f".tmp_step_{step}"
-        if self.rank == 0:
+        if self.dims.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()
-        torch.save(rng_state(), tmp / f"rng_rank{self.rank}.pt")
-        if self.rank == 0:
-            torch.save(engine_state["model"], tmp / "model.pt")
-            torch.save({k: v for k, v in engine_state.items() if k != "model"}, tmp / "optimizer.pt")
+        engine.save(tmp)  # collective; DCP fsyncs every file it writes
+        written = []
+        if self.dims.tp_rank == 0:  # tp peers share one RNG stream (same dropout masks)
+            written.append(tmp / f"rng_dp{self.dims.dp_rank}.pt")
+            torch.save(rng_state(), written[-1])
+        if self.dims.is_main:
             if tokenizer_path:
                 shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-            (tmp / STATE_FILE).write_text(json.dumps({**state, "world_size": self.world_size}, indent=1))
+                written.append(tmp / "tokenizer.json")
+            layout = {"world_size": self.dims.world_size, "dp": self.dims.dp, "tp": self.dims.tp}
+            (tmp / STATE_FILE).write_text(json.dumps({**state, **layout}, indent=1))
+            written.append(tmp / STATE_FILE)
+        for path in written:  # each rank flushes its own files before the rename can make them visible
+            _fsync(path)
         barrier()
-        if self.rank == 0:
-            for path in tmp.iterdir():  # flush file contents before the rename makes the checkpoint visible
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
+        if self.dims.is_main:
+            _fsync(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
             pointer_tmp = self.root / f".{LATEST}.tmp"
             pointer_tmp.write_text(final.name)
+            _fsync(pointer_tmp)
             os.replace(pointer_tmp, self.root / LATEST)
+            _fsync(self.root)
             for old in complete_checkpoints(self.root)[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         barrier()
@@ -125,7 +137,7 @@ class Checkpointer:
         if resume == "never":
             return None
         if resume == "auto":
-            found = latest_checkpoint(self.root) if self.rank == 0 else None
+            found = latest_checkpoint(self.root) if self.dims.is_main else None
             found = broadcast_object(str(found) if found else None)
             return Path(found) if found else None
         path = Path(resume)
@@ -133,10 +145,11 @@ class Checkpointer:
             raise UserError(f"checkpoint.resume={resume} does not exist: give a checkpoint directory, auto or never")
         return resolve_checkpoint_dir(path)
 
-    def load(self, path: Path, model_config: dict) -> tuple[dict, dict, dict | None]:
-        """Returns (engine state, trainer state, this rank's RNG state or None when the checkpoint has none for it,
-        as after a resume on more ranks). The caller sets the RNG right before the first step."""
-        state = json.loads((path / STATE_FILE).read_text())
+    def load(self, path: Path, engine: Engine, model_config: dict) -> tuple[dict, dict | None]:
+        """Loads the engine's state (any saved layout) and returns (trainer state, this data-parallel rank's RNG state
+        or None when the checkpoint has none for it, as after a resume on more ranks). The caller sets the RNG right
+        before the first step."""
+        state = read_state(path)
         if state.get("model_config") != model_config:
             saved, now = state.get("model_config", {}), model_config
             diff = ", ".join(
@@ -148,13 +161,26 @@ class Checkpointer:
                 f"checkpoint {path} holds another model shape ({diff}); match model.* to it or start "
                 f"a fresh run (checkpoint.resume=never or another run.dir)"
             )
-        engine_state = {
-            "model": torch.load(path / "model.pt", map_location="cpu", weights_only=True),
-            **torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False),
-        }
-        rng_file = path / f"rng_rank{self.rank}.pt"
+        if not (path / DCP_DIR).is_dir():
+            raise UserError(
+                f"checkpoint {path} has no {DCP_DIR}/ state (written by an older version): start a fresh run"
+            )
+        engine.load(path)
+        rng_file = path / f"rng_dp{self.dims.dp_rank}.pt"
         rng = torch.load(rng_file, weights_only=False) if rng_file.is_file() else None
-        return engine_state, state, rng
+        return state, rng
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_state(path: Path) -> dict:
+    return json.loads((path / STATE_FILE).read_text())
 
 
 def load_model(checkpoint_dir: str | Path) -> nn.Module:
@@ -162,7 +188,10 @@ def load_model(checkpoint_dir: str | Path) -> nn.Module:
     from trainer.models import ModelConfig, model_from_config
 
     path = resolve_checkpoint_dir(checkpoint_dir)
-    state = json.loads((path / STATE_FILE).read_text())
-    model = model_from_config(ModelConfig(**state["model_config"]))
-    model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
+    model = model_from_config(ModelConfig(**read_state(path)["model_config"]))
+    # DCP reads the shards of any layout (ddp, fsdp, tp, any world size) into this one whole CPU model.
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(path / DCP_DIR), no_dist=True)
+    model.load_state_dict(state["model"])
+    model.tie_weights()
     return model.eval()

@@ -75,10 +75,11 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    engine: str = "ddp"  # ddp (fsdp and deepspeed come later)
-    zero_stage: int = 0  # ddp is ZeRO stage 0
-    tp: int = 1  # tensor-parallel degree
-    offload: str = "none"  # none | cpu
+    engine: str = "ddp"  # ddp | fsdp (FSDP2); deepspeed comes next
+    zero_stage: int | None = None  # ddp: 0; fsdp: 2 (params kept from forward to backward) or 3 (default, resharded)
+    tp: int = 1  # tensor-parallel degree (Megatron-style, with sequence parallelism); world size = dp * tp
+    offload: str = "none"  # none | cpu (not offered by ddp/fsdp)
+    timeout_s: float = 1800.0  # collective timeout: a rank stuck this long fails the job
 
 
 @dataclass
@@ -231,15 +232,7 @@ def validate(cfg: Config) -> None:
     for key in NON_NEGATIVE:
         if _get(cfg, key) < 0:
             raise UserError(f"config key {key} must not be negative, got {_get(cfg, key)}")
-    if cfg.parallel.engine != "ddp":
-        raise UserError(
-            f"parallel.engine={cfg.parallel.engine} is not available in this version; use parallel.engine=ddp"
-        )
-    if cfg.parallel.zero_stage != 0 or cfg.parallel.tp != 1 or cfg.parallel.offload != "none":
-        raise UserError(
-            "the ddp engine runs ZeRO stage 0 without tensor parallelism or offload: set "
-            "parallel.zero_stage=0 parallel.tp=1 parallel.offload=none"
-        )
+    validate_parallel(cfg.parallel)
     if cfg.train.min_lr > cfg.train.lr:
         raise UserError(f"train.min_lr={cfg.train.min_lr} is above train.lr={cfg.train.lr}; lower min_lr")
     if not cfg.data.train:
@@ -248,6 +241,33 @@ def validate(cfg: Config) -> None:
         raise UserError(
             "data.tokenizer is not set: train one with `trainer tokenizer` and set data.tokenizer=DIR/tokenizer.json"
         )
+
+
+def validate_parallel(p: ParallelConfig) -> None:
+    """Engine / ZeRO stage / offload combinations; fills in the engine's default ZeRO stage."""
+    if p.engine == "deepspeed":
+        raise UserError("parallel.engine=deepspeed is not available in this version; use parallel.engine=fsdp or ddp")
+    if p.zero_stage is None:
+        p.zero_stage = {"ddp": 0, "fsdp": 3}[p.engine]
+    if p.engine == "ddp" and p.zero_stage != 0:
+        raise UserError(
+            f"parallel.zero_stage={p.zero_stage} needs a sharding engine (ddp is ZeRO stage 0): set "
+            f"parallel.engine=fsdp parallel.zero_stage=2 or 3, or parallel.zero_stage=0"
+        )
+    if p.engine == "fsdp" and p.zero_stage not in (2, 3):
+        hint = (
+            "FSDP2 has no ZeRO-1 (optimizer-only sharding): use parallel.zero_stage=2, which also shards gradients"
+            if p.zero_stage == 1
+            else "use parallel.zero_stage=2 or 3 (ZeRO stage 0 is parallel.engine=ddp)"
+        )
+        raise UserError(f"parallel.engine=fsdp does not run parallel.zero_stage={p.zero_stage}: {hint}")
+    if p.offload != "none":
+        raise UserError(
+            f"parallel.offload={p.offload} is not offered by parallel.engine={p.engine}: set parallel.offload=none "
+            f"(CPU offload of optimizer state comes with parallel.engine=deepspeed)"
+        )
+    if p.timeout_s <= 0:
+        raise UserError(f"parallel.timeout_s must be positive, got {p.timeout_s}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -1,4 +1,7 @@
-"""Periodic evaluation: validation loss and perplexity (MLM accuracy for BERT), and a short GPT sample."""
+"""The token loss, periodic evaluation (validation loss and perplexity, MLM accuracy for BERT) and a short GPT sample.
+
+All of it goes through the engine's forward on every rank: under FSDP and tensor parallelism the forward is collective.
+"""
 
 from __future__ import annotations
 
@@ -6,27 +9,31 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from trainer.parallel import all_reduce_sum
+from trainer.parallel import ParallelDims, all_reduce_sum, full_value, loss_context
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy over the target tokens (labels != -100). Under tensor parallelism `logits` is sharded over
+    the vocabulary and this runs inside `loss_parallel` (the engine's micro-batch context), never gathering them."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, steps: int, device: torch.device, autocast) -> dict:
-    """Token-weighted loss over `steps` micro-batches of every rank (each rank reads its own share)."""
-    was_training = model.training
-    model.eval()
+def evaluate(engine, batches, steps: int, dims: ParallelDims, device: torch.device) -> dict:
+    """Token-weighted loss over `steps` micro-batches of every data-parallel rank (each reads its own share)."""
+    engine.train(False)
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, target tokens, correct predictions
     for _, batch in zip(range(steps), batches):
         labels = batch["labels"].to(device)
-        with autocast():
-            logits = model(batch["input_ids"].to(device)).float()
+        with loss_context(dims.tp):
+            logits = engine.forward(batch["input_ids"].to(device))
+            totals[0] += full_value(token_loss_sum(logits, labels))
         mask = labels != -100
-        totals[0] += F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
         totals[1] += mask.sum()
-        totals[2] += ((logits.argmax(-1) == labels) & mask).sum()
-    loss_sum, n, correct = all_reduce_sum(totals).tolist()
-    model.train(was_training)
+        totals[2] += ((full_value(logits).argmax(-1) == labels) & mask).sum()  # gathers vocab shards: eval only
+    loss_sum, n, correct = all_reduce_sum(totals, dims, "dp").tolist()
+    engine.train(True)
     val_loss = loss_sum / max(n, 1.0)
     return {
         "val_loss": val_loss,
@@ -38,13 +45,24 @@ def evaluate(model: nn.Module, batches, steps: int, device: torch.device, autoca
 
 @torch.no_grad()
 def generate_sample(
-    model: nn.Module, prompt_ids: list[int], n_tokens: int, device: torch.device, seed: int
+    engine, prompt_ids: list[int], n_tokens: int, *, device: torch.device, seed: int, context: int, tp: int
 ) -> list[int]:
-    """A short continuation, sampled with temperature 0.8 and top-k 40 from a fixed generator."""
-    was_training = model.training
-    model.eval()
+    """A short continuation sampled with temperature 0.8 and top-k 40 from a fixed generator; every rank computes the
+    same tokens. Under sequence parallelism the input length must be a multiple of tp: the window is padded on the
+    right, which a causal model's earlier positions never see."""
+    engine.train(False)
     gen = torch.Generator(device=device).manual_seed(seed)
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    out = model.generate(ids, max_new_tokens=n_tokens, temperature=0.8, top_k=40, generator=gen)
-    model.train(was_training)
-    return out[0].tolist()
+    window = context - context % tp
+    for _ in range(n_tokens):
+        x = ids[:, -window:]
+        t = x.shape[1]
+        pad = (-t) % tp
+        if pad:
+            x = torch.cat([x, x.new_zeros(1, pad)], dim=1)
+        logits = full_value(engine.forward(x))[:, t - 1, :].float() / 0.8
+        kth = torch.topk(logits, min(40, logits.shape[-1]), dim=-1).values[:, -1:]
+        probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1)
+        ids = torch.cat([ids, torch.multinomial(probs, num_samples=1, generator=gen)], dim=1)
+    engine.train(True)
+    return ids[0].tolist()

@@ -99,6 +99,7 @@ class MetricsLogger:
     def __init__(
         self,
         run_dir: Path,
+        *,
         is_main: bool,
         total_steps: int,
         start_step: int,

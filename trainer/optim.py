@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -23,10 +24,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float
-) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """AdamW hyper-parameters; the LR itself is set by the engine at every step from the schedule."""
+
+    lr: float
+    weight_decay: float
+    betas: tuple[float, float]
+    eps: float
+
+
+def build_optimizer(model: nn.Module, settings: OptimizerSettings) -> torch.optim.AdamW:
+    """AdamW over `model`'s parameters as they are after sharding (plain tensors or DTensors)."""
+    groups = param_groups(model, settings.weight_decay)
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, eps=settings.eps)
 
 
 def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:

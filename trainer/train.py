@@ -13,19 +13,26 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from trainer.checkpoint import Checkpointer, set_rng_state
 from trainer.config import Config, save_config
 from trainer.data import build_stream, resolve_files
-from trainer.engines import DDPEngine, build_engine
+from trainer.engines import Engine, build_engine
 from trainer.errors import UserError
-from trainer.evaluate import evaluate, generate_sample
+from trainer.evaluate import evaluate, generate_sample, token_loss_sum
 from trainer.metrics import flops_per_token, mem_peak_gb, mfu, peak_flops
 from trainer.models import ModelConfig, count_params, model_from_config, resolve_model_config
 from trainer.monitor import MetricsLogger
-from trainer.optim import build_optimizer, lr_at, set_lr
-from trainer.parallel import ParallelDims, all_reduce_sum, init_distributed, parallelize, shutdown_distributed
+from trainer.optim import OptimizerSettings, lr_at
+from trainer.parallel import (
+    ParallelDims,
+    all_reduce_sum,
+    check_tp_degree,
+    full_value,
+    init_distributed,
+    parallelize,
+    shutdown_distributed,
+)
 from trainer.tokenizer import TokenizerInfo, load_tokenizer
 
 
@@ -73,7 +80,7 @@ class Run:
     device: torch.device
     tok: TokenizerInfo
     model_cfg: ModelConfig
-    engine: DDPEngine
+    engine: Engine
     ckpt: Checkpointer
     logger: MetricsLogger
     state: TrainState
@@ -137,19 +144,20 @@ def resolve_model(cfg: Config, tok: TokenizerInfo) -> ModelConfig:
 
 
 def build_train_stream(
-    cfg: Config, dims: ParallelDims, files: list[str], start: dict, num_workers: int, micro_batch: int
+    cfg: Config, dims: ParallelDims, files: list[str], *, start: dict, num_workers: int, micro_batch: int
 ):
+    """This data-parallel rank's micro-batches of `files`, from the saved position `start` (empty: the beginning)."""
     return build_stream(
         files,
-        cfg.data.format,
-        cfg.data.text_field,
-        cfg.data.tokenizer,
-        cfg.model.arch,
-        cfg.data.seq_len,
-        cfg.run.seed,
-        dims.dp_rank,
-        dims.dp,
-        micro_batch,
+        fmt=cfg.data.format,
+        text_field=cfg.data.text_field,
+        tokenizer_path=cfg.data.tokenizer,
+        arch=cfg.model.arch,
+        seq_len=cfg.data.seq_len,
+        seed=cfg.run.seed,
+        dp_rank=dims.dp_rank,
+        dp_size=dims.dp,
+        micro_batch=micro_batch,
         start_sample=start.get("next_sample", 0),
         num_workers=num_workers,
         bad_lines=cfg.data.bad_lines,
@@ -157,74 +165,121 @@ def build_train_stream(
     )
 
 
-def train_step(engine, batches: list[dict], dp: int, device: torch.device) -> tuple[torch.Tensor, float]:
-    """Forward/backward over the step's micro-batches; returns (this rank's summed loss, global target tokens)."""
+def train_step(
+    engine: Engine, batches: list[dict], dims: ParallelDims, device: torch.device
+) -> tuple[torch.Tensor, float]:
+    """Forward/backward over the step's micro-batches; returns (this dp rank's summed loss, global target tokens).
+
+    Each micro-batch's summed token loss is divided by the target tokens of the whole global batch; the engine sums
+    gradients over dp ranks, so the update is the global-batch token mean however the batch is split."""
     local_targets = sum(int((b["labels"] != -100).sum()) for b in batches)
-    global_targets = all_reduce_sum(torch.tensor([float(local_targets)], device=device)).item()
+    global_targets = all_reduce_sum(torch.tensor([float(local_targets)], device=device), dims, "dp").item()
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     for i, batch in enumerate(batches):
         labels = batch["labels"].to(device, non_blocking=True)
-        with engine.sync_context(last_micro_batch=i == len(batches) - 1):
+        with engine.micro_batch(last=i == len(batches) - 1):
             logits = engine.forward(batch["input_ids"].to(device, non_blocking=True))
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-            # DDP averages gradients over dp ranks; scaling by dp makes the result the global-batch token mean.
-            engine.backward(loss * (dp / global_targets))
-        loss_sum += loss.detach()
+            loss = token_loss_sum(logits, labels)
+            engine.backward(loss / global_targets)
+        loss_sum += full_value(loss.detach())
     return loss_sum, global_targets
 
 
-def run_evaluation(
-    cfg: Config,
-    dims: ParallelDims,
-    device: torch.device,
-    engine,
-    valid_files: list[str],
-    tok: TokenizerInfo,
-    logger: MetricsLogger,
-    step: int,
-) -> dict:
-    """Validation loss over eval_steps micro-batches from the start of the valid corpus; a GPT sample on rank 0."""
-    stream = build_train_stream(cfg, dims, valid_files, {}, num_workers=0, micro_batch=cfg.train.micro_batch)
-    batches = iter(stream)
-    result = {"step": step, **evaluate(engine.raw_model, batches, cfg.train.eval_steps, device, engine.autocast)}
+def run_evaluation(run: Run, step: int) -> dict:
+    """Validation loss over eval_steps micro-batches from the start of the valid corpus; a GPT sample. Every rank
+    takes part (under FSDP and tensor parallelism the forward is collective)."""
+    cfg, dims = run.cfg, run.dims
+    stream = build_train_stream(cfg, dims, run.valid_files, start={}, num_workers=0, micro_batch=cfg.train.micro_batch)
+    result = {"step": step, **evaluate(run.engine, iter(stream), cfg.train.eval_steps, dims, run.device)}
+    stream.close()
     if cfg.model.arch == "gpt":
         result.pop("val_accuracy")  # next-token accuracy is not a figure GPT users read
-    logger.log_eval(result)
-    if cfg.model.arch == "gpt" and cfg.train.sample_tokens and dims.is_main:
-        first = next(iter(build_train_stream(cfg, dims, valid_files, {}, num_workers=0, micro_batch=1)))
-        prompt = first["input_ids"][0, :16].tolist()
-        n_new = min(cfg.train.sample_tokens, engine.raw_model.config.max_seq_len - len(prompt))
-        ids = generate_sample(engine.raw_model, prompt, n_new, device, seed=cfg.run.seed)
+    run.logger.log_eval(result)
+    if cfg.model.arch == "gpt" and cfg.train.sample_tokens:
+        first_stream = build_train_stream(cfg, dims, run.valid_files, start={}, num_workers=0, micro_batch=1)
+        prompt = next(iter(first_stream))["input_ids"][0, :16].tolist()
+        first_stream.close()
+        n_new = min(cfg.train.sample_tokens, run.model_cfg.max_seq_len - len(prompt))
+        ids = generate_sample(
+            run.engine,
+            prompt,
+            n_new,
+            device=run.device,
+            seed=cfg.run.seed,
+            context=run.model_cfg.max_seq_len,
+            tp=dims.tp,
+        )
         docs, doc = [], []  # decode document by document: the end-of-text token becomes a blank line
         for i in ids:
-            if i == tok.eos_id:
+            if i == run.tok.eos_id:
                 docs.append(doc)
                 doc = []
             else:
                 doc.append(i)
-        logger.log_text(step, "sample", "\n\n".join(tok.tokenizer.decode(d) for d in [*docs, doc]))
+        run.logger.log_text(step, "sample", "\n\n".join(run.tok.tokenizer.decode(d) for d in [*docs, doc]))
     return result
 
 
 def train(cfg: Config) -> dict:
     """Runs (or resumes) the configured run on this rank; returns the last logged metrics."""
-    dims, device = init_distributed(cfg.parallel.tp)
+    p = cfg.parallel
+    dims, device = init_distributed(p.tp, need_group=p.engine == "fsdp" or p.tp > 1, timeout_s=p.timeout_s)
     try:
         run = build_run(cfg, dims, device)
         stop = StopSignal()
+        failed = True
         try:
-            return train_loop(run, stop)
+            result = train_loop(run, stop)
+            failed = False
+            return result
         finally:
             stop.restore()
-            run.logger.close()
+            run.logger.close(exit_code=1 if failed else 0)  # a crashed run is marked failed in W&B
     finally:
         shutdown_distributed()
+
+
+def check_layout(cfg: Config, dims: ParallelDims, model_cfg: ModelConfig) -> None:
+    """Parallel settings that need the world size or the model shape, refused before anything is built."""
+    if dims.tp > 1:
+        check_tp_degree(dims.tp, model_cfg.n_head, model_cfg.d_ff, model_cfg.vocab_size, cfg.data.seq_len)
+    if cfg.parallel.engine == "ddp" and dims.tp > 1 and dims.dp > 1:
+        raise UserError(
+            f"parallel.engine=ddp combines tensor parallelism only with dp=1 (here dp={dims.dp}, tp={dims.tp}): "
+            f"use parallel.engine=fsdp for 2-D (dp x tp) layouts"
+        )
+
+
+def build_model(cfg: Config, dims: ParallelDims, device: torch.device, model_cfg: ModelConfig) -> tuple[Engine, dict]:
+    """The model on the meta device, parallelized, then handed to the engine, which shards and materialises it: no
+    rank ever holds more than its shard (plus one whole parameter while initialising)."""
+    t = cfg.train
+    with torch.device("meta"):
+        model = model_from_config(model_cfg)
+    counts = {
+        "n_params": count_params(model),
+        "n_params_non_embedding": count_params(model, exclude_embeddings=True),
+    }
+    model = parallelize(model, dims, t.activation_checkpointing, t.compile)
+    engine = build_engine(
+        cfg.parallel.engine,
+        model,
+        dims=dims,
+        device=device,
+        precision=t.precision,
+        grad_clip=t.grad_clip,
+        optim=OptimizerSettings(lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2), eps=t.eps),
+        seed=cfg.run.seed,
+        zero_stage=cfg.parallel.zero_stage,
+    )
+    return engine, counts
 
 
 def build_run(cfg: Config, dims: ParallelDims, device: torch.device) -> Run:
     """Tokenizer, model, engine, checkpoint state and loggers; resumes from a checkpoint when there is one."""
     tok = load_tokenizer(cfg.data.tokenizer)
     model_cfg = resolve_model(cfg, tok)
+    check_layout(cfg, dims, model_cfg)
     train_files = resolve_files(cfg.data.train)
     valid_files = resolve_files(cfg.data.valid) if cfg.data.valid else []
     if dims.is_main:
@@ -232,31 +287,17 @@ def build_run(cfg: Config, dims: ParallelDims, device: torch.device) -> Run:
         save_config(cfg, cfg.run_dir / "config.yaml")
 
     t = cfg.train
-    torch.manual_seed(cfg.run.seed)
-    model = model_from_config(model_cfg).to(device)
-    n_params, n_nonemb = count_params(model), count_params(model, exclude_embeddings=True)
-    model = parallelize(model, t.activation_checkpointing, t.compile)
-    optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
-    engine = build_engine(
-        cfg.parallel.engine,
-        model=model,
-        optimizer=optimizer,
-        device=device,
-        precision=t.precision,
-        grad_clip=t.grad_clip,
-    )
-
-    ckpt = Checkpointer(cfg.run_dir / "checkpoints", cfg.checkpoint.keep, dims.rank, dims.world_size)
+    engine, counts = build_model(cfg, dims, device, model_cfg)
+    ckpt = Checkpointer(cfg.run_dir / "checkpoints", cfg.checkpoint.keep, dims)
     ckpt.clean_partial()
     state, rng = TrainState(), None
     resume_from = ckpt.find_resume(cfg.checkpoint.resume)
     if resume_from is not None:
-        engine_state, saved, rng = ckpt.load(resume_from, model_cfg.to_dict())
-        engine.load_state_dict(engine_state)
+        saved, rng = ckpt.load(resume_from, engine, model_cfg.to_dict())
         state = TrainState(**saved["train_state"])
 
     fpt = flops_per_token(
-        n_nonemb,
+        counts["n_params_non_embedding"],
         model_cfg.n_layer,
         model_cfg.d_model,
         cfg.data.seq_len,
@@ -267,40 +308,41 @@ def build_run(cfg: Config, dims: ParallelDims, device: torch.device) -> Run:
     wb = cfg.log.wandb
     logger = MetricsLogger(
         cfg.run_dir,
-        dims.is_main,
-        t.steps,
-        state.step,
-        wb.mode,
-        wb.project,
-        wb.entity,
-        cfg.run.name,
-        cfg.to_dict(),
-        state.wandb_run_id,
+        is_main=dims.is_main,
+        total_steps=t.steps,
+        start_step=state.step,
+        wandb_mode=wb.mode,
+        wandb_project=wb.project,
+        wandb_entity=wb.entity,
+        run_name=cfg.run.name,
+        config=cfg.to_dict(),
+        wandb_run_id=state.wandb_run_id,
     )
     state.wandb_run_id = logger.wandb_run_id
     run = Run(
-        cfg,
-        dims,
-        device,
-        tok,
-        model_cfg,
-        engine,
-        ckpt,
-        logger,
-        state,
-        rng,
-        valid_files,
-        train_files,
-        fpt,
-        peak * dims.world_size,
+        cfg=cfg,
+        dims=dims,
+        device=device,
+        tok=tok,
+        model_cfg=model_cfg,
+        engine=engine,
+        ckpt=ckpt,
+        logger=logger,
+        state=state,
+        rng=rng,
+        valid_files=valid_files,
+        train_files=train_files,
+        flops_per_token=fpt,
+        peak_flops=peak * dims.world_size,
     )
+    layout = engine.layout()
     logger.start(
         {
-            "n_params": n_params,
-            "n_params_non_embedding": n_nonemb,
+            **counts,
             "world_size": dims.world_size,
             "dp": dims.dp,
             "tp": dims.tp,
+            **layout,
             "global_batch": run.global_batch,
             "global_batch_tokens": run.global_batch * cfg.data.seq_len,
             "flops_per_token": fpt,
@@ -315,9 +357,11 @@ def build_run(cfg: Config, dims: ParallelDims, device: torch.device) -> Run:
         }
     )
     name = model_cfg.arch.upper() + (f" {cfg.model.preset}" if cfg.model.preset else "")
+    zero = f" ZeRO-{layout['zero_stage']}" if layout["zero_stage"] else ""
     logger.print(
-        f"{name}: {n_params:,} parameters | {dims.world_size} rank(s) on "
-        f"{device.type} | {run.global_batch} x {cfg.data.seq_len} = {run.global_batch * cfg.data.seq_len:,} tokens "
+        f"{name}: {counts['n_params']:,} parameters | {layout['engine']}{zero}, dp {dims.dp} x tp {dims.tp} on "
+        f"{device.type}, offload {layout['offload']}, model state {layout['model_state_bytes'] / 2**20:,.1f} MiB "
+        f"per rank | {run.global_batch} x {cfg.data.seq_len} = {run.global_batch * cfg.data.seq_len:,} tokens "
         f"per step | {t.steps:,} steps, {t.precision} | run dir {cfg.run_dir}"
     )
     if resume_from:
@@ -334,7 +378,7 @@ def save_checkpoint(run: Run, stream) -> None:
         "model_config": run.model_cfg.to_dict(),
         "config": run.cfg.to_dict(),
     }
-    path = run.ckpt.save(run.state.step, run.engine.state_dict(), saved, run.cfg.data.tokenizer)
+    path = run.ckpt.save(run.state.step, run.engine, saved, run.cfg.data.tokenizer)
     run.logger.print(f"checkpoint saved: {path}")
 
 
@@ -342,25 +386,26 @@ def train_loop(run: Run, stop: StopSignal) -> dict:
     """Steps until train.steps (or a stop signal): log, evaluate, checkpoint."""
     cfg, t, state, engine, logger = run.cfg, run.cfg.train, run.state, run.engine, run.logger
     step_tokens = run.global_batch * cfg.data.seq_len
-    stream = build_train_stream(cfg, run.dims, run.train_files, state.data, cfg.data.num_workers, t.micro_batch)
+    stream = build_train_stream(
+        cfg, run.dims, run.train_files, start=state.data, num_workers=cfg.data.num_workers, micro_batch=t.micro_batch
+    )
     batches_iter = iter(stream)
     # The RNG (dropout) is set last, so nothing in start-up draws from it and a resumed run continues its stream.
     if run.rng is not None:
         set_rng_state(run.rng)
-    else:
-        torch.manual_seed(cfg.run.seed + 1000 * run.dims.rank)  # dropout streams differ per rank
-    engine.raw_model.train()
+    else:  # dropout streams differ per data-parallel rank; tensor-parallel peers draw the same masks
+        torch.manual_seed(cfg.run.seed + 1000 * run.dims.dp_rank)
+    engine.train()
     bad_in_row, last, window = 0, {}, Throughput()
     while state.step < t.steps:
         t0 = time.perf_counter()
         batches = [next(batches_iter) for _ in range(t.grad_accum)]
         t_data = time.perf_counter() - t0
-        set_lr(engine.optimizer, lr := lr_at(state.step, t.lr, t.min_lr, t.warmup_steps, t.steps))
-        loss_sum, global_targets = train_step(engine, batches, run.dims.dp, run.device)
-        flags = torch.tensor([float(stop.received)], device=run.device)
-        reduced = all_reduce_sum(torch.cat([loss_sum.reshape(1), flags])).tolist()
-        loss, stop_now = reduced[0] / global_targets, reduced[1] > 0
-        grad_norm, applied = engine.step(skip=not math.isfinite(loss))
+        lr = lr_at(state.step, t.lr, t.min_lr, t.warmup_steps, t.steps)
+        loss_sum, global_targets = train_step(engine, batches, run.dims, run.device)
+        loss = all_reduce_sum(loss_sum.reshape(1), run.dims, "dp").item() / global_targets
+        stop_now = all_reduce_sum(torch.tensor([float(stop.received)], device=run.device), run.dims, "world").item() > 0
+        grad_norm, applied = engine.step(lr, skip=not math.isfinite(loss))
         state.step += 1
         state.tokens += step_tokens
         bad_in_row = 0 if applied else bad_in_row + 1
@@ -386,7 +431,7 @@ def train_loop(run: Run, stop: StopSignal) -> dict:
             last["mfu"] = mfu(last["tokens_per_s"], run.flops_per_token, run.peak_flops)
             logger.log_step(last)
         if run.valid_files and t.eval_every and (state.step % t.eval_every == 0 or last_step):
-            run_evaluation(cfg, run.dims, run.device, engine, run.valid_files, run.tok, logger, state.step)
+            run_evaluation(run, state.step)
         if bad_in_row >= t.max_bad_steps:
             raise UserError(
                 f"stopped at step {state.step}: {bad_in_row} steps in a row had a non-finite loss or "

@@ -245,6 +245,7 @@ def _check_int(name: str, value: object, minimum: int) -> int:
 
 def build_stream(
     files: list[str] | str,
+    *,
     fmt: str,
     text_field: str,
     tokenizer_path: str | os.PathLike,

@@ -1,0 +1,202 @@
+"""The engine interface, and the parts every engine shares: precision, loss scaling, DTensor-aware clipping, and
+sharded state saved through torch.distributed.checkpoint (DCP).
+
+Contract (the loop relies on nothing else):
+- `forward` takes input ids and returns logits (a DTensor sharded over the vocabulary under tensor parallelism).
+- `backward(loss)` receives this rank's summed token loss divided by the target tokens of the whole global batch;
+  after the last micro-batch of a step, every parameter's gradient is the plain SUM over data-parallel ranks of those
+  local gradients. Engines undo whatever averaging their data-parallel wrapper does (DDP and FSDP divide by dp).
+- `micro_batch(last)` wraps each micro-batch's forward and backward: gradients are synchronised only on the last one.
+- `step(lr, skip)` applies the LR, unscales, clips by the global norm and updates unless the gradient (or the loss,
+  `skip`) is not finite; it returns (norm before clipping, applied) and leaves the gradients zeroed.
+- `save(dir)` / `load(dir)` are collective: every rank writes or reads its own part of model and optimizer state.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor, Partial, Replicate
+
+# DCP says it saves "in a single process" when there is no process group: that is the intent, not news.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DCP_DIR = "dcp"  # inside a checkpoint directory: model and optimizer state keyed by parameter name
+
+
+class Engine(Protocol):
+    """What the training loop, evaluation and checkpointing may use of an engine (see the module docstring)."""
+
+    name: str
+    dtype: torch.dtype  # the compute precision of matmuls (for the MFU peak)
+
+    def train(self, mode: bool = True) -> None: ...
+
+    def micro_batch(self, last: bool) -> AbstractContextManager: ...
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self, lr: float, skip: bool = False) -> tuple[float, bool]: ...
+
+    def save(self, directory: Path) -> None: ...
+
+    def load(self, directory: Path) -> None: ...
+
+    def layout(self) -> dict:
+        """engine, zero_stage, offload and the expected model-state bytes of this rank."""
+        ...
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16 (off otherwise), driven by the GLOBAL gradient norm, so every rank of every
+    layout takes the same decision: halve the scale and skip on overflow, double it after `growth_interval` good
+    steps (torch.amp.GradScaler's policy; its per-rank inf check would need one more all-reduce under sharding)."""
+
+    def __init__(self, enabled: bool, init_scale: float = 2.0**16, growth_interval: int = 2000) -> None:
+        self.enabled = enabled
+        self.scale = init_scale if enabled else 1.0
+        self.growth_interval = growth_interval
+        self.good_steps = 0
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.scale if self.enabled else loss
+
+    def unscale_(self, grads: list[torch.Tensor]) -> None:
+        if self.enabled:
+            torch._foreach_mul_(grads, 1.0 / self.scale)
+
+    def update(self, finite: bool) -> None:
+        if not self.enabled:
+            return
+        if not finite:
+            self.scale, self.good_steps = self.scale / 2.0, 0
+            return
+        self.good_steps += 1
+        if self.good_steps == self.growth_interval:
+            self.scale, self.good_steps = self.scale * 2.0, 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
+
+
+def _sharded_mesh_dims(t: DTensor) -> tuple[int, ...]:
+    return tuple(i for i, p in enumerate(t.placements) if not isinstance(p, Replicate))
+
+
+@torch.no_grad()
+def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all gradients as one vector, whatever mix of plain tensors and DTensors (sharded on any mesh
+    axes) they are: squared local norms are summed over the mesh axes each tensor is sharded on, with one all-reduce
+    per distinct (mesh, sharded axes) group."""
+    device = grads[0].to_local().device if isinstance(grads[0], DTensor) else grads[0].device
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    groups: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+    meshes = {}
+    for g in grads:
+        if isinstance(g, DTensor):
+            key = (id(g.device_mesh), _sharded_mesh_dims(g))
+            meshes[key[0]] = g.device_mesh
+            groups[key].append(g.to_local())
+        else:
+            groups[None].append(g)
+    for key, tensors in groups.items():
+        sq = torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]).square().sum()
+        if key is not None:
+            mesh, sharded = meshes[key[0]], key[1]
+            for dim in sharded:
+                dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=mesh.get_group(dim))
+        total += sq
+    return total.sqrt()
+
+
+@torch.no_grad()
+def reduce_partial_grads(params: list[nn.Parameter]) -> None:
+    """Parameters replicated over tp but fed sequence-sharded activations (sequence-parallel norms) get gradients
+    that are pending sums (Partial) over tp; reduce them once, before norms and the optimizer read them."""
+    for p in params:
+        g = p.grad
+        if isinstance(g, DTensor) and any(isinstance(pl, Partial) for pl in g.placements):
+            placements = [Replicate() if isinstance(pl, Partial) else pl for pl in g.placements]
+            p.grad = g.redistribute(g.device_mesh, placements)
+
+
+@torch.no_grad()
+def clip_and_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    """Global grad norm before clipping; scales gradients down to `max_norm` (0 disables) when it is finite."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = global_grad_norm(grads).item()
+    if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
+        coef = max_norm / (norm + 1e-6)
+        torch._foreach_mul_([_local(g) for g in grads], coef)
+    return norm
+
+
+def optimizer_step(
+    params: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scaler: LossScaler,
+    *,
+    grad_clip: float,
+    lr: float,
+    skip: bool,
+) -> tuple[float, bool]:
+    """The shared end of a step: reduce pending tp sums, unscale, clip by the global norm, update unless the norm
+    (or the loss: `skip`) is not finite, zero the gradients. Returns (norm before clipping, applied)."""
+    reduce_partial_grads(params)
+    scaler.unscale_([_local(p.grad) for p in params if p.grad is not None])
+    norm = clip_and_norm(params, grad_clip)
+    applied = math.isfinite(norm) and not skip
+    if applied:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+    scaler.update(finite=math.isfinite(norm))
+    optimizer.zero_grad(set_to_none=True)
+    return norm, applied
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def unique_params(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def save_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict) -> None:
+    """Every rank writes its shards of model and optimizer state (keyed by parameter name) into `directory/dcp`;
+    DCP's file writer fsyncs each file before the collective save returns."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd, "extra": extra}
+    dcp.save(state, checkpoint_id=str(directory / DCP_DIR), no_dist=not dist.is_initialized())
+
+
+def load_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict) -> dict:
+    """Reads model and optimizer state saved by any layout into this one (DCP reshards); returns `extra` filled in."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd, "extra": extra}
+    dcp.load(state, checkpoint_id=str(directory / DCP_DIR), no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return state["extra"]
+
+
+def local_numel(p: torch.Tensor) -> int:
+    return _local(p).numel()

@@ -1,0 +1,102 @@
+"""The `fsdp` engine: PyTorch FSDP2 (`fully_shard`) on the `dp` mesh axis, composable with tensor parallelism.
+
+Each block and then the root are sharded (one all-gather / reduce-scatter group per block). `zero_stage=3` frees the
+gathered parameters after forward and gathers them again in backward; `zero_stage=2` keeps them from forward to
+backward (`reshard_after_forward=False`): more memory, less communication. Gradients and optimizer state are always
+sharded. Mixed precision: bf16/fp16 parameters for compute, fp32 gradient reduction and fp32 master weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from trainer.engines.base import (
+    DTYPES,
+    LossScaler,
+    load_sharded,
+    local_numel,
+    optimizer_step,
+    save_sharded,
+    unique_params,
+)
+from trainer.optim import OptimizerSettings, build_optimizer
+from trainer.parallel import ParallelDims, loss_context, materialize
+
+
+class FSDPEngine:
+    name = "fsdp"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        dims: ParallelDims,
+        device: torch.device,
+        precision: str,
+        grad_clip: float,
+        optim: OptimizerSettings,
+        seed: int,
+        zero_stage: int,
+    ) -> None:
+        self.dims = dims
+        self.device = device
+        self.dtype = DTYPES[precision]
+        self.grad_clip = grad_clip
+        self.zero_stage = zero_stage
+        mp = MixedPrecisionPolicy(param_dtype=None if precision == "fp32" else self.dtype, reduce_dtype=torch.float32)
+        mesh = dims.submesh("dp")
+        reshard = zero_stage == 3
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
+        # The root's parameters (embeddings, final norm, head) are needed again at once by backward: keep them.
+        fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp)
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_gradient_divide_factor(1.0)  # a plain sum over dp ranks (FSDP averages by default)
+                module.set_force_sum_reduction_for_comms(True)  # SUM, not PREMUL_SUM, which gloo lacks
+        materialize(model, device, seed)
+        self.model = model
+        self.optimizer = build_optimizer(model, optim)
+        self.scaler = LossScaler(enabled=precision == "fp16")
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    @contextlib.contextmanager
+    def micro_batch(self, last: bool):
+        """Reduce-scatter gradients only on the last micro-batch; earlier ones accumulate unsharded gradients."""
+        self.model.set_requires_gradient_sync(last)
+        with loss_context(self.dims.tp):
+            yield
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale_loss(loss).backward()
+
+    def step(self, lr: float, skip: bool = False) -> tuple[float, bool]:
+        params = unique_params(self.model)
+        return optimizer_step(params, self.optimizer, self.scaler, grad_clip=self.grad_clip, lr=lr, skip=skip)
+
+    def save(self, directory: Path) -> None:
+        save_sharded(directory, self.model, self.optimizer, {"scaler": self.scaler.state_dict()})
+
+    def load(self, directory: Path) -> None:
+        extra = load_sharded(directory, self.model, self.optimizer, {"scaler": self.scaler.state_dict()})
+        self.scaler.load_state_dict(extra["scaler"])
+
+    def layout(self) -> dict:
+        """fp32 AdamW: sharded master weights, gradients and two moments (16 bytes per local parameter), plus at
+        ZeRO-2 the gathered parameters that stay from forward to backward (4 bytes per parameter of this tp rank)."""
+        params = unique_params(self.model)
+        n_local = sum(local_numel(p) for p in params)
+        state = 16 * n_local
+        if self.zero_stage == 2:
+            state = 12 * n_local + 4 * n_local * self.dims.dp
+        return {"engine": self.name, "zero_stage": self.zero_stage, "offload": "none", "model_state_bytes": state}

@@ -1,0 +1,75 @@
+"""`parallelize`: the steps that turn a plain model (built on the meta device) into the one a rank trains.
+
+Order (as torchtitan): tensor parallel, activation checkpointing, compile; the engine then applies data parallelism
+(DDP or FSDP2) and calls `materialize`, which allocates only this rank's shard of every parameter and initialises it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.tensor import DTensor, Replicate
+from torch.overrides import TorchFunctionMode
+
+from trainer.parallel.dims import ParallelDims
+from trainer.parallel.tensor_parallel import apply_tensor_parallel
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    """Recompute block activations in backward: `full` wraps every block, `selective` every other block."""
+    if mode == "none":
+        return
+    every = 1 if mode == "full" else 2
+    blocks = model.blocks
+    for i in range(len(blocks)):
+        if i % every == 0:
+            blocks[i] = checkpoint_wrapper(blocks[i])
+
+
+def apply_compile(model: nn.Module) -> None:
+    """Compiles each block in place (parameter names unchanged); repeated blocks reuse one compiled graph."""
+    for block in model.blocks:
+        block.compile()
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, activation_checkpointing: str, compile: bool) -> nn.Module:
+    """Applies tensor parallelism (tp > 1), activation checkpointing and compile in place; data parallelism is the
+    engine's job."""
+    if dims.tp > 1:
+        apply_tensor_parallel(model, dims.submesh("tp"))
+    apply_activation_checkpointing(model, activation_checkpointing)
+    if compile:
+        apply_compile(model)
+    return model
+
+
+class _ShardedInit(TorchFunctionMode):
+    """Makes random init of a sharded (DTensor) parameter equal to the init of the whole tensor: the full tensor is
+    drawn from the global RNG, as a single process would draw it, and this rank keeps its shard. Only one parameter is
+    ever whole at a time, and the RNG stream (hence every weight) is the same for every layout and seed."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is nn.init.normal_ or func is torch.Tensor.normal_:
+            param = args[0] if args else kwargs["tensor"]
+            if isinstance(param, DTensor):
+                mean, std = list(args[1:3]) + [kwargs.get("mean", 0.0), kwargs.get("std", 1.0)][len(args[1:3]) :]
+                full = torch.empty(param.shape, dtype=param.dtype, device=param.to_local().device)
+                full.normal_(mean, std, generator=kwargs.get("generator"))
+                replicated = DTensor.from_local(full, param.device_mesh, [Replicate()] * param.device_mesh.ndim)
+                param.to_local().copy_(replicated.redistribute(param.device_mesh, param.placements).to_local())
+                return param
+        return func(*args, **kwargs)
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
+    """Allocates the meta-device `model` on `device` (each rank only its shards) and initialises it from `seed`:
+    the same weights as `torch.manual_seed(seed); model.init_weights()` on a whole, unsharded model."""
+    model.to_empty(device=device)
+    for buffer_owner in model.modules():  # no model here has buffers; keep it honest if one appears
+        assert not list(buffer_owner.buffers(recurse=False)), "materialize does not initialise buffers"
+    torch.manual_seed(seed)
+    with _ShardedInit():
+        model.init_weights()
