@@ -68,7 +68,7 @@ class TrainConfig:
     activation_checkpointing: str = "none"  # none | full (every block) | selective (every other block)
     compile: bool = False  # torch.compile the model
     eval_every: int = 100  # steps between evaluations (and at the last step); 0 disables
-    eval_steps: int = 10  # validation micro-batches per evaluation
+    eval_steps: int = 10  # validation batches (global batch size, so any layout sees the same samples) per evaluation
     max_bad_steps: int = 5  # consecutive non-finite steps (skipped) before the run stops
     sample_tokens: int = 48  # GPT: tokens generated as a sample at each evaluation; 0 disables
 

@@ -186,11 +186,12 @@ def train_step(
 
 
 def run_evaluation(run: Run, step: int) -> dict:
-    """Validation loss over eval_steps micro-batches from the start of the valid corpus; a GPT sample. Every rank
+    """Validation loss over eval_steps global batches from the start of the valid corpus; a GPT sample. Every rank
     takes part (under FSDP and tensor parallelism the forward is collective)."""
     cfg, dims = run.cfg, run.dims
     stream = build_train_stream(cfg, dims, run.valid_files, start={}, num_workers=0, micro_batch=cfg.train.micro_batch)
-    result = {"step": step, **evaluate(run.engine, iter(stream), cfg.train.eval_steps, dims, run.device)}
+    micro_batches = cfg.train.eval_steps * cfg.train.grad_accum  # the same samples whatever the layout
+    result = {"step": step, **evaluate(run.engine, iter(stream), micro_batches, dims, run.device)}
     stream.close()
     if cfg.model.arch == "gpt":
         result.pop("val_accuracy")  # next-token accuracy is not a figure GPT users read
@@ -223,6 +224,9 @@ def run_evaluation(run: Run, step: int) -> dict:
 def train(cfg: Config) -> dict:
     """Runs (or resumes) the configured run on this rank; returns the last logged metrics."""
     p = cfg.parallel
+    if p.tp > 1:  # refuse a degree that cannot split the model before any process group exists
+        mc = resolve_model(cfg, load_tokenizer(cfg.data.tokenizer))
+        check_tp_degree(p.tp, mc.n_head, mc.d_ff, mc.vocab_size, cfg.data.seq_len)
     dims, device = init_distributed(p.tp, need_group=p.engine == "fsdp" or p.tp > 1, timeout_s=p.timeout_s)
     try:
         run = build_run(cfg, dims, device)
@@ -241,8 +245,6 @@ def train(cfg: Config) -> dict:
 
 def check_layout(cfg: Config, dims: ParallelDims, model_cfg: ModelConfig) -> None:
     """Parallel settings that need the world size or the model shape, refused before anything is built."""
-    if dims.tp > 1:
-        check_tp_degree(dims.tp, model_cfg.n_head, model_cfg.d_ff, model_cfg.vocab_size, cfg.data.seq_len)
     if cfg.parallel.engine == "ddp" and dims.tp > 1 and dims.dp > 1:
         raise UserError(
             f"parallel.engine=ddp combines tensor parallelism only with dp=1 (here dp={dims.dp}, tp={dims.tp}): "
@@ -396,52 +398,56 @@ def train_loop(run: Run, stop: StopSignal) -> dict:
     else:  # dropout streams differ per data-parallel rank; tensor-parallel peers draw the same masks
         torch.manual_seed(cfg.run.seed + 1000 * run.dims.dp_rank)
     engine.train()
-    bad_in_row, last, window = 0, {}, Throughput()
-    while state.step < t.steps:
-        t0 = time.perf_counter()
-        batches = [next(batches_iter) for _ in range(t.grad_accum)]
-        t_data = time.perf_counter() - t0
-        lr = lr_at(state.step, t.lr, t.min_lr, t.warmup_steps, t.steps)
-        loss_sum, global_targets = train_step(engine, batches, run.dims, run.device)
-        loss = all_reduce_sum(loss_sum.reshape(1), run.dims, "dp").item() / global_targets
-        stop_now = all_reduce_sum(torch.tensor([float(stop.received)], device=run.device), run.dims, "world").item() > 0
-        grad_norm, applied = engine.step(lr, skip=not math.isfinite(loss))
-        state.step += 1
-        state.tokens += step_tokens
-        bad_in_row = 0 if applied else bad_in_row + 1
-        if not applied:
-            state.skipped_steps += 1
-            logger.print(
-                f"step {state.step}: non-finite loss or gradient (loss={loss}, grad_norm={grad_norm}); "
-                f"update skipped ({bad_in_row} in a row)"
+    try:
+        bad_in_row, last, window = 0, {}, Throughput()
+        while state.step < t.steps:
+            t0 = time.perf_counter()
+            batches = [next(batches_iter) for _ in range(t.grad_accum)]
+            t_data = time.perf_counter() - t0
+            lr = lr_at(state.step, t.lr, t.min_lr, t.warmup_steps, t.steps)
+            loss_sum, global_targets = train_step(engine, batches, run.dims, run.device)
+            loss = all_reduce_sum(loss_sum.reshape(1), run.dims, "dp").item() / global_targets
+            stop_now = (
+                all_reduce_sum(torch.tensor([float(stop.received)], device=run.device), run.dims, "world").item() > 0
             )
-        window.add(time.perf_counter() - t0, step_tokens, t_data)
-        last_step = state.step == t.steps
-        if state.step % cfg.log.every == 0 or last_step or stop_now:
-            last = {
-                "step": state.step,
-                "tokens": state.tokens,
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                **window.take(),
-                "mem_peak_gb": mem_peak_gb(run.device),
-                "skipped_steps": state.skipped_steps,
-            }
-            last["mfu"] = mfu(last["tokens_per_s"], run.flops_per_token, run.peak_flops)
-            logger.log_step(last)
-        if run.valid_files and t.eval_every and (state.step % t.eval_every == 0 or last_step):
-            run_evaluation(run, state.step)
-        if bad_in_row >= t.max_bad_steps:
-            raise UserError(
-                f"stopped at step {state.step}: {bad_in_row} steps in a row had a non-finite loss or "
-                f"gradient; lower train.lr, raise train.warmup_steps or use train.precision=bf16"
-            )
-        every = cfg.checkpoint.every
-        if (every and state.step % every == 0) or last_step or stop_now:
-            save_checkpoint(run, stream)
-        if stop_now:
-            logger.print(f"stop signal received: stopped at step {state.step}; resume with the same command")
-            break
-    stream.close()
+            grad_norm, applied = engine.step(lr, skip=not math.isfinite(loss))
+            state.step += 1
+            state.tokens += step_tokens
+            bad_in_row = 0 if applied else bad_in_row + 1
+            if not applied:
+                state.skipped_steps += 1
+                logger.print(
+                    f"step {state.step}: non-finite loss or gradient (loss={loss}, grad_norm={grad_norm}); "
+                    f"update skipped ({bad_in_row} in a row)"
+                )
+            window.add(time.perf_counter() - t0, step_tokens, t_data)
+            last_step = state.step == t.steps
+            if state.step % cfg.log.every == 0 or last_step or stop_now:
+                last = {
+                    "step": state.step,
+                    "tokens": state.tokens,
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    **window.take(),
+                    "mem_peak_gb": mem_peak_gb(run.device),
+                    "skipped_steps": state.skipped_steps,
+                }
+                last["mfu"] = mfu(last["tokens_per_s"], run.flops_per_token, run.peak_flops)
+                logger.log_step(last)
+            if run.valid_files and t.eval_every and (state.step % t.eval_every == 0 or last_step):
+                run_evaluation(run, state.step)
+            if bad_in_row >= t.max_bad_steps:
+                raise UserError(
+                    f"stopped at step {state.step}: {bad_in_row} steps in a row had a non-finite loss or "
+                    f"gradient; lower train.lr, raise train.warmup_steps or use train.precision=bf16"
+                )
+            every = cfg.checkpoint.every
+            if (every and state.step % every == 0) or last_step or stop_now:
+                save_checkpoint(run, stream)
+            if stop_now:
+                logger.print(f"stop signal received: stopped at step {state.step}; resume with the same command")
+                break
+    finally:
+        stream.close()  # also on errors: the data workers must not outlive this rank
     return last

@@ -56,7 +56,9 @@ class DDPEngine:
         self.optimizer = build_optimizer(model, optim)
         if dims.dp > 1:
             ids = [device.index] if device.type == "cuda" else None
-            self.model: nn.Module = DistributedDataParallel(model, device_ids=ids, process_group=dims.group("dp"))
+            self.model: nn.Module = DistributedDataParallel(
+                model, device_ids=ids, process_group=dims.group("dp"), gradient_as_bucket_view=True
+            )  # gradients live in the all-reduce buckets: no second copy
             self.model.register_comm_hook(dims.group("dp"), _allreduce_sum_hook)  # the contract: a plain sum
         else:
             self.model = model

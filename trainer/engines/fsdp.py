@@ -92,11 +92,20 @@ class FSDPEngine:
         self.scaler.load_state_dict(extra["scaler"])
 
     def layout(self) -> dict:
-        """fp32 AdamW: sharded master weights, gradients and two moments (16 bytes per local parameter), plus at
-        ZeRO-2 the gathered parameters that stay from forward to backward (4 bytes per parameter of this tp rank)."""
-        params = unique_params(self.model)
-        n_local = sum(local_numel(p) for p in params)
-        state = 16 * n_local
-        if self.zero_stage == 2:
-            state = 12 * n_local + 4 * n_local * self.dims.dp
+        """fp32 AdamW: sharded master weights, gradients and two moments (16 bytes per local parameter), plus the
+        parameters held gathered from forward to backward: all of this tp rank's at ZeRO-2, the root's (embeddings,
+        tied head, final norm) at ZeRO-3 (4 bytes per parameter each)."""
+        n_local = sum(local_numel(p) for p in unique_params(self.model))
+        held = self.model if self.zero_stage == 2 else _root_only(self.model)
+        gathered = sum(local_numel(p) for p in unique_params(held)) * self.dims.dp
+        state = 16 * n_local + 4 * gathered
         return {"engine": self.name, "zero_stage": self.zero_stage, "offload": "none", "model_state_bytes": state}
+
+
+def _root_only(model: nn.Module) -> nn.Module:
+    """A view of the parameters the root FSDP group manages (those outside the blocks)."""
+    root = nn.Module()
+    for name, child in model.named_children():
+        if name != "blocks":
+            root.add_module(name, child)
+    return root

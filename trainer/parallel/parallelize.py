@@ -28,9 +28,12 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
 
 
 def apply_compile(model: nn.Module) -> None:
-    """Compiles each block in place (parameter names unchanged); repeated blocks reuse one compiled graph."""
+    """Compiles each block in place (parameter names unchanged); repeated blocks reuse one compiled graph. A
+    checkpointed block is compiled inside its checkpoint wrapper: recomputation then reruns the compiled graph (and
+    compiling the wrapper itself fails under tensor parallelism: the DTensor mesh ends up among saved tensors)."""
     for block in model.blocks:
-        block.compile()
+        inner = getattr(block, "_checkpoint_wrapped_module", block)
+        inner.compile()
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, activation_checkpointing: str, compile: bool) -> nn.Module:

@@ -79,7 +79,9 @@ def _top_plan(arch: str) -> dict:
         plan["type_emb"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
         plan["ln_emb"] = SequenceParallel(use_local_output=True)
         # The small MLM transform runs replicated on the gathered sequence; the decoder is vocab-parallel.
-        plan["head"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+        plan["head"] = PrepareModuleInput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
+        )
         plan["lm_head"] = ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1), use_local_output=False)
     return plan
 
