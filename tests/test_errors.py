@@ -131,3 +131,41 @@ def test_shipped_configs_are_valid(name):
     dims = {k: v for k, v in vars(cfg.model).items() if k not in ("arch", "preset") and v is not None}
     model = resolve_model_config(cfg.model.arch, cfg.model.preset, **{"vocab_size": 2048, **dims})
     assert cfg.data.seq_len <= model.max_seq_len
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["parallel.zero_stage=2"], "parallel.zero_stage=2 needs a sharding engine (ddp is ZeRO stage 0)"),
+        (["parallel.engine=fsdp", "parallel.zero_stage=1"], "FSDP2 has no ZeRO-1"),
+        (["parallel.engine=fsdp", "parallel.zero_stage=0"], "ZeRO stage 0 is parallel.engine=ddp"),
+        (["parallel.offload=cpu"], "parallel.offload=cpu is not offered by parallel.engine=ddp"),
+        (
+            ["parallel.engine=fsdp", "parallel.offload=cpu"],
+            "parallel.offload=cpu is not offered by parallel.engine=fsdp",
+        ),
+        (["parallel.tp=2"], "parallel.tp=2 does not divide the world size 1"),
+        (["parallel.tp=2", "model.n_head=3", "model.d_model=96"], "does not divide model.n_head=3"),
+        (["parallel.tp=2", "model.d_ff=129"], "does not divide model.d_ff=129"),
+        (["parallel.tp=3", "model.n_head=3", "model.d_model=96"], "does not divide model.vocab_size=512"),
+        (["parallel.tp=2", "data.seq_len=31"], "does not divide data.seq_len=31"),
+    ],
+    ids=[
+        "zero_with_ddp",
+        "fsdp_zero1",
+        "fsdp_zero0",
+        "offload_ddp",
+        "offload_fsdp",
+        "world",
+        "heads",
+        "d_ff",
+        "vocab",
+        "seq",
+    ],
+)
+def test_parallel_layout_refused_up_front(tmp_path, capsys, corpus, gpt_tok, overrides, expected):
+    """One line naming the setting and the fix, before any process group, model or run directory exists."""
+    path = write_config(tiny_config(tmp_path / "r", corpus, gpt_tok), tmp_path / "c.yaml")
+    line = cli_error(capsys, "train", str(path), *overrides)
+    assert expected in line, line
+    assert not (tmp_path / "r").exists()
