@@ -53,8 +53,9 @@ class FSDPEngine:
         reshard = zero_stage == 3
         for block in model.blocks:
             fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
-        # The root's parameters (embeddings, final norm, head) are needed again at once by backward: keep them.
-        fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp)
+        # The root group (embeddings, tied head, final norm) follows the stage too: at ZeRO-3 the tied vocabulary matrix,
+        # often the largest single tensor, is not held whole between forward and backward.
+        fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 module.set_gradient_divide_factor(1.0)  # a plain sum over dp ranks (FSDP averages by default)
@@ -92,20 +93,9 @@ class FSDPEngine:
         self.scaler.load_state_dict(extra["scaler"])
 
     def layout(self) -> dict:
-        """fp32 AdamW: sharded master weights, gradients and two moments (16 bytes per local parameter), plus the
-        parameters held gathered from forward to backward: all of this tp rank's at ZeRO-2, the root's (embeddings,
-        tied head, final norm) at ZeRO-3 (4 bytes per parameter each)."""
+        """fp32 AdamW: sharded master weights, gradients and two moments (16 bytes per local parameter), plus at
+        ZeRO-2 the parameters held gathered from forward to backward (4 bytes per parameter of this tp rank)."""
         n_local = sum(local_numel(p) for p in unique_params(self.model))
-        held = self.model if self.zero_stage == 2 else _root_only(self.model)
-        gathered = sum(local_numel(p) for p in unique_params(held)) * self.dims.dp
+        gathered = n_local * self.dims.dp if self.zero_stage == 2 else 0
         state = 16 * n_local + 4 * gathered
         return {"engine": self.name, "zero_stage": self.zero_stage, "offload": "none", "model_state_bytes": state}
-
-
-def _root_only(model: nn.Module) -> nn.Module:
-    """A view of the parameters the root FSDP group manages (those outside the blocks)."""
-    root = nn.Module()
-    for name, child in model.named_children():
-        if name != "blocks":
-            root.add_module(name, child)
-    return root
