@@ -37,7 +37,7 @@ def assert_same_run(a: Path, b: Path, rtol: float = 1e-6, weights_atol: float = 
         assert math.isclose(la[step], lb[step], rel_tol=rtol), (step, la[step], lb[step])
     wa, wb = final_weights(a), final_weights(b)
     for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=weights_atol, msg=name)
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=weights_atol, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_gpt_trains_and_writes_artifacts(tmp_path, corpus, gpt_tok):
