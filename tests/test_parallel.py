@@ -141,7 +141,8 @@ def test_bert_tensor_parallel_matches_single_process(tmp_path, corpus, bert_tok)
         r = run_cli("trainer", "train", str(path), env={"OMP_NUM_THREADS": "1"}) if nproc == 1 else launch(nproc, path)
         assert r.returncode == 0, r.stderr[-3000:]
         runs[name] = tmp_path / name
-    assert_matches(runs["single"], runs["tp2"])
+    # a lone weight with a near-zero gradient can differ by ~2e-5 after AdamW (seen in CI); real errors are ~lr = 3e-3
+    assert_matches(runs["single"], runs["tp2"], weights_atol=1e-4)
 
 
 @pytest.mark.parametrize("layout", ["fsdp_zero3", "tp2"])

@@ -124,7 +124,9 @@ def test_two_rank_ddp_equals_one_process(tmp_path, corpus, bert_tok):
     assert r.returncode == 0, r.stderr[-3000:]
     start = read_metrics(tmp_path / "two")[0]
     assert start["world_size"] == 2 and start["dp"] == 2
-    assert_same_run(tmp_path / "one", tmp_path / "two", rtol=1e-5, weights_atol=1e-5)
+    # AdamW turns rounding in a near-zero gradient into a full lr-sized step: a lone BERT weight can differ by ~2e-5
+    # (seen in CI); a real error moves weights by ~lr = 3e-3 per step.
+    assert_same_run(tmp_path / "one", tmp_path / "two", rtol=1e-5, weights_atol=1e-4)
     val = [[m["val_loss"] for m in read_metrics(tmp_path / d) if "val_loss" in m] for d in ("one", "two")]
     assert math.isclose(val[0][0], val[1][0], rel_tol=1e-5)
 
