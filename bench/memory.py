@@ -158,13 +158,12 @@ def state_worker(layout: str, size: dict, steps: int) -> None:
     params = list(dict.fromkeys(p for g in engine.optimizer.param_groups for p in g["params"]))
     figures = {"n_params": counts["n_params"], "layout_bytes": engine.layout()["model_state_bytes"]}
     figures["params"] = storage_bytes(params)
-    model = engine.model
+    model = engine.module
 
     def after_forward() -> None:
         # Parameters FSDP holds unsharded (plain tensors, registered in place of the DTensor shards) after the
-        # forward, until their block's backward: all of them at ZeRO-2, the root's (embeddings, tied head, final
-        # norm: reshard_after_forward=False) at ZeRO-3, where each block is gathered again, one or two at a time, in
-        # its backward (not counted here). DDP gathers nothing: its whole parameters are already in `params`.
+        # forward, until their block's backward: all of them at ZeRO-2; none at ZeRO-3, where each block (and the
+        # root) is gathered again, one or two at a time, in its backward (not counted here). DDP gathers nothing: its whole parameters are already in `params`.
         gathered = [p for p in model.parameters() if not isinstance(p, DTensor)] if engine.name == "fsdp" else []
         figures["gathered"] = storage_bytes(gathered)
 
@@ -187,7 +186,7 @@ def act_worker(mode: str, size: dict, steps: int) -> None:
     """One process: bytes saved for backward (inside / outside the blocks), peak RSS and step times."""
     torch.set_num_threads(1)
     dims, engine, counts = build(size, [f"train.activation_checkpointing={mode}"], need_group=False)
-    model = engine.raw_model
+    model = engine.module
     saved = {"blocks": 0, "outside": 0}
     region = ["outside"]
     seen = {p.untyped_storage().data_ptr() for p in model.parameters()}  # weights saved by matmuls are not activations

@@ -224,12 +224,13 @@ def run_evaluation(run: Run, step: int) -> dict:
 def train(cfg: Config) -> dict:
     """Runs (or resumes) the configured run on this rank; returns the last logged metrics."""
     p = cfg.parallel
-    if p.tp > 1:  # refuse a degree that cannot split the model before any process group exists
-        mc = resolve_model(cfg, load_tokenizer(cfg.data.tokenizer))
-        check_tp_degree(p.tp, mc.n_head, mc.d_ff, mc.vocab_size, cfg.data.seq_len)
+    tok = load_tokenizer(cfg.data.tokenizer)
+    model_cfg = resolve_model(cfg, tok)
+    # a degree that cannot split the model is refused before any process group exists
+    check_tp_degree(p.tp, model_cfg.n_head, model_cfg.d_ff, model_cfg.vocab_size, cfg.data.seq_len)
     dims, device = init_distributed(p.tp, need_group=p.engine == "fsdp" or p.tp > 1, timeout_s=p.timeout_s)
     try:
-        run = build_run(cfg, dims, device)
+        run = build_run(cfg, dims, device, tok, model_cfg)
         stop = StopSignal()
         failed = True
         try:
@@ -277,10 +278,8 @@ def build_model(cfg: Config, dims: ParallelDims, device: torch.device, model_cfg
     return engine, counts
 
 
-def build_run(cfg: Config, dims: ParallelDims, device: torch.device) -> Run:
-    """Tokenizer, model, engine, checkpoint state and loggers; resumes from a checkpoint when there is one."""
-    tok = load_tokenizer(cfg.data.tokenizer)
-    model_cfg = resolve_model(cfg, tok)
+def build_run(cfg: Config, dims: ParallelDims, device: torch.device, tok: TokenizerInfo, model_cfg: ModelConfig) -> Run:
+    """Model, engine, checkpoint state and loggers; resumes from a checkpoint when there is one."""
     check_layout(cfg, dims, model_cfg)
     train_files = resolve_files(cfg.data.train)
     valid_files = resolve_files(cfg.data.valid) if cfg.data.valid else []
@@ -406,10 +405,12 @@ def train_loop(run: Run, stop: StopSignal) -> dict:
             t_data = time.perf_counter() - t0
             lr = lr_at(state.step, t.lr, t.min_lr, t.warmup_steps, t.steps)
             loss_sum, global_targets = train_step(engine, batches, run.dims, run.device)
-            loss = all_reduce_sum(loss_sum.reshape(1), run.dims, "dp").item() / global_targets
-            stop_now = (
-                all_reduce_sum(torch.tensor([float(stop.received)], device=run.device), run.dims, "world").item() > 0
-            )
+            # one all-reduce over the world: the loss summed over dp (tp peers hold the same value, counted once)
+            # and the stop flag (any rank that got a signal stops all)
+            local_loss = loss_sum.reshape(1) if run.dims.tp_rank == 0 else torch.zeros(1, device=run.device)
+            flags = torch.tensor([float(stop.received)], device=run.device)
+            reduced = all_reduce_sum(torch.cat([local_loss, flags]), run.dims, "world").tolist()
+            loss, stop_now = reduced[0] / global_targets, reduced[1] > 0
             grad_norm, applied = engine.step(lr, skip=not math.isfinite(loss))
             state.step += 1
             state.tokens += step_tokens

@@ -28,6 +28,9 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor, Partial, Replicate
 
+from trainer.optim import OptimizerSettings, build_optimizer
+from trainer.parallel import ParallelDims
+
 # DCP says it saves "in a single process" when there is no process group: that is the intent, not news.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
@@ -175,6 +178,51 @@ def optimizer_step(
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+class TorchEngine:
+    """What the ddp and fsdp engines share: the optimizer built on `module`'s parameters as the engine left them
+    (whole or sharded), loss scaling, the end of a step, and DCP save/load. Subclasses wrap or shard `module` first
+    and provide `name`, `micro_batch`, `forward` and `layout`."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        dims: ParallelDims,
+        device: torch.device,
+        precision: str,
+        grad_clip: float,
+        optim: OptimizerSettings,
+    ) -> None:
+        self.module = module
+        self.dims = dims
+        self.device = device
+        self.dtype = DTYPES[precision]
+        self.grad_clip = grad_clip
+        self.optimizer = build_optimizer(module, optim)
+        self.scaler = LossScaler(enabled=precision == "fp16")
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale_loss(loss).backward()
+
+    def step(self, lr: float, skip: bool = False) -> tuple[float, bool]:
+        params = unique_params(self.module)
+        return optimizer_step(params, self.optimizer, self.scaler, grad_clip=self.grad_clip, lr=lr, skip=skip)
+
+    def save(self, directory: Path) -> None:
+        save_sharded(directory, self.module, self.optimizer, {"scaler": self.scaler.state_dict()})
+
+    def load(self, directory: Path) -> None:
+        extra = load_sharded(directory, self.module, self.optimizer, {"scaler": self.scaler.state_dict()})
+        self.scaler.load_state_dict(extra["scaler"])
+
+    def local_params(self) -> int:
+        """Parameters this rank holds (its shards, or everything)."""
+        return sum(local_numel(p) for p in unique_params(self.module))
 
 
 def unique_params(model: nn.Module) -> list[nn.Parameter]:

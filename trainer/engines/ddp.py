@@ -7,23 +7,14 @@ parallelism and dp = 1 it trains the TP-sharded model without a data-parallel wr
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.engines.base import (
-    DTYPES,
-    LossScaler,
-    load_sharded,
-    local_numel,
-    optimizer_step,
-    save_sharded,
-    unique_params,
-)
-from trainer.optim import OptimizerSettings, build_optimizer
+from trainer.engines.base import TorchEngine
+from trainer.optim import OptimizerSettings
 from trainer.parallel import ParallelDims, loss_context, materialize
 
 
@@ -33,7 +24,7 @@ def _allreduce_sum_hook(group, bucket):  # no annotations: DDP checks them and t
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
-class DDPEngine:
+class DDPEngine(TorchEngine):
     name = "ddp"
 
     def __init__(
@@ -48,55 +39,27 @@ class DDPEngine:
         seed: int,
     ) -> None:
         materialize(model, device, seed)
-        self.raw_model = model
-        self.dims = dims
-        self.device = device
-        self.dtype = DTYPES[precision]
-        self.grad_clip = grad_clip
-        self.optimizer = build_optimizer(model, optim)
+        super().__init__(model, dims=dims, device=device, precision=precision, grad_clip=grad_clip, optim=optim)
+        self.wrapped: nn.Module = model
         if dims.dp > 1:
             ids = [device.index] if device.type == "cuda" else None
-            self.model: nn.Module = DistributedDataParallel(
+            self.wrapped = DistributedDataParallel(
                 model, device_ids=ids, process_group=dims.group("dp"), gradient_as_bucket_view=True
             )  # gradients live in the all-reduce buckets: no second copy
-            self.model.register_comm_hook(dims.group("dp"), _allreduce_sum_hook)  # the contract: a plain sum
-        else:
-            self.model = model
-        self.scaler = LossScaler(enabled=precision == "fp16")
-
-    def train(self, mode: bool = True) -> None:
-        self.raw_model.train(mode)
-
-    def _autocast(self):
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+            self.wrapped.register_comm_hook(dims.group("dp"), _allreduce_sum_hook)  # the contract: a plain sum
 
     @contextlib.contextmanager
     def micro_batch(self, last: bool):
         """Gradient all-reduce only on the last micro-batch; loss parallel under tp."""
-        sync = contextlib.nullcontext() if last or self.dims.dp == 1 else self.model.no_sync()
+        sync = contextlib.nullcontext() if last or self.dims.dp == 1 else self.wrapped.no_sync()
         with sync, loss_context(self.dims.tp):
             yield
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
-            return self.model(input_ids)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        self.scaler.scale_loss(loss).backward()
-
-    def step(self, lr: float, skip: bool = False) -> tuple[float, bool]:
-        params = unique_params(self.raw_model)
-        return optimizer_step(params, self.optimizer, self.scaler, grad_clip=self.grad_clip, lr=lr, skip=skip)
-
-    def save(self, directory: Path) -> None:
-        save_sharded(directory, self.raw_model, self.optimizer, {"scaler": self.scaler.state_dict()})
-
-    def load(self, directory: Path) -> None:
-        extra = load_sharded(directory, self.raw_model, self.optimizer, {"scaler": self.scaler.state_dict()})
-        self.scaler.load_state_dict(extra["scaler"])
+        if self.dtype == torch.float32:
+            return self.wrapped(input_ids)
+        with torch.autocast(self.device.type, dtype=self.dtype):
+            return self.wrapped(input_ids)
 
     def layout(self) -> dict:
-        n_local = sum(local_numel(p) for p in unique_params(self.raw_model))
-        return {"engine": self.name, "zero_stage": 0, "offload": "none", "model_state_bytes": 16 * n_local}
+        return {"engine": self.name, "zero_stage": 0, "offload": "none", "model_state_bytes": 16 * self.local_params()}

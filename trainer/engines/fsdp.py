@@ -9,26 +9,17 @@ sharded. Mixed precision: bf16/fp16 parameters for compute, fp32 gradient reduct
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from trainer.engines.base import (
-    DTYPES,
-    LossScaler,
-    load_sharded,
-    local_numel,
-    optimizer_step,
-    save_sharded,
-    unique_params,
-)
-from trainer.optim import OptimizerSettings, build_optimizer
+from trainer.engines.base import DTYPES, TorchEngine
+from trainer.optim import OptimizerSettings
 from trainer.parallel import ParallelDims, loss_context, materialize
 
 
-class FSDPEngine:
+class FSDPEngine(TorchEngine):
     name = "fsdp"
 
     def __init__(
@@ -43,12 +34,9 @@ class FSDPEngine:
         seed: int,
         zero_stage: int,
     ) -> None:
-        self.dims = dims
-        self.device = device
-        self.dtype = DTYPES[precision]
-        self.grad_clip = grad_clip
         self.zero_stage = zero_stage
-        mp = MixedPrecisionPolicy(param_dtype=None if precision == "fp32" else self.dtype, reduce_dtype=torch.float32)
+        compute = None if precision == "fp32" else DTYPES[precision]
+        mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
         mesh = dims.submesh("dp")
         reshard = zero_stage == 3
         for block in model.blocks:
@@ -61,41 +49,22 @@ class FSDPEngine:
                 module.set_gradient_divide_factor(1.0)  # a plain sum over dp ranks (FSDP averages by default)
                 module.set_force_sum_reduction_for_comms(True)  # SUM, not PREMUL_SUM, which gloo lacks
         materialize(model, device, seed)
-        self.model = model
-        self.optimizer = build_optimizer(model, optim)
-        self.scaler = LossScaler(enabled=precision == "fp16")
-
-    def train(self, mode: bool = True) -> None:
-        self.model.train(mode)
+        super().__init__(model, dims=dims, device=device, precision=precision, grad_clip=grad_clip, optim=optim)
 
     @contextlib.contextmanager
     def micro_batch(self, last: bool):
         """Reduce-scatter gradients only on the last micro-batch; earlier ones accumulate unsharded gradients."""
-        self.model.set_requires_gradient_sync(last)
+        self.module.set_requires_gradient_sync(last)
         with loss_context(self.dims.tp):
             yield
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        self.scaler.scale_loss(loss).backward()
-
-    def step(self, lr: float, skip: bool = False) -> tuple[float, bool]:
-        params = unique_params(self.model)
-        return optimizer_step(params, self.optimizer, self.scaler, grad_clip=self.grad_clip, lr=lr, skip=skip)
-
-    def save(self, directory: Path) -> None:
-        save_sharded(directory, self.model, self.optimizer, {"scaler": self.scaler.state_dict()})
-
-    def load(self, directory: Path) -> None:
-        extra = load_sharded(directory, self.model, self.optimizer, {"scaler": self.scaler.state_dict()})
-        self.scaler.load_state_dict(extra["scaler"])
+        return self.module(input_ids)
 
     def layout(self) -> dict:
         """fp32 AdamW: sharded master weights, gradients and two moments (16 bytes per local parameter), plus at
         ZeRO-2 the parameters held gathered from forward to backward (4 bytes per parameter of this tp rank)."""
-        n_local = sum(local_numel(p) for p in unique_params(self.model))
+        n_local = self.local_params()
         gathered = n_local * self.dims.dp if self.zero_stage == 2 else 0
         state = 16 * n_local + 4 * gathered
         return {"engine": self.name, "zero_stage": self.zero_stage, "offload": "none", "model_state_bytes": state}
