@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # the project's own install finds it satisfied and never pulls another build.
 TORCH  ?= torch==2.13.0
 TORCH_INDEX ?=
-EXTRAS ?= wandb,dev
+EXTRAS ?= wandb,deepspeed,dev
 
 .PHONY: install test demo bench lint clean
 

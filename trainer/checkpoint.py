@@ -23,7 +23,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from trainer.engines.base import DCP_DIR, Engine
+from trainer.engines.base import DCP_DIR, Engine, fsync
 from trainer.errors import UserError
 from trainer.parallel import ParallelDims, barrier, broadcast_object
 
@@ -116,18 +116,18 @@ class Checkpointer:
             (tmp / STATE_FILE).write_text(json.dumps({**state, **layout}, indent=1))
             written.append(tmp / STATE_FILE)
         for path in written:  # each rank flushes its own files before the rename can make them visible
-            _fsync(path)
+            fsync(path)
         barrier()
         if self.dims.is_main:
-            _fsync(tmp)
+            fsync(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
             pointer_tmp = self.root / f".{LATEST}.tmp"
             pointer_tmp.write_text(final.name)
-            _fsync(pointer_tmp)
+            fsync(pointer_tmp)
             os.replace(pointer_tmp, self.root / LATEST)
-            _fsync(self.root)
+            fsync(self.root)
             for old in complete_checkpoints(self.root)[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         barrier()
@@ -161,22 +161,10 @@ class Checkpointer:
                 f"checkpoint {path} holds another model shape ({diff}); match model.* to it or start "
                 f"a fresh run (checkpoint.resume=never or another run.dir)"
             )
-        if not (path / DCP_DIR).is_dir():
-            raise UserError(
-                f"checkpoint {path} has no {DCP_DIR}/ state (written by an older version): start a fresh run"
-            )
         engine.load(path)
         rng_file = path / f"rng_dp{self.dims.dp_rank}.pt"
         rng = torch.load(rng_file, weights_only=False) if rng_file.is_file() else None
         return state, rng
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_state(path: Path) -> dict:
@@ -185,13 +173,17 @@ def read_state(path: Path) -> dict:
 
 def load_model(checkpoint_dir: str | Path) -> nn.Module:
     """The trained model from a checkpoint, consolidated on CPU, in eval mode."""
+    from trainer.engines.deepspeed import PAYLOAD_DIR as DS_PAYLOAD_DIR
+    from trainer.engines.deepspeed import consolidate as consolidate_deepspeed
     from trainer.models import ModelConfig, model_from_config
 
     path = resolve_checkpoint_dir(checkpoint_dir)
     model = model_from_config(ModelConfig(**read_state(path)["model_config"]))
-    # DCP reads the shards of any layout (ddp, fsdp, tp, any world size) into this one whole CPU model.
-    state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(path / DCP_DIR), no_dist=True)
-    model.load_state_dict(state["model"])
+    if (path / DS_PAYLOAD_DIR).is_dir():  # DeepSpeed's zero_to_fp32 gathers any ZeRO stage's partitions
+        model.load_state_dict(consolidate_deepspeed(path))
+    else:  # DCP reads the shards of any layout (ddp, fsdp, tp, any world size) into this one whole CPU model
+        state = {"model": model.state_dict()}
+        dcp.load(state, checkpoint_id=str(path / DCP_DIR), no_dist=True)
+        model.load_state_dict(state["model"])
     model.tie_weights()
     return model.eval()

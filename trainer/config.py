@@ -75,10 +75,12 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    engine: str = "ddp"  # ddp | fsdp (FSDP2); deepspeed comes next
-    zero_stage: int | None = None  # ddp: 0; fsdp: 2 (params kept from forward to backward) or 3 (default, resharded)
+    engine: str = "ddp"  # ddp | fsdp (FSDP2) | deepspeed
+    # ddp: 0; fsdp: 2 (params kept from forward to backward) or 3 (default, resharded); deepspeed: 1, 2 (default) or 3
+    zero_stage: int | None = None
     tp: int = 1  # tensor-parallel degree (Megatron-style, with sequence parallelism); world size = dp * tp
-    offload: str = "none"  # none | cpu (not offered by ddp/fsdp)
+    offload: str = "none"  # none | cpu: optimizer state (and at ZeRO-3 parameters) in CPU memory; deepspeed only
+    deepspeed: dict | None = None  # extra DeepSpeed config settings, merged into the generated one (no contradictions)
     timeout_s: float = 1800.0  # collective timeout: a rank stuck this long fails the job
 
 
@@ -155,7 +157,7 @@ NON_NEGATIVE = (
 
 
 def _type_name(tp: Any) -> str:
-    names = {int: "an integer", float: "a number", bool: "true/false", str: "a string"}
+    names = {int: "an integer", float: "a number", bool: "true/false", str: "a string", dict: "a mapping"}
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
     if typing.get_origin(tp) is list:
@@ -182,7 +184,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return [str(value)]
         if isinstance(value, list) and all(isinstance(v, (str, Path)) for v in value):
             return [str(v) for v in value]
-    elif tp is bool and isinstance(value, bool) or tp is int and isinstance(value, int) and not isinstance(value, bool):
+    elif (
+        tp is dict
+        and isinstance(value, dict)
+        or tp is bool
+        and isinstance(value, bool)
+        or tp is int
+        and isinstance(value, int)
+        and not isinstance(value, bool)
+    ):
         return value
     elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
@@ -245,10 +255,32 @@ def validate(cfg: Config) -> None:
 
 def validate_parallel(p: ParallelConfig) -> None:
     """Engine / ZeRO stage / offload combinations; fills in the engine's default ZeRO stage."""
-    if p.engine == "deepspeed":
-        raise UserError("parallel.engine=deepspeed is not available in this version; use parallel.engine=fsdp or ddp")
     if p.zero_stage is None:
-        p.zero_stage = {"ddp": 0, "fsdp": 3}[p.engine]
+        p.zero_stage = {"ddp": 0, "fsdp": 3, "deepspeed": 2}[p.engine]
+    if p.timeout_s <= 0:
+        raise UserError(f"parallel.timeout_s must be positive, got {p.timeout_s}")
+    if p.deepspeed is not None and p.engine != "deepspeed":
+        raise UserError(
+            f"parallel.deepspeed settings are for parallel.engine=deepspeed (here {p.engine}): remove them or set "
+            f"parallel.engine=deepspeed"
+        )
+    if p.engine == "deepspeed":
+        if p.zero_stage == 0 and p.offload != "none":
+            raise UserError(
+                f"parallel.offload={p.offload} needs a ZeRO stage (it moves the sharded optimizer state): set "
+                f"parallel.zero_stage=1, 2 or 3, or parallel.offload=none"
+            )
+        if p.zero_stage not in (1, 2, 3):
+            raise UserError(
+                f"parallel.engine=deepspeed runs parallel.zero_stage=1, 2 or 3, not {p.zero_stage}: for ZeRO stage 0 "
+                f"(no sharding) use parallel.engine=ddp"
+            )
+        if p.tp != 1:
+            raise UserError(
+                f"parallel.engine=deepspeed does not combine with tensor parallelism (parallel.tp={p.tp}): use "
+                f"parallel.engine=fsdp for tp > 1, or parallel.tp=1"
+            )
+        return
     if p.engine == "ddp" and p.zero_stage != 0:
         raise UserError(
             f"parallel.zero_stage={p.zero_stage} needs a sharding engine (ddp is ZeRO stage 0): set "
@@ -266,8 +298,6 @@ def validate_parallel(p: ParallelConfig) -> None:
             f"parallel.offload={p.offload} is not offered by parallel.engine={p.engine}: set parallel.offload=none "
             f"(CPU offload of optimizer state comes with parallel.engine=deepspeed)"
         )
-    if p.timeout_s <= 0:
-        raise UserError(f"parallel.timeout_s must be positive, got {p.timeout_s}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

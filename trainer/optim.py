@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay applies to 2-D weight matrices of linear layers; norms, biases and embeddings are not decayed."""
+def param_groups(model: nn.Module, weight_decay: float, shape=lambda p: p.shape) -> list[dict]:
+    """Decay applies to 2-D weight matrices of linear layers; norms, biases and embeddings are not decayed. `shape`
+    gives a parameter's logical shape where its tensor is a partition (DeepSpeed ZeRO-3)."""
     no_decay_ids = set()
     for module in model.modules():
         if isinstance(module, (nn.Embedding, nn.LayerNorm)):
@@ -20,7 +21,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (no_decay if p.dim() < 2 or id(p) in no_decay_ids else decay).append(p)
+        (no_decay if len(shape(p)) < 2 or id(p) in no_decay_ids else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -228,7 +228,7 @@ def train(cfg: Config) -> dict:
     model_cfg = resolve_model(cfg, tok)
     # a degree that cannot split the model is refused before any process group exists
     check_tp_degree(p.tp, model_cfg.n_head, model_cfg.d_ff, model_cfg.vocab_size, cfg.data.seq_len)
-    dims, device = init_distributed(p.tp, need_group=p.engine == "fsdp" or p.tp > 1, timeout_s=p.timeout_s)
+    dims, device = init_distributed(p.tp, need_group=p.engine != "ddp" or p.tp > 1, timeout_s=p.timeout_s)
     try:
         run = build_run(cfg, dims, device, tok, model_cfg)
         stop = StopSignal()
@@ -254,26 +254,30 @@ def check_layout(cfg: Config, dims: ParallelDims, model_cfg: ModelConfig) -> Non
 
 
 def build_model(cfg: Config, dims: ParallelDims, device: torch.device, model_cfg: ModelConfig) -> tuple[Engine, dict]:
-    """The model on the meta device, parallelized, then handed to the engine, which shards and materialises it: no
-    rank ever holds more than its shard (plus one whole parameter while initialising)."""
-    t = cfg.train
+    """The engine around the model: built on the meta device (or partitioned as it is built, DeepSpeed ZeRO-3),
+    parallelized, then sharded and materialised by the engine: no rank ever holds more than its shard (plus one whole
+    parameter while initialising)."""
+    t, p = cfg.train, cfg.parallel
     with torch.device("meta"):
-        model = model_from_config(model_cfg)
+        shape_only = model_from_config(model_cfg)
     counts = {
-        "n_params": count_params(model),
-        "n_params_non_embedding": count_params(model, exclude_embeddings=True),
+        "n_params": count_params(shape_only),
+        "n_params_non_embedding": count_params(shape_only, exclude_embeddings=True),
     }
-    model = parallelize(model, dims, t.activation_checkpointing, t.compile)
     engine = build_engine(
-        cfg.parallel.engine,
-        model,
+        p.engine,
+        lambda: parallelize(model_from_config(model_cfg), dims, t.activation_checkpointing, t.compile),
         dims=dims,
         device=device,
         precision=t.precision,
         grad_clip=t.grad_clip,
         optim=OptimizerSettings(lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2), eps=t.eps),
         seed=cfg.run.seed,
-        zero_stage=cfg.parallel.zero_stage,
+        zero_stage=p.zero_stage,
+        offload=p.offload,
+        micro_batch=t.micro_batch,
+        grad_accum=t.grad_accum,
+        deepspeed=p.deepspeed,
     )
     return engine, counts
 

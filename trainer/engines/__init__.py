@@ -4,10 +4,12 @@ clipping, and saving/loading their state.
 
 - `ddp`: DistributedDataParallel (ZeRO stage 0).
 - `fsdp`: FSDP2 `fully_shard` on the dp mesh axis (ZeRO-2 or ZeRO-3), composable with tensor parallelism.
-DeepSpeed slots in beside them with the same interface.
+- `deepspeed`: DeepSpeed ZeRO-1/2/3 with optional CPU offload (imported only when chosen: it is an optional extra).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -23,7 +25,7 @@ __all__ = ["DDPEngine", "Engine", "FSDPEngine", "build_engine"]
 
 def build_engine(
     name: str,
-    model: nn.Module,
+    make_model: Callable[[], nn.Module],
     *,
     dims: ParallelDims,
     device: torch.device,
@@ -32,9 +34,15 @@ def build_engine(
     optim: OptimizerSettings,
     seed: int,
     zero_stage: int,
+    offload: str = "none",
+    micro_batch: int = 1,
+    grad_accum: int = 1,
+    deepspeed: dict | None = None,
 ) -> Engine:
-    """The engine `name` around `model` (built on the meta device and already parallelized); it materialises the
-    model's weights from `seed` and builds the optimizer on them."""
+    """The engine `name` around the model `make_model` builds (parallelized, not yet data-parallel). The model is
+    built on the meta device (or, for DeepSpeed ZeRO-3, inside `deepspeed.zero.Init`); the engine materialises its
+    weights from `seed` and builds the optimizer on them. `micro_batch`, `grad_accum` and `deepspeed` (extra settings)
+    feed the generated DeepSpeed config."""
     common = {
         "dims": dims,
         "device": device,
@@ -43,6 +51,20 @@ def build_engine(
         "optim": optim,
         "seed": seed,
     }
+    if name == "deepspeed":
+        from trainer.engines.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(
+            make_model,
+            zero_stage=zero_stage,
+            offload=offload,
+            micro_batch=micro_batch,
+            grad_accum=grad_accum,
+            extra=deepspeed,
+            **common,
+        )
+    with torch.device("meta"):
+        model = make_model()
     if name == "ddp":
         return DDPEngine(model, **common)
     if name == "fsdp":

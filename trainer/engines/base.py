@@ -15,6 +15,7 @@ Contract (the loop relies on nothing else):
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections import defaultdict
 from contextlib import AbstractContextManager
@@ -28,6 +29,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor, Partial, Replicate
 
+from trainer.errors import UserError
 from trainer.optim import OptimizerSettings, build_optimizer
 from trainer.parallel import ParallelDims
 
@@ -217,6 +219,11 @@ class TorchEngine:
         save_sharded(directory, self.module, self.optimizer, {"scaler": self.scaler.state_dict()})
 
     def load(self, directory: Path) -> None:
+        if not (directory / DCP_DIR).is_dir():
+            raise UserError(
+                f"checkpoint {directory} has no {DCP_DIR}/ state (written by parallel.engine=deepspeed or an older "
+                f"version): resume it with the engine that wrote it, or start a fresh run"
+            )
         extra = load_sharded(directory, self.module, self.optimizer, {"scaler": self.scaler.state_dict()})
         self.scaler.load_state_dict(extra["scaler"])
 
@@ -244,6 +251,15 @@ def load_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optim
     dcp.load(state, checkpoint_id=str(directory / DCP_DIR), no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return state["extra"]
+
+
+def fsync(path: Path) -> None:
+    """Flushes a file (or a directory's entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def local_numel(p: torch.Tensor) -> int:

@@ -1,0 +1,350 @@
+"""The `deepspeed` engine: DeepSpeed ZeRO stage 1, 2 or 3, optionally with optimizer state (and at stage 3 the
+parameters) offloaded to CPU, behind the same interface as ddp and fsdp.
+
+The DeepSpeed config is generated from ours (`deepspeed_config`); `parallel.deepspeed` may add settings we do not
+generate, and one that contradicts a generated value is refused. Numerics follow the engine contract:
+- DeepSpeed divides the loss by its accumulation steps and averages gradients over data-parallel ranks; `backward`
+  passes `scale_wrt_gas=False` and multiplies the loss by dp, so gradients come out as the plain sum over ranks.
+- Accumulation boundaries are ours: `micro_batch(last)` sets DeepSpeed's boundary, `step` calls its step once.
+- Clipping, the fp16 loss scaler and the overflow skip are DeepSpeed's, configured like the other engines' (scale
+  2^16, halved on every overflow, doubled after 2000 good steps). A step is skipped when the global gradient norm is
+  not finite, which any non-finite loss makes it.
+- At stage 3 the model is built inside `deepspeed.zero.Init`, so every parameter is partitioned as its module is
+  constructed; the weights are then drawn one parameter at a time (gathered, initialised, partitioned again) from
+  the seeded RNG, which gives the same weights as every other layout.
+Checkpoints are DeepSpeed's own (`save_checkpoint` on every rank into `<step dir>/deepspeed/`); `consolidate` turns
+one into a plain fp32 state dict with DeepSpeed's `zero_to_fp32`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from trainer.engines.base import DTYPES, fsync
+from trainer.errors import UserError
+from trainer.optim import OptimizerSettings, param_groups
+from trainer.parallel import ParallelDims, materialize
+
+PAYLOAD_DIR = "deepspeed"  # inside a checkpoint directory
+TAG = "state"  # DeepSpeed's checkpoint tag: its files sit in deepspeed/state/
+# what the ZeRO-3 checkpoint names wrappers add to parameter names (module state dicts drop them themselves)
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def import_deepspeed():
+    """deepspeed, or one line saying how to install it (it is an optional extra)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, rather than have DeepSpeed warn that it guessed
+    try:
+        import deepspeed
+    except ImportError:
+        raise UserError(
+            "parallel.engine=deepspeed needs DeepSpeed: pip install 'trainer[deepspeed]' (or pip install deepspeed)"
+        ) from None
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would flood rank 0's console
+    return deepspeed
+
+
+# --- the DeepSpeed config, generated from ours ------------------------------------------------------------------
+
+
+def deepspeed_config(
+    *,
+    zero_stage: int,
+    offload: str,
+    micro_batch: int,
+    grad_accum: int,
+    dp: int,
+    grad_clip: float,
+    precision: str,
+    extra: dict | None,
+) -> dict:
+    """The config handed to `deepspeed.initialize`: ours, then `extra` (parallel.deepspeed) merged in. A setting of
+    `extra` that contradicts one we generate is a UserError naming both."""
+    zero: dict = {"stage": zero_stage}
+    if offload == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    owned = {  # path -> (value, the setting of ours it comes from)
+        "train_micro_batch_size_per_gpu": (micro_batch, "train.micro_batch"),
+        "gradient_accumulation_steps": (grad_accum, "train.grad_accum"),
+        "train_batch_size": (micro_batch * grad_accum * dp, "train.micro_batch x train.grad_accum x dp"),
+        "gradient_clipping": (grad_clip, "train.grad_clip"),
+        "zero_optimization.stage": (zero_stage, "parallel.zero_stage"),
+        "fp16.enabled": (precision == "fp16", "train.precision"),
+        "bf16.enabled": (precision == "bf16", "train.precision"),
+    }
+    if offload == "cpu":
+        owned["zero_optimization.offload_optimizer.device"] = ("cpu", "parallel.offload")
+        if zero_stage == 3:
+            owned["zero_optimization.offload_param.device"] = ("cpu", "parallel.offload")
+    if precision == "fp16":  # the other engines' dynamic loss scaling
+        scaler = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 2000, "hysteresis": 1}
+        source = "train.precision=fp16 (the loss scaler every engine uses)"
+        owned.update({f"fp16.{k}": (v, source) for k, v in scaler.items()})
+    if precision != "fp32":  # gradients accumulate and are reduced in fp32, as under fsdp
+        owned["data_types.grad_accum_dtype"] = ("fp32", f"train.precision={precision} (fp32 gradient accumulation)")
+    config: dict = {"steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}  # defaults: `extra` may change them
+    for path, (value, _) in owned.items():
+        _set_path(config, path, value)
+    config["zero_optimization"].update({k: v for k, v in zero.items() if k != "stage"})
+    if not extra:
+        return config
+    for key in ("optimizer", "scheduler"):
+        if key in extra:
+            raise UserError(
+                f"parallel.deepspeed.{key} is not taken: the optimizer (AdamW) and the LR schedule (warmup + cosine) "
+                f"come from train.* under every engine; remove it and set train.lr, train.warmup_steps, ..."
+            )
+    for path, value in _leaves(extra):
+        for owned_path, (ours, source) in owned.items():
+            if path == owned_path or owned_path.startswith(path + ".") or path.startswith(owned_path + "."):
+                mine = _get_path(config, path)
+                if path != owned_path or value != ours:
+                    raise UserError(
+                        f"parallel.deepspeed.{path}={value!r} contradicts {source} (the generated DeepSpeed config has "
+                        f"{path}={mine!r}): set it through {source.split(' ')[0]}, or remove it from parallel.deepspeed"
+                    )
+    merged = copy.deepcopy(config)
+    for path, value in _leaves(extra):
+        _set_path(merged, path, value)
+    return merged
+
+
+def _leaves(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _set_path(d: dict, path: str, value) -> None:
+    *parents, last = path.split(".")
+    for p in parents:
+        if not isinstance(d.get(p), dict):
+            d[p] = {}
+        d = d[p]
+    d[last] = value
+
+
+def _get_path(d: dict, path: str):
+    for p in path.split("."):
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d
+
+
+# --- the first use of DeepSpeed's C++ ops builds them -----------------------------------------------------------
+
+
+def announce_op_builds(offload: str, dims: ParallelDims) -> None:
+    """DeepSpeed compiles its C++ ops on first use on a machine (2-3 minutes on 2 cores); say so while it happens.
+    They are cached under torch's extension directory (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions)."""
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    names = ["ShareMemCommBuilder"] if get_accelerator().device_name() == "cpu" else []
+    if offload == "cpu":
+        names.append("CPUAdamBuilder")
+    missing = []
+    for builder_name in names:
+        builder = get_accelerator().create_op_builder(builder_name)
+        if builder is None:  # an accelerator without this op: nothing to build
+            continue
+        build_dir = Path(_get_build_directory(builder.name, verbose=False))
+        if not any(build_dir.glob(f"{builder.name}*.so")):
+            missing.append(builder.name)
+    if missing and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        where = os.environ.get("TORCH_EXTENSIONS_DIR", "~/.cache/torch_extensions")
+        print(
+            f"DeepSpeed: compiling its C++ op(s) {', '.join(missing)} (first use on this machine: 2-3 minutes on 2 "
+            f"cores; cached in {where} for later runs)",
+            flush=True,
+        )
+
+
+# --- building the model -----------------------------------------------------------------------------------------
+
+
+class _GatheredInit(TorchFunctionMode):
+    """Initialises ZeRO-3 partitioned parameters as a whole model would be: each parameter an init function touches
+    is gathered, initialised in full from the global RNG (every rank draws the same values), and partitioned again
+    (rank 0's values broadcast). One parameter is whole at a time."""
+
+    def __init__(self, gathered_parameters) -> None:
+        super().__init__()
+        self.gathered = gathered_parameters
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        target = args[0] if args else kwargs.get("tensor")
+        if isinstance(target, nn.Parameter) and hasattr(target, "ds_id") and func.__name__.endswith("_"):
+            with self.gathered([target], modifier_rank=0):
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _model_params(model: nn.Module) -> list[nn.Parameter]:
+    seen, out = set(), []
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def _numel(p: nn.Parameter) -> int:
+    return getattr(p, "ds_numel", p.numel())
+
+
+class DeepSpeedEngine:
+    name = "deepspeed"
+
+    def __init__(
+        self,
+        make_model,
+        *,
+        dims: ParallelDims,
+        device: torch.device,
+        precision: str,
+        grad_clip: float,
+        optim: OptimizerSettings,
+        seed: int,
+        zero_stage: int,
+        offload: str,
+        micro_batch: int,
+        grad_accum: int,
+        extra: dict | None,
+    ) -> None:
+        deepspeed = import_deepspeed()
+        self.dims, self.device, self.zero_stage, self.offload = dims, device, zero_stage, offload
+        self.dtype = DTYPES[precision]
+        self.config = deepspeed_config(
+            zero_stage=zero_stage,
+            offload=offload,
+            micro_batch=micro_batch,
+            grad_accum=grad_accum,
+            dp=dims.dp,
+            grad_clip=grad_clip,
+            precision=precision,
+            extra=extra,
+        )
+        announce_op_builds(offload, dims)
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
+        if zero_stage == 3:  # partitioned as it is built: no rank ever holds the whole model
+            # dtype comes from the config (fp32, bf16 or fp16); DeepSpeed ignores an explicit dtype on a CPU accelerator
+            with deepspeed.zero.Init(config_dict_or_path=self.config):
+                model = make_model()
+            torch.manual_seed(seed)
+            with torch.no_grad(), _GatheredInit(deepspeed.zero.GatheredParameters):
+                model.init_weights()
+        else:  # ZeRO-1/2 keep the whole model on every rank
+            with torch.device("meta"):
+                model = make_model()
+            materialize(model, device, seed)
+        groups = param_groups(model, optim.weight_decay, shape=lambda p: getattr(p, "ds_shape", p.shape))
+        if offload == "cpu":
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps)
+        self.n_params = sum(_numel(p) for p in _model_params(model))
+        self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
+        self.module = model
+
+    def train(self, mode: bool = True) -> None:
+        self.ds.train(mode)
+
+    @contextlib.contextmanager
+    def micro_batch(self, last: bool):
+        """Our micro-batches are DeepSpeed's: gradients are reduced (and the step taken) at the last one."""
+        self.ds.set_gradient_accumulation_boundary(last)
+        yield
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.ds(input_ids)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed averages over dp ranks (and, unless told not to, divides by its accumulation steps): x dp undoes
+        # the average, exactly for a power-of-two dp.
+        self.ds.backward(loss * self.dims.dp, scale_wrt_gas=False)
+
+    def step(self, lr: float, skip: bool = False) -> tuple[float, bool]:
+        for group in self.ds.optimizer.param_groups:
+            group["lr"] = lr
+        self.ds.step()
+        norm = self.ds.get_global_grad_norm()  # before clipping; inf when DeepSpeed found an overflow
+        return (float("inf") if norm is None else float(norm)), self.ds.was_step_applied()
+
+    def save(self, directory: Path) -> None:
+        """DeepSpeed's own checkpoint, every rank writing its partitions; each rank fsyncs the files it wrote."""
+        target = directory / PAYLOAD_DIR
+        self.ds.save_checkpoint(str(target), tag=TAG, client_state={}, save_latest=False)
+        rank = torch.distributed.get_rank()
+        for f in sorted((target / TAG).iterdir()):
+            mine = f"_rank_{rank}_" in f.name if "zero_pp_rank_" in f.name else rank == 0
+            if f.is_file() and mine:
+                fsync(f)
+
+    def load(self, directory: Path) -> None:
+        target = directory / PAYLOAD_DIR
+        if not (target / TAG).is_dir():
+            raise UserError(
+                f"checkpoint {directory} was not written by parallel.engine=deepspeed (no {PAYLOAD_DIR}/ state): "
+                f"resume it with the engine that wrote it, or start a fresh run"
+            )
+        path, _ = self.ds.load_checkpoint(
+            str(target), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if path is None:
+            raise UserError(f"DeepSpeed could not read the checkpoint in {target}: start a fresh run")
+
+    def layout(self) -> dict:
+        """Theoretical model-state bytes of this rank (the ZeRO paper's accounting): parameters and gradients in the
+        compute dtype (P bytes each), fp32 master weights and two AdamW moments (12 bytes) partitioned over dp.
+        Stage 1 partitions the optimizer state, 2 also gradients, 3 also parameters; offload moves the optimizer
+        state (and at stage 3 the parameters) to CPU memory, reported as `offload_bytes`."""
+        n, dp = self.n_params, self.dims.dp
+        p = 4 if self.dtype == torch.float32 else 2
+        params = p * n / dp if self.zero_stage == 3 else p * n
+        grads = p * n / dp if self.zero_stage >= 2 else p * n
+        optim = 12 * n / dp
+        device, host = params + grads + optim, 0.0
+        if self.offload == "cpu":
+            device, host = device - optim, host + optim
+            if self.zero_stage == 3:
+                device, host = device - params, host + params
+        return {
+            "engine": self.name,
+            "zero_stage": self.zero_stage,
+            "offload": self.offload,
+            "model_state_bytes": int(device),
+            "offload_bytes": int(host),
+        }
+
+
+def consolidate(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+    """The fp32 weights of a DeepSpeed checkpoint of any ZeRO stage and world size, gathered on this CPU process by
+    DeepSpeed's own `zero_to_fp32`, keyed by our parameter names."""
+    import_deepspeed()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir / PAYLOAD_DIR), tag=TAG)
+    out = {}
+    for name, tensor in state.items():
+        for prefix in WRAPPER_PREFIXES:
+            name = name.replace(prefix, "")
+        out[name] = tensor
+    return out
