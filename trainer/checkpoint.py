@@ -23,6 +23,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from trainer.engines import check_payload
 from trainer.engines.base import DCP_DIR, Engine, fsync
 from trainer.errors import UserError
 from trainer.parallel import ParallelDims, barrier, broadcast_object
@@ -145,10 +146,9 @@ class Checkpointer:
             raise UserError(f"checkpoint.resume={resume} does not exist: give a checkpoint directory, auto or never")
         return resolve_checkpoint_dir(path)
 
-    def load(self, path: Path, engine: Engine, model_config: dict) -> tuple[dict, dict | None]:
-        """Loads the engine's state (any saved layout) and returns (trainer state, this data-parallel rank's RNG state
-        or None when the checkpoint has none for it, as after a resume on more ranks). The caller sets the RNG right
-        before the first step."""
+    def check_resume(self, path: Path, model_config: dict, engine: str, zero_stage: int) -> dict:
+        """The checkpoint's state, once it is known that this run can continue it (same model shape, an engine that
+        reads its payload); raised before anything is built or written."""
         state = read_state(path)
         if state.get("model_config") != model_config:
             saved, now = state.get("model_config", {}), model_config
@@ -161,10 +161,16 @@ class Checkpointer:
                 f"checkpoint {path} holds another model shape ({diff}); match model.* to it or start "
                 f"a fresh run (checkpoint.resume=never or another run.dir)"
             )
+        check_payload(path, engine, zero_stage)
+        return state
+
+    def load(self, path: Path, engine: Engine) -> dict | None:
+        """Loads the engine's state (saved by any layout the engine reads) and returns this data-parallel rank's RNG
+        state, or None when the checkpoint has none for it (as after a resume on more ranks). The caller sets the
+        RNG right before the first step."""
         engine.load(path)
         rng_file = path / f"rng_dp{self.dims.dp_rank}.pt"
-        rng = torch.load(rng_file, weights_only=False) if rng_file.is_file() else None
-        return state, rng
+        return torch.load(rng_file, weights_only=False) if rng_file.is_file() else None
 
 
 def read_state(path: Path) -> dict:

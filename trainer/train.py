@@ -287,19 +287,21 @@ def build_run(cfg: Config, dims: ParallelDims, device: torch.device, tok: Tokeni
     check_layout(cfg, dims, model_cfg)
     train_files = resolve_files(cfg.data.train)
     valid_files = resolve_files(cfg.data.valid) if cfg.data.valid else []
+    ckpt = Checkpointer(cfg.run_dir / "checkpoints", cfg.checkpoint.keep, dims)
+    ckpt.clean_partial()
+    resume_from = ckpt.find_resume(cfg.checkpoint.resume)
+    state, rng = TrainState(), None
+    if resume_from is not None:  # refused here, before anything is built or written, if this run cannot continue it
+        saved = ckpt.check_resume(resume_from, model_cfg.to_dict(), cfg.parallel.engine, cfg.parallel.zero_stage)
+        state = TrainState(**saved["train_state"])
     if dims.is_main:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, cfg.run_dir / "config.yaml")
 
     t = cfg.train
     engine, counts = build_model(cfg, dims, device, model_cfg)
-    ckpt = Checkpointer(cfg.run_dir / "checkpoints", cfg.checkpoint.keep, dims)
-    ckpt.clean_partial()
-    state, rng = TrainState(), None
-    resume_from = ckpt.find_resume(cfg.checkpoint.resume)
     if resume_from is not None:
-        saved, rng = ckpt.load(resume_from, engine, model_cfg.to_dict())
-        state = TrainState(**saved["train_state"])
+        rng = ckpt.load(resume_from, engine)
 
     fpt = flops_per_token(
         counts["n_params_non_embedding"],

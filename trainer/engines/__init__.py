@@ -9,7 +9,9 @@ clipping, and saving/loading their state.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -17,10 +19,38 @@ from torch import nn
 from trainer.engines.base import Engine
 from trainer.engines.ddp import DDPEngine
 from trainer.engines.fsdp import FSDPEngine
+from trainer.errors import UserError
 from trainer.optim import OptimizerSettings
 from trainer.parallel import ParallelDims
 
-__all__ = ["DDPEngine", "Engine", "FSDPEngine", "build_engine"]
+__all__ = ["DDPEngine", "Engine", "FSDPEngine", "build_engine", "check_payload"]
+
+
+def check_payload(checkpoint: Path, engine: str, zero_stage: int) -> None:
+    """Refuses, in one line, a checkpoint whose payload `engine` cannot read: DeepSpeed's own checkpoints are read
+    by the deepspeed engine only (at any world size, ZeRO-1 and 2 interchangeably, offload on or off, through its
+    universal checkpoint), DCP checkpoints by ddp and fsdp (any layout)."""
+    from trainer.engines.deepspeed import LAYOUT_FILE, PAYLOAD_DIR
+
+    if (checkpoint / PAYLOAD_DIR).is_dir():
+        saved = json.loads((checkpoint / PAYLOAD_DIR / LAYOUT_FILE).read_text())
+        if engine != "deepspeed":
+            raise UserError(
+                f"checkpoint {checkpoint} was written by parallel.engine=deepspeed (ZeRO-{saved['zero_stage']}): "
+                f"resume it with parallel.engine=deepspeed, or start a fresh run (checkpoint.resume=never or another "
+                f"run.dir)"
+            )
+        if (saved["zero_stage"] == 3) != (zero_stage == 3):
+            raise UserError(
+                f"checkpoint {checkpoint} was written by DeepSpeed ZeRO-{saved['zero_stage']}, which DeepSpeed "
+                f"cannot load into ZeRO-{zero_stage}: resume with parallel.zero_stage="
+                f"{'3' if saved['zero_stage'] == 3 else '1 or 2'} (any world size, offload on or off)"
+            )
+    elif engine == "deepspeed":
+        raise UserError(
+            f"checkpoint {checkpoint} was written by parallel.engine=ddp or fsdp (DCP): resume it with one of "
+            f"those (any layout), or start a fresh run (checkpoint.resume=never or another run.dir)"
+        )
 
 
 def build_engine(

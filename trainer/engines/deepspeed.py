@@ -18,10 +18,14 @@ one into a plain fp32 state dict with DeepSpeed's `zero_to_fp32`.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
+import io
+import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -31,10 +35,12 @@ from torch.overrides import TorchFunctionMode
 from trainer.engines.base import DTYPES, fsync
 from trainer.errors import UserError
 from trainer.optim import OptimizerSettings, param_groups
-from trainer.parallel import ParallelDims, materialize
+from trainer.parallel import ParallelDims, barrier, materialize
 
 PAYLOAD_DIR = "deepspeed"  # inside a checkpoint directory
 TAG = "state"  # DeepSpeed's checkpoint tag: its files sit in deepspeed/state/
+UNIVERSAL_TAG = "universal"  # the same state converted to DeepSpeed's universal format, for another layout
+LAYOUT_FILE = "layout.json"  # world size, ZeRO stage and offload of the run that wrote the checkpoint
 # what the ZeRO-3 checkpoint names wrappers add to parameter names (module state dicts drop them themselves)
 WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
@@ -241,6 +247,7 @@ class DeepSpeedEngine:
             extra=extra,
         )
         announce_op_builds(offload, dims)
+        os.environ.setdefault("LOCAL_RANK", "0")  # a single process started without a launcher
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
         if zero_stage == 3:  # partitioned as it is built: no rank ever holds the whole model
             # dtype comes from the config (fp32, bf16 or fp16); DeepSpeed ignores an explicit dtype on a CPU accelerator
@@ -261,6 +268,7 @@ class DeepSpeedEngine:
         else:
             optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps)
         self.n_params = sum(_numel(p) for p in _model_params(model))
+        self.hyperparameters = [{k: g[k] for k in ("weight_decay", "betas", "eps")} for g in optimizer.param_groups]
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
         self.module = model
 
@@ -289,27 +297,60 @@ class DeepSpeedEngine:
         return (float("inf") if norm is None else float(norm)), self.ds.was_step_applied()
 
     def save(self, directory: Path) -> None:
-        """DeepSpeed's own checkpoint, every rank writing its partitions; each rank fsyncs the files it wrote."""
+        """DeepSpeed's own checkpoint, every rank writing its partitions (each rank fsyncs the files it wrote), and
+        the layout that wrote it, which `load` compares with its own."""
+        from deepspeed.checkpoint.constants import (
+            UNIVERSAL_CHECKPOINT_INFO,
+            UNIVERSAL_CHECKPOINT_VERSION_KEY,
+            UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        )
+
         target = directory / PAYLOAD_DIR
-        self.ds.save_checkpoint(str(target), tag=TAG, client_state={}, save_latest=False)
+        # no tensor-parallel slices to describe: the version is all DeepSpeed's universal conversion needs
+        info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+        self.ds.save_checkpoint(str(target), tag=TAG, client_state=info, save_latest=False)
         rank = torch.distributed.get_rank()
-        for f in sorted((target / TAG).iterdir()):
-            mine = f"_rank_{rank}_" in f.name if "zero_pp_rank_" in f.name else rank == 0
-            if f.is_file() and mine:
+        written = [f for f in (target / TAG).iterdir() if f.is_file()]
+        if rank == 0:
+            (target / LAYOUT_FILE).write_text(json.dumps(self._saved_layout()))
+            written.append(target / LAYOUT_FILE)
+        for f in written:
+            if (f"_rank_{rank}_" in f.name) if "zero_pp_rank_" in f.name else rank == 0:
                 fsync(f)
 
+    def _saved_layout(self) -> dict:
+        return {"world_size": self.dims.world_size, "zero_stage": self.zero_stage, "offload": self.offload}
+
     def load(self, directory: Path) -> None:
-        target = directory / PAYLOAD_DIR
-        if not (target / TAG).is_dir():
-            raise UserError(
-                f"checkpoint {directory} was not written by parallel.engine=deepspeed (no {PAYLOAD_DIR}/ state): "
-                f"resume it with the engine that wrote it, or start a fresh run"
+        """Loads a checkpoint written by the same layout directly; one written by another world size, ZeRO stage or
+        offload setting goes through DeepSpeed's universal checkpoint: rank 0 converts it once (kept beside the
+        original as `deepspeed/universal/`), then every rank loads its new partitions from it."""
+        target = directory / PAYLOAD_DIR  # that it is there was checked before the engine was built
+        saved = json.loads((target / LAYOUT_FILE).read_text())
+        tag = TAG
+        if saved != self._saved_layout():
+            if self.dims.is_main and not (target / UNIVERSAL_TAG).is_dir():
+                to_universal(target)
+            barrier()
+            tag = UNIVERSAL_TAG
+            self.ds._config.load_universal_checkpoint = True  # "checkpoint.load_universal"; read only by loading
+        try:
+            path, _ = self.ds.load_checkpoint(
+                str(target), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
             )
-        path, _ = self.ds.load_checkpoint(
-            str(target), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
+        finally:
+            self.ds._config.load_universal_checkpoint = False
         if path is None:
-            raise UserError(f"DeepSpeed could not read the checkpoint in {target}: start a fresh run")
+            raise UserError(f"DeepSpeed found no checkpoint in {target / tag}: start a fresh run")
+        # The config, not the checkpoint, sets the hyper-parameters (as under the other engines); DeepSpeed's ZeRO-3
+        # universal loading would also give every group the first group's, weight decay included.
+        for group, ours in zip(self.ds.optimizer.param_groups, self.hyperparameters, strict=True):
+            group.update(ours)
+        # ZeRO-3 universal loading gives every parameter group the same `step` tensor, which AdamW then advances
+        # once per group per step: each group needs its own.
+        for state in self.ds.optimizer.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
 
     def layout(self) -> dict:
         """Theoretical model-state bytes of this rank (the ZeRO paper's accounting): parameters and gradients in the
@@ -341,10 +382,32 @@ def consolidate(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir / PAYLOAD_DIR), tag=TAG)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress report
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir / PAYLOAD_DIR), tag=TAG)
     out = {}
     for name, tensor in state.items():
         for prefix in WRAPPER_PREFIXES:
             name = name.replace(prefix, "")
         out[name] = tensor
     return out
+
+
+def to_universal(payload: Path) -> None:
+    """DeepSpeed's `ds_to_universal` conversion of `payload/state` into `payload/universal` (written aside, then
+    renamed into place, so an interrupted conversion is redone rather than half used)."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    tmp = payload / f".tmp_{UNIVERSAL_TAG}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(
+        input_folder=str(payload / TAG),
+        output_folder=str(tmp),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=False,
+    )
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress report is not for our console
+        ds_to_universal(args)
+    os.replace(tmp, payload / UNIVERSAL_TAG)
