@@ -8,6 +8,7 @@ size split of the same global batch gives the same update.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from trainer.checkpoint import Checkpointer, set_rng_state
 from trainer.config import Config, save_config
 from trainer.data import build_stream, resolve_files
 from trainer.engines import Engine, build_engine
+from trainer.engines.deepspeed import deepspeed_config
 from trainer.errors import UserError
 from trainer.evaluate import evaluate, generate_sample, token_loss_sum
 from trainer.metrics import flops_per_token, mem_peak_gb, mfu, peak_flops
@@ -228,9 +230,12 @@ def train(cfg: Config) -> dict:
     model_cfg = resolve_model(cfg, tok)
     # a degree that cannot split the model is refused before any process group exists
     check_tp_degree(p.tp, model_cfg.n_head, model_cfg.d_ff, model_cfg.vocab_size, cfg.data.seq_len)
+    ds_config = None
+    if p.engine == "deepspeed":  # generated, with parallel.deepspeed checked against it, before any process group
+        ds_config = deepspeed_config(cfg.train, p, dp=int(os.environ.get("WORLD_SIZE", "1")) // p.tp)
     dims, device = init_distributed(p.tp, need_group=p.engine != "ddp" or p.tp > 1, timeout_s=p.timeout_s)
     try:
-        run = build_run(cfg, dims, device, tok, model_cfg)
+        run = build_run(cfg, dims, device, tok, model_cfg, ds_config)
         stop = StopSignal()
         failed = True
         try:
@@ -253,7 +258,9 @@ def check_layout(cfg: Config, dims: ParallelDims, model_cfg: ModelConfig) -> Non
         )
 
 
-def build_model(cfg: Config, dims: ParallelDims, device: torch.device, model_cfg: ModelConfig) -> tuple[Engine, dict]:
+def build_model(
+    cfg: Config, dims: ParallelDims, device: torch.device, model_cfg: ModelConfig, ds_config: dict | None = None
+) -> tuple[Engine, dict]:
     """The engine around the model: built on the meta device (or partitioned as it is built, DeepSpeed ZeRO-3),
     parallelized, then sharded and materialised by the engine: no rank ever holds more than its shard (plus one whole
     parameter while initialising)."""
@@ -275,14 +282,19 @@ def build_model(cfg: Config, dims: ParallelDims, device: torch.device, model_cfg
         seed=cfg.run.seed,
         zero_stage=p.zero_stage,
         offload=p.offload,
-        micro_batch=t.micro_batch,
-        grad_accum=t.grad_accum,
-        deepspeed=p.deepspeed,
+        deepspeed=ds_config,
     )
     return engine, counts
 
 
-def build_run(cfg: Config, dims: ParallelDims, device: torch.device, tok: TokenizerInfo, model_cfg: ModelConfig) -> Run:
+def build_run(
+    cfg: Config,
+    dims: ParallelDims,
+    device: torch.device,
+    tok: TokenizerInfo,
+    model_cfg: ModelConfig,
+    ds_config: dict | None = None,
+) -> Run:
     """Model, engine, checkpoint state and loggers; resumes from a checkpoint when there is one."""
     check_layout(cfg, dims, model_cfg)
     train_files = resolve_files(cfg.data.train)
@@ -299,7 +311,7 @@ def build_run(cfg: Config, dims: ParallelDims, device: torch.device, tok: Tokeni
         save_config(cfg, cfg.run_dir / "config.yaml")
 
     t = cfg.train
-    engine, counts = build_model(cfg, dims, device, model_cfg)
+    engine, counts = build_model(cfg, dims, device, model_cfg, ds_config)
     if resume_from is not None:
         rng = ckpt.load(resume_from, engine)
 
@@ -365,10 +377,11 @@ def build_run(cfg: Config, dims: ParallelDims, device: torch.device, tok: Tokeni
     )
     name = model_cfg.arch.upper() + (f" {cfg.model.preset}" if cfg.model.preset else "")
     zero = f" ZeRO-{layout['zero_stage']}" if layout["zero_stage"] else ""
+    offloaded = f" (+{layout['offload_bytes'] / 2**20:,.1f} MiB in CPU memory)" if layout.get("offload_bytes") else ""
     logger.print(
         f"{name}: {counts['n_params']:,} parameters | {layout['engine']}{zero}, dp {dims.dp} x tp {dims.tp} on "
         f"{device.type}, offload {layout['offload']}, model state {layout['model_state_bytes'] / 2**20:,.1f} MiB "
-        f"per rank | {run.global_batch} x {cfg.data.seq_len} = {run.global_batch * cfg.data.seq_len:,} tokens "
+        f"per rank{offloaded} | {run.global_batch} x {cfg.data.seq_len} = {run.global_batch * cfg.data.seq_len:,} tokens "
         f"per step | {t.steps:,} steps, {t.precision} | run dir {cfg.run_dir}"
     )
     if resume_from:

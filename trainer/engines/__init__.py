@@ -65,14 +65,11 @@ def build_engine(
     seed: int,
     zero_stage: int,
     offload: str = "none",
-    micro_batch: int = 1,
-    grad_accum: int = 1,
     deepspeed: dict | None = None,
 ) -> Engine:
     """The engine `name` around the model `make_model` builds (parallelized, not yet data-parallel). The model is
     built on the meta device (or, for DeepSpeed ZeRO-3, inside `deepspeed.zero.Init`); the engine materialises its
-    weights from `seed` and builds the optimizer on them. `micro_batch`, `grad_accum` and `deepspeed` (extra settings)
-    feed the generated DeepSpeed config."""
+    weights from `seed` and builds the optimizer on them. `deepspeed` is the generated DeepSpeed config."""
     common = {
         "dims": dims,
         "device": device,
@@ -84,15 +81,8 @@ def build_engine(
     if name == "deepspeed":
         from trainer.engines.deepspeed import DeepSpeedEngine
 
-        return DeepSpeedEngine(
-            make_model,
-            zero_stage=zero_stage,
-            offload=offload,
-            micro_batch=micro_batch,
-            grad_accum=grad_accum,
-            extra=deepspeed,
-            **common,
-        )
+        del common["grad_clip"]  # part of the DeepSpeed config
+        return DeepSpeedEngine(make_model, config=deepspeed, zero_stage=zero_stage, offload=offload, **common)
     with torch.device("meta"):
         model = make_model()
     if name == "ddp":

@@ -26,12 +26,14 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from trainer.config import ParallelConfig, TrainConfig
 from trainer.engines.base import DTYPES, fsync
 from trainer.errors import UserError
 from trainer.optim import OptimizerSettings, param_groups
@@ -55,26 +57,21 @@ def import_deepspeed():
         raise UserError(
             "parallel.engine=deepspeed needs DeepSpeed: pip install 'trainer[deepspeed]' (or pip install deepspeed)"
         ) from None
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would flood rank 0's console
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)  # its INFO and advice lines would flood the console
+    # DeepSpeed calls collectives torch has renamed; torch warns on every call, which is not the user's to fix
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     return deepspeed
 
 
 # --- the DeepSpeed config, generated from ours ------------------------------------------------------------------
 
 
-def deepspeed_config(
-    *,
-    zero_stage: int,
-    offload: str,
-    micro_batch: int,
-    grad_accum: int,
-    dp: int,
-    grad_clip: float,
-    precision: str,
-    extra: dict | None,
-) -> dict:
-    """The config handed to `deepspeed.initialize`: ours, then `extra` (parallel.deepspeed) merged in. A setting of
-    `extra` that contradicts one we generate is a UserError naming both."""
+def deepspeed_config(t: TrainConfig, p: ParallelConfig, dp: int) -> dict:
+    """The config handed to `deepspeed.initialize`, generated from `train.*` and `parallel.*`, then the extra
+    settings of `parallel.deepspeed` merged in. An extra setting that contradicts a generated one is a UserError
+    naming both; the optimizer and scheduler are ours under every engine."""
+    zero_stage, offload, precision, extra = p.zero_stage, p.offload, t.precision, p.deepspeed
+    micro_batch, grad_accum, grad_clip = t.micro_batch, t.grad_accum, t.grad_clip
     zero: dict = {"stage": zero_stage}
     if offload == "cpu":
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -221,34 +218,24 @@ class DeepSpeedEngine:
         self,
         make_model,
         *,
+        config: dict,
         dims: ParallelDims,
         device: torch.device,
         precision: str,
-        grad_clip: float,
         optim: OptimizerSettings,
         seed: int,
         zero_stage: int,
         offload: str,
-        micro_batch: int,
-        grad_accum: int,
-        extra: dict | None,
     ) -> None:
+        """`config` is `deepspeed_config`'s (generated before the process group, so a bad setting stops nothing)."""
         deepspeed = import_deepspeed()
         self.dims, self.device, self.zero_stage, self.offload = dims, device, zero_stage, offload
         self.dtype = DTYPES[precision]
-        self.config = deepspeed_config(
-            zero_stage=zero_stage,
-            offload=offload,
-            micro_batch=micro_batch,
-            grad_accum=grad_accum,
-            dp=dims.dp,
-            grad_clip=grad_clip,
-            precision=precision,
-            extra=extra,
-        )
+        self.config = config
         announce_op_builds(offload, dims)
         os.environ.setdefault("LOCAL_RANK", "0")  # a single process started without a launcher
-        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
+        with contextlib.redirect_stdout(io.StringIO()):  # "op built successfully", on every rank, at every start
+            deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
         if zero_stage == 3:  # partitioned as it is built: no rank ever holds the whole model
             # dtype comes from the config (fp32, bf16 or fp16); DeepSpeed ignores an explicit dtype on a CPU accelerator
             with deepspeed.zero.Init(config_dict_or_path=self.config):
