@@ -149,6 +149,32 @@ def test_shipped_configs_are_valid(name):
         (["parallel.tp=2", "model.d_ff=129"], "does not divide model.d_ff=129"),
         (["parallel.tp=3", "model.n_head=3", "model.d_model=96"], "does not divide model.vocab_size=512"),
         (["parallel.tp=2", "data.seq_len=31"], "does not divide data.seq_len=31"),
+        (
+            ["parallel.engine=deepspeed", "parallel.zero_stage=0"],
+            "for ZeRO stage 0 (no sharding) use parallel.engine=ddp",
+        ),
+        (
+            ["parallel.engine=deepspeed", "parallel.zero_stage=0", "parallel.offload=cpu"],
+            "parallel.offload=cpu needs a ZeRO stage",
+        ),
+        (["parallel.engine=deepspeed", "parallel.tp=2"], "parallel.engine=deepspeed does not combine with tensor"),
+        (
+            ["parallel.engine=deepspeed", "parallel.deepspeed.zero_optimization.stage=3"],
+            "parallel.deepspeed.zero_optimization.stage=3 contradicts parallel.zero_stage",
+        ),
+        (
+            ["parallel.engine=deepspeed", "parallel.deepspeed.gradient_accumulation_steps=4"],
+            "parallel.deepspeed.gradient_accumulation_steps=4 contradicts train.grad_accum",
+        ),
+        (
+            ["parallel.engine=deepspeed", "parallel.deepspeed.optimizer.type=Adam"],
+            "parallel.deepspeed.optimizer is not",
+        ),
+        (["parallel.deepspeed.zero_optimization.overlap_comm=true"], "are for parallel.engine=deepspeed (here ddp)"),
+        (
+            ["parallel.engine=deepspeed", "train.precision=fp16"],
+            "needs a GPU (DeepSpeed's CPU accelerator has no fp16)",
+        ),
     ],
     ids=[
         "zero_with_ddp",
@@ -161,6 +187,14 @@ def test_shipped_configs_are_valid(name):
         "d_ff",
         "vocab",
         "seq",
+        "deepspeed_zero0",
+        "deepspeed_offload_zero0",
+        "deepspeed_tp",
+        "deepspeed_setting_contradicts_ours",
+        "deepspeed_accumulation_contradicts_ours",
+        "deepspeed_optimizer",
+        "deepspeed_settings_without_deepspeed",
+        "deepspeed_fp16_on_cpu",
     ],
 )
 def test_parallel_layout_refused_up_front(tmp_path, capsys, corpus, gpt_tok, overrides, expected):
@@ -169,3 +203,24 @@ def test_parallel_layout_refused_up_front(tmp_path, capsys, corpus, gpt_tok, ove
     line = cli_error(capsys, "train", str(path), *overrides)
     assert expected in line, line
     assert not (tmp_path / "r").exists()
+
+
+def test_deepspeed_checkpoint_refused_by_another_engine_or_stage(tmp_path, capsys, corpus, gpt_tok):
+    """A DeepSpeed checkpoint resumes under deepspeed only, and not across the ZeRO-3 boundary (DeepSpeed cannot load
+    a ZeRO-1/2 checkpoint into ZeRO-3); a DCP checkpoint not under deepspeed. Refused before anything is written."""
+    ds = {"parallel.engine": "deepspeed", "parallel.zero_stage": 2, "train.steps": 2}
+    path = write_config(tiny_config(tmp_path / "r", corpus, gpt_tok, **ds), tmp_path / "c.yaml")
+    r = run_cli("trainer", "train", str(path))  # DeepSpeed keeps process-wide state: its own process
+    assert r.returncode == 0, r.stderr[-2000:]
+    config_before = (tmp_path / "r" / "config.yaml").read_text()
+    for overrides, expected in (
+        (["parallel.engine=fsdp", "parallel.zero_stage=3"], "was written by parallel.engine=deepspeed (ZeRO-2)"),
+        (["parallel.zero_stage=3"], "cannot load into ZeRO-3: resume with parallel.zero_stage=1 or 2"),
+    ):
+        line = cli_error(capsys, "train", str(path), *overrides, "train.steps=4")
+        assert expected in line, line
+    assert (tmp_path / "r" / "config.yaml").read_text() == config_before
+    path = write_config(tiny_config(tmp_path / "d", corpus, gpt_tok, **{"train.steps": 2}), tmp_path / "d.yaml")
+    main(["train", str(path)])
+    line = cli_error(capsys, "train", str(path), "parallel.engine=deepspeed", "train.steps=4")
+    assert "was written by parallel.engine=ddp or fsdp (DCP)" in line, line

@@ -1,6 +1,7 @@
 """Every parallel layout against the single-process run, on real gloo ranks: ddp, FSDP2 ZeRO-2/3, tensor parallel,
-2-D fsdp x tp, with gradient accumulation, activation checkpointing and compile; a run stopped with SIGTERM under one
-layout resumes under another and continues the uninterrupted curve; checkpoints of sharded runs export to Hugging Face.
+2-D fsdp x tp, DeepSpeed ZeRO-1/2/3 (with CPU offload), with gradient accumulation, activation checkpointing and
+compile; a run stopped with SIGTERM under one layout resumes under another and continues the uninterrupted curve;
+checkpoints of sharded runs export to Hugging Face.
 
 All runs share one tiny GPT and one global batch (4 samples x 32 tokens), fp32, dropout 0, so the single-process run
 is the exact reference: per-step loss and grad norm within 1e-4 (relative), final weights within 1e-5.
@@ -43,6 +44,18 @@ LAYOUTS = {
     ),
     "tp2": (2, {"parallel.tp": 2}),
     "tp2_ac_compile": (2, {"parallel.tp": 2, "train.activation_checkpointing": "full", "train.compile": True}),
+    "ds_zero1": (2, {"parallel.engine": "deepspeed", "parallel.zero_stage": 1, "train.micro_batch": 2}),
+    "ds_zero2": (2, {"parallel.engine": "deepspeed", "parallel.zero_stage": 2, "train.micro_batch": 2}),
+    # DeepSpeed divides by its accumulation steps unless told not to: accumulation shows whether that is undone
+    "ds_zero2_accum2": (
+        2,
+        {"parallel.engine": "deepspeed", "parallel.zero_stage": 2, "train.micro_batch": 1, "train.grad_accum": 2},
+    ),
+    "ds_zero3": (2, {"parallel.engine": "deepspeed", "parallel.zero_stage": 3, "train.micro_batch": 2}),
+    "ds_zero3_offload": (
+        2,
+        {"parallel.engine": "deepspeed", "parallel.zero_stage": 3, "parallel.offload": "cpu", "train.micro_batch": 2},
+    ),
     "fsdp2_x_tp2_ac": (
         4,
         {
@@ -129,6 +142,16 @@ def test_start_record_states_model_state_bytes(gpt_runs):
     assert 16 * n / 2 <= starts["fsdp_zero3"]["model_state_bytes"] <= 1.01 * 16 * n / 2
     assert 16 * n / 2 + 4 * n <= starts["fsdp_zero2"]["model_state_bytes"] <= 1.01 * (16 * n / 2 + 4 * n)
     assert starts["tp2"]["model_state_bytes"] <= 0.55 * 16 * n
+    # DeepSpeed keeps an fp32 master copy beside fp32 parameters: 4 + 4 + 12/dp, 4 + 16/dp, 20/dp B/param; offload
+    # moves the optimizer state and (ZeRO-3) the parameters to CPU memory
+    for name, device, host in (
+        ("ds_zero1", 14 * n, 0),
+        ("ds_zero2", 12 * n, 0),
+        ("ds_zero3", 10 * n, 0),
+        ("ds_zero3_offload", 2 * n, 8 * n),
+    ):
+        starts[name] = read_metrics(gpt_runs(name))[0]
+        assert (starts[name]["model_state_bytes"], starts[name]["offload_bytes"]) == (device, host), name
     for s in starts.values():
         assert {"engine", "zero_stage", "dp", "tp", "offload"} <= s.keys()
 
@@ -145,7 +168,7 @@ def test_bert_tensor_parallel_matches_single_process(tmp_path, corpus, bert_tok)
     assert_matches(runs["single"], runs["tp2"], weights_atol=1e-4)
 
 
-@pytest.mark.parametrize("layout", ["fsdp_zero3", "tp2"])
+@pytest.mark.parametrize("layout", ["fsdp_zero3", "tp2", "ds_zero3"])
 def test_export_from_sharded_checkpoint_loads_in_transformers(gpt_runs, layout, tmp_path, monkeypatch):
     transformers = pytest.importorskip("transformers")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -162,6 +185,7 @@ def test_export_from_sharded_checkpoint_loads_in_transformers(gpt_runs, layout, 
 # --- reshard-resume: stop one layout with SIGTERM to the whole process group, resume under another ----------------
 
 RESUME = {**BASE, "train.steps": 60, "train.eval_every": 0, "log.every": 1}
+DS_ZERO3 = {"parallel.engine": "deepspeed", "parallel.zero_stage": 3, "train.micro_batch": 2}
 
 
 @pytest.fixture(scope="module")
@@ -212,8 +236,22 @@ def stop_with_sigterm(nproc: int, config: Path, run_dir: Path, after_step: int =
             (2, {"train.micro_batch": 2}),
             (2, {"parallel.engine": "fsdp", "parallel.zero_stage": 2, "train.micro_batch": 2}),
         ),
+        ((2, DS_ZERO3), (2, DS_ZERO3)),
+        # another world size: DeepSpeed's universal checkpoint, converted on resume
+        ((2, DS_ZERO3), (1, {**DS_ZERO3, "train.micro_batch": 4})),
+        (
+            (2, {**DS_ZERO3, "parallel.zero_stage": 2}),
+            (2, {**DS_ZERO3, "parallel.zero_stage": 1, "parallel.offload": "cpu"}),
+        ),
     ],
-    ids=["fsdp_zero3_x2_to_1", "tp2_to_tp1", "ddp_x2_to_fsdp_x2"],
+    ids=[
+        "fsdp_zero3_x2_to_1",
+        "tp2_to_tp1",
+        "ddp_x2_to_fsdp_x2",
+        "ds_zero3_x2_to_x2",
+        "ds_zero3_x2_to_1",
+        "ds_zero2_x2_to_zero1_offload",
+    ],
 )
 def test_stop_and_resume_on_another_layout(tmp_path, corpus, gpt_tok, uninterrupted, first, then):
     run_dir = tmp_path / "run"
@@ -234,11 +272,14 @@ def test_stop_and_resume_on_another_layout(tmp_path, corpus, gpt_tok, uninterrup
     assert_same_weights(uninterrupted, run_dir, atol=1e-4)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_fsdp_mixed_precision_tracks_fp32(gpt_runs, tmp_path, corpus, gpt_tok, precision):
-    """bf16/fp16 compute with fp32 reduction and master weights under FSDP2 ZeRO-3: every step's loss stays near the
-    fp32 run's (a wrong cast or a lost update shows up within a few steps), and the weights stay fp32."""
-    overrides = {"parallel.engine": "fsdp", "train.micro_batch": 2, "train.precision": precision}
+@pytest.mark.parametrize(
+    ("engine", "precision"), [("fsdp", "bf16"), ("fsdp", "fp16"), ("deepspeed", "bf16")], ids=lambda v: v
+)
+def test_mixed_precision_tracks_fp32(gpt_runs, tmp_path, corpus, gpt_tok, engine, precision):
+    """bf16/fp16 compute with fp32 gradient reduction and master weights (FSDP2 ZeRO-3, DeepSpeed ZeRO-2): every
+    step's loss stays near the fp32 run's (a wrong cast or a lost update shows up within a few steps), and the
+    weights stay fp32. DeepSpeed's fp16 needs a GPU (its CPU accelerator has none)."""
+    overrides = {"parallel.engine": engine, "train.micro_batch": 2, "train.precision": precision}
     cfg = write_config(tiny_config(tmp_path / "run", corpus, gpt_tok, **BASE, **overrides), tmp_path / "c.yaml")
     r = launch(2, cfg)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -206,8 +206,10 @@ def test_precisions_train_on_tiny_shapes(tmp_path, corpus, gpt_tok):
     assert abs(losses["bf16"] - losses["fp32"]) < 0.05 and abs(losses["fp16"] - losses["fp32"]) < 0.05
 
 
-def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, corpus, gpt_tok):
-    """An absurd LR blows the weights up after one update; later steps are non-finite, skipped, and the run stops."""
+@pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
+def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, corpus, gpt_tok, engine):
+    """An absurd LR blows the weights up after one update; later steps are non-finite, skipped, and the run stops.
+    Under deepspeed the skip is DeepSpeed's own (its overflow check), counted the same way."""
     cfg = write_config(
         tiny_config(
             tmp_path / "run",
@@ -220,6 +222,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, corpus, gpt_t
                 "train.warmup_steps": 0,
                 "train.max_bad_steps": 3,
                 "train.grad_clip": 0.0,
+                "parallel.engine": engine,
             },
         ),
         tmp_path / "c.yaml",

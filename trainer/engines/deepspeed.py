@@ -72,6 +72,11 @@ def deepspeed_config(t: TrainConfig, p: ParallelConfig, dp: int) -> dict:
     naming both; the optimizer and scheduler are ours under every engine."""
     zero_stage, offload, precision, extra = p.zero_stage, p.offload, t.precision, p.deepspeed
     micro_batch, grad_accum, grad_clip = t.micro_batch, t.grad_accum, t.grad_clip
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise UserError(
+            "train.precision=fp16 under parallel.engine=deepspeed needs a GPU (DeepSpeed's CPU accelerator has no "
+            "fp16): use train.precision=bf16 or fp32, or parallel.engine=fsdp for fp16"
+        )
     zero: dict = {"stage": zero_stage}
     if offload == "cpu":
         zero["offload_optimizer"] = {"device": "cpu"}
