@@ -156,7 +156,7 @@ def _get_path(d: dict, path: str):
 # --- the first use of DeepSpeed's C++ ops builds them -----------------------------------------------------------
 
 
-def announce_op_builds(offload: str, dims: ParallelDims) -> None:
+def announce_op_builds(offload: str) -> None:
     """DeepSpeed compiles its C++ ops on first use on a machine (2-3 minutes on 2 cores); say so while it happens.
     They are cached under torch's extension directory (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions)."""
     from deepspeed.accelerator import get_accelerator
@@ -237,7 +237,7 @@ class DeepSpeedEngine:
         self.dims, self.device, self.zero_stage, self.offload = dims, device, zero_stage, offload
         self.dtype = DTYPES[precision]
         self.config = config
-        announce_op_builds(offload, dims)
+        announce_op_builds(offload)
         os.environ.setdefault("LOCAL_RANK", "0")  # a single process started without a launcher
         with contextlib.redirect_stdout(io.StringIO()):  # "op built successfully", on every rank, at every start
             deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
