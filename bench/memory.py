@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from trainer.config import load_config
+from trainer.engines.deepspeed import deepspeed_config, import_deepspeed
 from trainer.evaluate import token_loss_sum
 from trainer.models import count_params, model_from_config, resolve_model_config
 from trainer.parallel import init_distributed, shutdown_distributed
@@ -68,6 +69,10 @@ LAYOUTS = {
     "ddp": ["parallel.engine=ddp"],
     "zero2": ["parallel.engine=fsdp", "parallel.zero_stage=2"],
     "zero3": ["parallel.engine=fsdp", "parallel.zero_stage=3"],
+    "ds1": ["parallel.engine=deepspeed", "parallel.zero_stage=1"],
+    "ds2": ["parallel.engine=deepspeed", "parallel.zero_stage=2"],
+    "ds3": ["parallel.engine=deepspeed", "parallel.zero_stage=3"],
+    "ds3_off": ["parallel.engine=deepspeed", "parallel.zero_stage=3", "parallel.offload=cpu"],
 }
 AC_MODES = ("none", "selective", "full")
 
@@ -80,7 +85,7 @@ def storage_bytes(tensors, seen: set | None = None) -> int:
     seen = set() if seen is None else seen
     total = 0
     for t in tensors:
-        if t is None:
+        if not isinstance(t, torch.Tensor):  # None, or a step count kept as a number
             continue
         s = (t.to_local() if isinstance(t, DTensor) else t).untyped_storage()
         if s.data_ptr() in seen:
@@ -116,10 +121,13 @@ def build(size: dict, overrides: list[str], need_group: bool):
         ],
     )
     p = cfg.parallel
-    dims, device = init_distributed(p.tp, need_group=need_group or p.engine == "fsdp", timeout_s=p.timeout_s)
+    ds_config = (
+        deepspeed_config(cfg.train, p, dp=int(os.environ.get("WORLD_SIZE", "1"))) if p.engine == "deepspeed" else None
+    )
+    dims, device = init_distributed(p.tp, need_group=need_group or p.engine != "ddp", timeout_s=p.timeout_s)
     model_cfg = resolve_model(cfg, SimpleNamespace(vocab_size=size["vocab_size"], eos_id=0))
     check_layout(cfg, dims, model_cfg)
-    engine, counts = build_model(cfg, dims, device, model_cfg)
+    engine, counts = build_model(cfg, dims, device, model_cfg, ds_config)
     engine.train()
     return dims, engine, counts
 
@@ -151,29 +159,47 @@ def run_steps(
 
 
 def state_worker(layout: str, size: dict, steps: int) -> None:
-    """One rank of a 2-rank job: model-state bytes, gathered-parameter bytes, peak RSS and step times."""
+    """One rank of a 2-rank job: model-state bytes, gathered-parameter bytes, RSS growth, peak RSS and step times."""
     torch.set_num_threads(1)
+    if layout.startswith("ds"):
+        import_deepspeed()  # the library's own memory is not model state
+    rss_base = current_rss()
     dims, engine, counts = build(size, LAYOUTS[layout], need_group=True)
-    # The optimizer holds what persists between steps: the whole parameters under ddp, the sharded ones under fsdp.
-    params = list(dict.fromkeys(p for g in engine.optimizer.param_groups for p in g["params"]))
-    figures = {"n_params": counts["n_params"], "layout_bytes": engine.layout()["model_state_bytes"]}
-    figures["params"] = storage_bytes(params)
+    lay = engine.layout()
+    figures = {"n_params": counts["n_params"], "layout_bytes": lay["model_state_bytes"]}
+    figures["layout_offload"] = lay.get("offload_bytes", 0)
     model = engine.module
+    if engine.name == "deepspeed":
+        # Parameters as this rank holds them (ZeRO-3: its partitions, plus the small ones DeepSpeed keeps whole);
+        # fp32 master weights and AdamW state are the wrapped optimizer's. DeepSpeed's gradient buffers are its own
+        # internals: they show in the RSS growth only.
+        params = [getattr(p, "ds_tensor", None) for p in model.parameters()] + [p.data for p in model.parameters()]
+        figures["params"] = storage_bytes(params)
+        base = engine.ds.optimizer.optimizer
+        master = [p for g in base.param_groups for p in g["params"]]
+    else:
+        # The optimizer holds what persists between steps: the whole parameters under ddp, the sharded ones (fsdp).
+        params = list(dict.fromkeys(p for g in engine.optimizer.param_groups for p in g["params"]))
+        figures["params"] = storage_bytes(params)
+        base, master = engine.optimizer, []
 
     def after_forward() -> None:
         # Parameters FSDP holds unsharded (plain tensors, registered in place of the DTensor shards) after the
         # forward, until their block's backward: all of them at ZeRO-2; none at ZeRO-3, where each block (and the
-        # root) is gathered again, one or two at a time, in its backward (not counted here). DDP gathers nothing: its whole parameters are already in `params`.
+        # root) is gathered again, one or two at a time, in its backward (not counted here). DDP gathers nothing: its
+        # whole parameters are already in `params`.
         gathered = [p for p in model.parameters() if not isinstance(p, DTensor)] if engine.name == "fsdp" else []
         figures["gathered"] = storage_bytes(gathered)
 
     def after_backward() -> None:
-        figures["grads"] = storage_bytes([p.grad for p in params])  # before step() zeroes them
+        if engine.name != "deepspeed":
+            figures["grads"] = storage_bytes([p.grad for p in params])  # before step() zeroes them
 
     times = run_steps(engine, size, dims.dp, steps, after_forward=after_forward, after_backward=after_backward)
     seen = set()
-    figures["optim"] = sum(storage_bytes(st.values(), seen) for st in engine.optimizer.state.values())
+    figures["optim"] = storage_bytes(master, seen) + sum(storage_bytes(st.values(), seen) for st in base.state.values())
     figures["step_s"] = statistics.median(times)
+    figures["rss_growth"] = current_rss() - rss_base  # what the engine keeps between steps, buffers included
     figures["rss_peak"] = peak_rss()
     every = [None] * dims.world_size
     dist.all_gather_object(every, figures)
@@ -288,38 +314,63 @@ def main() -> None:
             results[layout] = launch([*cmd, me, "--worker", layout, *passthrough])
         n = results["ddp"]["ranks"][0]["n_params"]
         dp = results["ddp"]["dp"]
-        formula = {"ddp": 16 * n, "zero2": (4 + 12 / dp) * n, "zero3": 16 * n / dp}
+        formula = {
+            "ddp": 16 * n,
+            "zero2": (4 + 12 / dp) * n,
+            "zero3": 16 * n / dp,
+            "ds1": (8 + 12 / dp) * n,
+            "ds2": (4 + 16 / dp) * n,
+            "ds3": 20 * n / dp,
+            "ds3_off": 20 * n / dp,
+        }
         print(
-            f"{'layout':<7} {'params':>8} {'grads':>8} {'optim':>8} {'state':>8} {'layout()':>9} {'formula':>8} "
-            f"{'gathered':>9} {'state+gath':>10} {'peak RSS':>9} {'step s':>7}"
+            f"{'layout':<7} {'params':>8} {'grads':>8} {'optim':>8} {'state':>8} {'layout()':>14} {'formula':>8} "
+            f"{'gathered':>9} {'state+gath':>10} {'RSS growth':>10} {'peak RSS':>9} {'step s':>7}"
         )
-        state, peak = {}, {}
+        state, peak, growth = {}, {}, {}
         for layout, r in results.items():
             # every figure is the larger of the two ranks' (FSDP's last shard may be padded)
-            f = {k: max(rank.get(k, 0) for rank in r["ranks"]) for k in r["ranks"][0]}
+            f = {k: max(rank.get(k, 0) for rank in r["ranks"]) for k in r["ranks"][0] | {"grads": 0, "gathered": 0}}
+            measured_grads = layout in ("ddp", "zero2", "zero3")
             state[layout] = f["params"] + f["grads"] + f["optim"]
             peak[layout] = state[layout] + f["gathered"]
+            growth[layout] = f["rss_growth"]
+            lay = mib(f["layout_bytes"]) + (f"+{mib(f['layout_offload'])}" if f["layout_offload"] else "")
             print(
-                f"{layout:<7} {mib(f['params']):>8} {mib(f['grads']):>8} {mib(f['optim']):>8} "
-                f"{mib(state[layout]):>8} {mib(f['layout_bytes']):>9} {mib(formula[layout]):>8} "
-                f"{mib(f['gathered']):>9} {mib(peak[layout]):>10} {mib(f['rss_peak']):>9} {f['step_s']:>7.2f}"
+                f"{layout:<7} {mib(f['params']):>8} {mib(f['grads']) if measured_grads else '-':>8} "
+                f"{mib(f['optim']):>8} {mib(state[layout]) if measured_grads else '-':>8} {lay:>14} "
+                f"{mib(formula[layout]):>8} {mib(f['gathered']):>9} "
+                f"{mib(peak[layout]) if measured_grads else '-':>10} {mib(growth[layout]):>10} "
+                f"{mib(f['rss_peak']):>9} {f['step_s']:>7.2f}"
             )
         print(
-            "MiB per rank. state = params + grads (after backward) + AdamW state (after the step), what persists "
-            "between\nsteps; gathered = parameters FSDP holds unsharded from forward to backward (measured after the "
-            "forward):\nall of them at ZeRO-2; at ZeRO-3 each block is gathered only while it runs. "
-            "layout() = engine.layout()['model_state_bytes']; formula: 16 B/param "
-            "ddp,\n(4 + 12/dp) B/param ZeRO-2, 16/dp B/param ZeRO-3. peak RSS: the whole process, torch included."
+            "MiB per rank. state = params + grads (after backward) + AdamW state (after the step; DeepSpeed: fp32 "
+            "master\nweights too), what persists between steps; gathered = parameters FSDP holds unsharded from "
+            "forward to backward\n(measured after the forward): all of them at ZeRO-2; at ZeRO-3 each block is "
+            "gathered only while it runs.\nDeepSpeed's gradients live in its own buffers (-): the RSS growth (RSS "
+            "after the steps minus before the engine\nwas built, each buffer included) compares every engine. "
+            "layout() = engine.layout()['model_state_bytes'] (+ bytes\noffloaded to CPU memory); formula: 16 B/param "
+            "ddp, (4 + 12/dp) ZeRO-2, 16/dp ZeRO-3; DeepSpeed keeps fp32 master\nweights beside fp32 parameters: "
+            "(8 + 12/dp) ZeRO-1, (4 + 16/dp) ZeRO-2, 20/dp ZeRO-3 (offload: the same bytes,\nin CPU memory). peak "
+            "RSS: the whole process, torch (and DeepSpeed) included."
         )
-        for layout in ("zero2", "zero3"):
-            print(
-                f"{layout}/ddp: state {state[layout] / state['ddp']:.2f}x, state + gathered "
-                f"{peak[layout] / peak['ddp']:.2f}x"
-            )
+        for layout in results:
+            if layout != "ddp":
+                print(f"{layout}/ddp: RSS growth {growth[layout] / growth['ddp']:.2f}x", end="")
+                print(
+                    f", state + gathered {peak[layout] / peak['ddp']:.2f}x"
+                    if layout in state and layout in ("zero2", "zero3")
+                    else ""
+                )
         ratio = peak["zero3"] / peak["ddp"]
         targets.append(
             f"ZeRO-3 model state (with what stays gathered) <= 0.55x ddp's: {'met' if ratio <= 0.55 else 'NOT met'} "
             f"({ratio:.2f}x)"
+        )
+        ratio = growth["ds3"] / growth["ddp"]
+        targets.append(
+            f"DeepSpeed ZeRO-3 memory kept between steps (RSS growth) below ddp's: "
+            f"{'met' if ratio < 1 else 'NOT met'} ({ratio:.2f}x)"
         )
 
     if args.only in (None, "act"):
