@@ -121,11 +121,11 @@ def build(size: dict, overrides: list[str], need_group: bool):
         ],
     )
     p = cfg.parallel
-    ds_config = (
-        deepspeed_config(cfg.train, p, dp=int(os.environ.get("WORLD_SIZE", "1"))) if p.engine == "deepspeed" else None
-    )
-    dims, device = init_distributed(p.tp, need_group=need_group or p.engine != "ddp", timeout_s=p.timeout_s)
     model_cfg = resolve_model(cfg, SimpleNamespace(vocab_size=size["vocab_size"], eos_id=0))
+    ds_config = None
+    if p.engine == "deepspeed":
+        ds_config = deepspeed_config(cfg.train, p, dp=int(os.environ.get("WORLD_SIZE", "1")), d_model=size["d_model"])
+    dims, device = init_distributed(p.tp, need_group=need_group or p.engine != "ddp", timeout_s=p.timeout_s)
     check_layout(cfg, dims, model_cfg)
     engine, counts = build_model(cfg, dims, device, model_cfg, ds_config)
     engine.train()

@@ -15,19 +15,19 @@ def test_generated_config_follows_ours_and_takes_extra_settings():
     p = ParallelConfig(
         engine="deepspeed", zero_stage=3, offload="cpu", deepspeed={"zero_optimization": {"overlap_comm": True}}
     )
-    c = deepspeed_config(t, p, dp=2)
+    c = deepspeed_config(t, p, dp=2, d_model=64)
     assert (c["train_micro_batch_size_per_gpu"], c["gradient_accumulation_steps"], c["train_batch_size"]) == (3, 4, 24)
     assert c["gradient_clipping"] == 0.5 and c["bf16"]["enabled"] and not c["fp16"]["enabled"]
     assert c["data_types"]["grad_accum_dtype"] == "fp32"
     zero = c["zero_optimization"]
-    assert zero["stage"] == 3 and zero["overlap_comm"] is True
+    assert zero["stage"] == 3 and zero["overlap_comm"] is True and zero["reduce_bucket_size"] == 64 * 64
     assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
     # an extra setting equal to ours is no contradiction; one that differs is
     same = ParallelConfig(engine="deepspeed", zero_stage=2, deepspeed={"gradient_clipping": 1.0})
-    assert deepspeed_config(TrainConfig(), same, dp=1)["gradient_clipping"] == 1.0
+    assert deepspeed_config(TrainConfig(), same, dp=1, d_model=64)["gradient_clipping"] == 1.0
     other = ParallelConfig(engine="deepspeed", zero_stage=2, deepspeed={"train_batch_size": 64})
     with pytest.raises(UserError, match="train_batch_size=64 contradicts train.micro_batch x train.grad_accum x dp"):
-        deepspeed_config(TrainConfig(), other, dp=2)
+        deepspeed_config(TrainConfig(), other, dp=2, d_model=64)
 
 
 def test_first_use_says_deepspeed_is_compiling(tmp_path, monkeypatch, capsys):

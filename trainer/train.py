@@ -232,7 +232,8 @@ def train(cfg: Config) -> dict:
     check_tp_degree(p.tp, model_cfg.n_head, model_cfg.d_ff, model_cfg.vocab_size, cfg.data.seq_len)
     ds_config = None
     if p.engine == "deepspeed":  # generated, with parallel.deepspeed checked against it, before any process group
-        ds_config = deepspeed_config(cfg.train, p, dp=int(os.environ.get("WORLD_SIZE", "1")) // p.tp)
+        dp = int(os.environ.get("WORLD_SIZE", "1")) // p.tp
+        ds_config = deepspeed_config(cfg.train, p, dp=dp, d_model=model_cfg.d_model)
     dims, device = init_distributed(p.tp, need_group=p.engine != "ddp" or p.tp > 1, timeout_s=p.timeout_s)
     try:
         run = build_run(cfg, dims, device, tok, model_cfg, ds_config)

@@ -66,10 +66,14 @@ def import_deepspeed():
 # --- the DeepSpeed config, generated from ours ------------------------------------------------------------------
 
 
-def deepspeed_config(t: TrainConfig, p: ParallelConfig, dp: int) -> dict:
+def deepspeed_config(t: TrainConfig, p: ParallelConfig, dp: int, d_model: int) -> dict:
     """The config handed to `deepspeed.initialize`, generated from `train.*` and `parallel.*`, then the extra
     settings of `parallel.deepspeed` merged in. An extra setting that contradicts a generated one is a UserError
-    naming both; the optimizer and scheduler are ours under every engine."""
+    naming both; the optimizer and scheduler are ours under every engine.
+
+    Communication buckets default to the model's width, as Hugging Face's DeepSpeed integration sizes them ("auto"),
+    rather than DeepSpeed's fixed 5e8 / 5e7 elements, which hold hundreds of MB of buffers per rank whatever the
+    model; `parallel.deepspeed` may set them."""
     zero_stage, offload, precision, extra = p.zero_stage, p.offload, t.precision, p.deepspeed
     micro_batch, grad_accum, grad_clip = t.micro_batch, t.grad_accum, t.grad_clip
     if precision == "fp16" and not torch.cuda.is_available():
@@ -101,7 +105,15 @@ def deepspeed_config(t: TrainConfig, p: ParallelConfig, dp: int) -> dict:
         owned.update({f"fp16.{k}": (v, source) for k, v in scaler.items()})
     if precision != "fp32":  # gradients accumulate and are reduced in fp32, as under fsdp
         owned["data_types.grad_accum_dtype"] = ("fp32", f"train.precision={precision} (fp32 gradient accumulation)")
-    config: dict = {"steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}  # defaults: `extra` may change them
+    config: dict = {  # defaults: `extra` may change them
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+        "zero_optimization": {"reduce_bucket_size": d_model * d_model},
+    }
+    if zero_stage == 3:
+        config["zero_optimization"].update(
+            stage3_prefetch_bucket_size=int(0.9 * d_model * d_model), stage3_param_persistence_threshold=10 * d_model
+        )
     for path, (value, _) in owned.items():
         _set_path(config, path, value)
     config["zero_optimization"].update({k: v for k, v in zero.items() if k != "stage"})
