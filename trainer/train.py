@@ -274,7 +274,8 @@ def build_model(
     }
     engine = build_engine(
         p.engine,
-        lambda: parallelize(model_from_config(model_cfg), dims, t.activation_checkpointing, t.compile),
+        lambda: model_from_config(model_cfg),
+        lambda model: parallelize(model, dims, t.activation_checkpointing, t.compile),
         dims=dims,
         device=device,
         precision=t.precision,

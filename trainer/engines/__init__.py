@@ -56,6 +56,7 @@ def check_payload(checkpoint: Path, engine: str, zero_stage: int) -> None:
 def build_engine(
     name: str,
     make_model: Callable[[], nn.Module],
+    prepare: Callable[[nn.Module], nn.Module],
     *,
     dims: ParallelDims,
     device: torch.device,
@@ -67,9 +68,10 @@ def build_engine(
     offload: str = "none",
     deepspeed: dict | None = None,
 ) -> Engine:
-    """The engine `name` around the model `make_model` builds (parallelized, not yet data-parallel). The model is
-    built on the meta device (or, for DeepSpeed ZeRO-3, inside `deepspeed.zero.Init`); the engine materialises its
-    weights from `seed` and builds the optimizer on them. `deepspeed` is the generated DeepSpeed config."""
+    """The engine `name` around the model `make_model` builds and `prepare` parallelizes (tensor parallel, activation
+    checkpointing, compile; data parallelism is the engine's). The model is built on the meta device (for DeepSpeed
+    ZeRO-3 inside `deepspeed.zero.Init`, which partitions it as it is built); the engine materialises its weights
+    from `seed` and builds the optimizer on them. `deepspeed` is the generated DeepSpeed config."""
     common = {
         "dims": dims,
         "device": device,
@@ -82,9 +84,9 @@ def build_engine(
         from trainer.engines.deepspeed import DeepSpeedEngine
 
         del common["grad_clip"]  # part of the DeepSpeed config
-        return DeepSpeedEngine(make_model, config=deepspeed, zero_stage=zero_stage, offload=offload, **common)
+        return DeepSpeedEngine(make_model, prepare, config=deepspeed, zero_stage=zero_stage, offload=offload, **common)
     with torch.device("meta"):
-        model = make_model()
+        model = prepare(make_model())
     if name == "ddp":
         return DDPEngine(model, **common)
     if name == "fsdp":

@@ -234,6 +234,7 @@ class DeepSpeedEngine:
     def __init__(
         self,
         make_model,
+        prepare,
         *,
         config: dict,
         dims: ParallelDims,
@@ -257,12 +258,13 @@ class DeepSpeedEngine:
             # dtype comes from the config (fp32, bf16 or fp16); DeepSpeed ignores an explicit dtype on a CPU accelerator
             with deepspeed.zero.Init(config_dict_or_path=self.config):
                 model = make_model()
+            model = prepare(model)  # outside: zero.Init would also hook the checkpoint wrappers' construction
             torch.manual_seed(seed)
             with torch.no_grad(), _GatheredInit(deepspeed.zero.GatheredParameters):
                 model.init_weights()
         else:  # ZeRO-1/2 keep the whole model on every rank
             with torch.device("meta"):
-                model = make_model()
+                model = prepare(make_model())
             materialize(model, device, seed)
         groups = param_groups(model, optim.weight_decay, shape=lambda p: getattr(p, "ds_shape", p.shape))
         if offload == "cpu":
