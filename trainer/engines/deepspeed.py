@@ -6,14 +6,19 @@ generate, and one that contradicts a generated value is refused. Numerics follow
 - DeepSpeed divides the loss by its accumulation steps and averages gradients over data-parallel ranks; `backward`
   passes `scale_wrt_gas=False` and multiplies the loss by dp, so gradients come out as the plain sum over ranks.
 - Accumulation boundaries are ours: `micro_batch(last)` sets DeepSpeed's boundary, `step` calls its step once.
-- Clipping, the fp16 loss scaler and the overflow skip are DeepSpeed's, configured like the other engines' (scale
-  2^16, halved on every overflow, doubled after 2000 good steps). A step is skipped when the global gradient norm is
-  not finite, which any non-finite loss makes it.
+- Clipping, the fp16 loss scaler (GPU only: DeepSpeed's CPU accelerator has no fp16) and the overflow skip are
+  DeepSpeed's, configured like the other engines' (scale 2^16, halved on every overflow, doubled after 2000 good
+  steps). A step is skipped when the global gradient norm is not finite, which any non-finite loss makes it.
 - At stage 3 the model is built inside `deepspeed.zero.Init`, so every parameter is partitioned as its module is
   constructed; the weights are then drawn one parameter at a time (gathered, initialised, partitioned again) from
   the seeded RNG, which gives the same weights as every other layout.
-Checkpoints are DeepSpeed's own (`save_checkpoint` on every rank into `<step dir>/deepspeed/`); `consolidate` turns
-one into a plain fp32 state dict with DeepSpeed's `zero_to_fp32`.
+Checkpoints are DeepSpeed's own (`save_checkpoint` on every rank into `<step dir>/deepspeed/`). One written by
+another world size, ZeRO-1/2 stage or offload setting is converted once to DeepSpeed's universal checkpoint and
+loaded from that; `consolidate` turns any of them into a plain fp32 state dict with DeepSpeed's `zero_to_fp32`.
+
+Two DeepSpeed 0.19 behaviours are worked around here: `zero.Init` ignores an explicit dtype on a CPU accelerator
+(operator precedence in `_set_dtype`), so the dtype comes from the config; and ZeRO-3's universal-checkpoint loader
+gives all parameter groups one shared `step` tensor and the first group's hyper-parameters (weight decay included).
 """
 
 from __future__ import annotations
@@ -209,7 +214,8 @@ class _GatheredInit(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         target = args[0] if args else kwargs.get("tensor")
-        if isinstance(target, nn.Parameter) and hasattr(target, "ds_id") and func.__name__.endswith("_"):
+        in_place = getattr(func, "__name__", "").endswith("_")  # normal_, zeros_, ones_, ...
+        if in_place and isinstance(target, nn.Parameter) and hasattr(target, "ds_id"):
             with self.gathered([target], modifier_rank=0):
                 return func(*args, **kwargs)
         return func(*args, **kwargs)
@@ -296,6 +302,8 @@ class DeepSpeedEngine:
         self.ds.backward(loss * self.dims.dp, scale_wrt_gas=False)
 
     def step(self, lr: float, skip: bool = False) -> tuple[float, bool]:
+        """DeepSpeed's step (unscale, clip, update or skip); `skip` is its overflow check's to decide, since a
+        non-finite loss makes the gradient norm non-finite."""
         for group in self.ds.optimizer.param_groups:
             group["lr"] = lr
         self.ds.step()
@@ -408,7 +416,7 @@ def to_universal(payload: Path) -> None:
     args = argparse.Namespace(
         input_folder=str(payload / TAG),
         output_folder=str(tmp),
-        num_extract_workers=1,
+        num_extract_workers=max(1, min(8, (os.cpu_count() or 2) // 2)),
         num_merge_workers=1,
         keep_temp_folder=False,
         strict=True,
