@@ -4,19 +4,32 @@
                  -- CONFIG [overrides...]
 
 Single node: torchrun --standalone (it picks a free rendezvous port). Several nodes: run the same command on every
-node with its own --node-rank; --master is the address of node 0 (static rendezvous, torchrun's
---master-addr/--master-port), so node ranks are exactly the ones given.
+node; --master HOST:PORT is the c10d rendezvous endpoint (a port on node 0), which also lets torchrun restart the
+whole job when a rank dies (--max-restarts), the ranks resuming from the latest checkpoint.
+
+What torchrun gets besides the ranks:
+- SIGUSR1 (Slurm's warning before a time limit or preemption) in its handled signals: forwarded to the ranks, which
+  checkpoint at the end of the step and exit 0, as on SIGTERM (by default torchrun would die of it).
+- a shutdown grace period (--grace-period, default 300 s) between forwarding a stop signal and killing the ranks:
+  long enough for a sharded checkpoint to be written (torchrun's own default is 30 s).
+- TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: torchrun otherwise keeps one rendezvous store across restarts, and the ranks
+  of a restarted job read the previous attempt's addresses from it and fail to connect (torch 2.13).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import signal
 import subprocess
 import sys
 from pathlib import Path
 from types import FrameType
+
+DEFAULT_GRACE_S = 300
+HANDLED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+LAUNCH_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def default_nproc_per_node() -> int:
@@ -74,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="times torchrun restarts failed ranks; the trainer resumes from the latest checkpoint",
     )
+    local.add_argument(
+        "--grace-period",
+        type=_positive_int,
+        default=DEFAULT_GRACE_S,
+        help=f"seconds the ranks get to checkpoint after a stop signal before they are killed (default {DEFAULT_GRACE_S})",
+    )
     local.add_argument("--dry-run", action="store_true", help="print the command and exit")
     local.add_argument("config", help="the run's YAML config")
     local.add_argument("overrides", nargs="*", help="section.key=value overrides")
@@ -89,8 +108,9 @@ def torchrun_command(
     node_rank: int = 0,
     master: tuple[str, int] | None = None,
     max_restarts: int = 0,
+    grace_period: int = DEFAULT_GRACE_S,
 ) -> list[str]:
-    """The torchrun argv that runs `trainer train CONFIG overrides...` on this node."""
+    """The torchrun argv that runs `trainer train CONFIG overrides...` on this node (run it with LAUNCH_ENV)."""
     cmd = [
         sys.executable,
         "-m",
@@ -101,27 +121,35 @@ def torchrun_command(
         str(nnodes),
         "--max-restarts",
         str(max_restarts),
+        "--signals-to-handle",
+        HANDLED_SIGNALS,
+        "--shutdown-timeout",
+        str(grace_period),
     ]
     if nnodes == 1:
         cmd.append("--standalone")
     else:
         assert master is not None
-        cmd += ["--node-rank", str(node_rank), "--master-addr", master[0], "--master-port", str(master[1])]
+        host, port = master
+        endpoint = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        cmd += ["--node-rank", str(node_rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint]
+        cmd += ["--rdzv-id", f"trainer-{port}"]  # the same on every node of the job
     return cmd + ["-m", "trainer", "train", config, *overrides]
 
 
 def run_forwarding_signals(cmd: list[str]) -> int:
-    """Run `cmd` and return its exit code, passing SIGTERM/SIGINT on to it so the trainer can checkpoint first.
+    """Run `cmd` and return its exit code, passing SIGTERM/SIGUSR1/SIGINT on to it so the trainer can checkpoint
+    first (or, on Ctrl-C, stop at once).
 
     The child gets its own session so a Ctrl-C in the terminal reaches it once (through us), not twice.
     """
-    child = subprocess.Popen(cmd, start_new_session=True)
+    child = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, **LAUNCH_ENV})
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         if child.poll() is None:
             child.send_signal(signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
         returncode = child.wait()
     finally:
@@ -143,11 +171,18 @@ def main(argv: list[str] | None = None) -> None:
         local.error("--master is only for several nodes; leave it out with --nnodes 1")
     nproc = args.nproc_per_node or default_nproc_per_node()
     cmd = torchrun_command(
-        args.config, args.overrides, nproc, args.nnodes, args.node_rank, args.master, args.max_restarts
+        args.config,
+        args.overrides,
+        nproc,
+        args.nnodes,
+        args.node_rank,
+        args.master,
+        args.max_restarts,
+        args.grace_period,
     )
     if not args.dry_run and not Path(args.config).is_file():
         local.error(f"config file not found: {args.config}")
-    print(shlex.join(cmd), flush=True)
+    print(shlex.join([f"{k}={v}" for k, v in LAUNCH_ENV.items()] + cmd), flush=True)
     if args.dry_run:
         return
     sys.exit(run_forwarding_signals(cmd))

@@ -11,8 +11,11 @@ from launch.cli import main
 
 
 def dry_run(capsys, *args: str) -> list[str]:
+    """The printed command, without its leading VAR=value environment assignments."""
     main(["local", "--dry-run", *args])
-    return shlex.split(capsys.readouterr().out.strip())
+    words = shlex.split(capsys.readouterr().out.strip())
+    assert words[0] == "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"  # restarts need a fresh rendezvous store
+    return words[1:]
 
 
 def test_dry_run_single_node(capsys):
@@ -32,6 +35,8 @@ def test_dry_run_single_node(capsys):
     assert cmd[cmd.index("--max-restarts") + 1] == "3"
     assert cmd[cmd.index("--nnodes") + 1] == "1"
     assert "--standalone" in cmd
+    assert "SIGUSR1" in cmd[cmd.index("--signals-to-handle") + 1].split(",")
+    assert cmd[cmd.index("--shutdown-timeout") + 1] == "300"
     assert cmd[-6:] == ["-m", "trainer", "train", "configs/demo.yaml", "train.lr=3e-4", "data.train=[a.jsonl, b.jsonl]"]
 
 
@@ -51,9 +56,8 @@ def test_dry_run_multi_node(capsys):
     )
     assert "--standalone" not in cmd
     assert cmd[cmd.index("--nnodes") + 1] == "4"
-    assert cmd[cmd.index("--node-rank") + 1] == "2"
-    assert cmd[cmd.index("--master-addr") + 1] == "node001"
-    assert cmd[cmd.index("--master-port") + 1] == "29500"
+    assert cmd[cmd.index("--rdzv-backend") + 1] == "c10d"
+    assert cmd[cmd.index("--rdzv-endpoint") + 1] == "node001:29500"
     assert cmd[-4:] == ["-m", "trainer", "train", "run.yaml"]
 
 

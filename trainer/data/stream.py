@@ -11,8 +11,10 @@ micro_batch of them (see packing.py for what sample i is). Two sources supply co
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
+import sys
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -108,11 +110,24 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
+def _init_worker(worker_id: int) -> None:
     """Workers leave SIGTERM/SIGUSR1 to the training process: torchrun and Slurm signal the whole process group, and
-    the trainer must outlive that signal by one step to checkpoint (its DataLoader then stops the workers itself)."""
+    the trainer must outlive that signal by one step to checkpoint (its DataLoader then stops the workers itself).
+    Ignoring them, a worker must still die with its rank: on Linux the kernel kills it when the rank exits (a rank
+    killed with SIGKILL would otherwise leave it running, holding copies of the rank's sockets, and an elastic
+    restart of the job would wait on them)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    die_with_parent()
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent exits (prctl PR_SET_PDEATHSIG); elsewhere, nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0 and os.getppid() == 1:  # 1 = PR_SET_PDEATHSIG
+        os._exit(1)  # the parent died before the request took effect
 
 
 def _keep(item: tuple[int, int, np.ndarray]) -> tuple[int, int, np.ndarray]:
@@ -160,7 +175,7 @@ class StreamSource:
                     # Its own generator: starting workers must not draw from the global RNG (dropout), or a resumed
                     # run, whose workers start at another step, would continue on a different random stream.
                     generator=torch.Generator().manual_seed(0),
-                    worker_init_fn=_ignore_stop_signals,
+                    worker_init_fn=_init_worker,
                 )
                 self._loader_iter = iter(loader)
                 items = _raise_failures(self._loader_iter)
