@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from trainer.errors import UserError
+from trainer.errors import PeerFailure, UserError
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -114,6 +114,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trainer", description="Pretrain GPT- and BERT-style models.")
+    # DeepSpeed's `deepspeed` launcher passes --local_rank=N; the rank comes from LOCAL_RANK, which it also sets
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train (one process of a run; under torchrun it reads RANK/WORLD_SIZE)")
@@ -154,6 +156,9 @@ def main(argv: list[str] | None = None) -> None:
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
         print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except PeerFailure as e:  # another rank died or hung: this rank says which, once, and fails the job
+        print(f"[rank {os.environ.get('RANK', '0')}] error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -81,7 +81,7 @@ class ParallelConfig:
     tp: int = 1  # tensor-parallel degree (Megatron-style, with sequence parallelism); world size = dp * tp
     offload: str = "none"  # none | cpu: optimizer state (and at ZeRO-3 parameters) in CPU memory; deepspeed only
     deepspeed: dict | None = None  # extra DeepSpeed config settings, merged into the generated one (no contradictions)
-    timeout_s: float = 1800.0  # collective timeout: a rank stuck this long fails the job
+    timeout_s: float = 600.0  # collective timeout: a rank stuck this long fails the job, naming the rank
 
 
 @dataclass

@@ -1,5 +1,9 @@
-"""The one exception type for bad user input: the CLI prints its message as a single line and exits non-zero."""
+"""Errors the CLI prints as a single line (no traceback): bad user input, and a rank of a job that failed or hung."""
 
 
 class UserError(Exception):
     """Bad input (config, files, shapes). The message names the problem and the fix, in one line."""
+
+
+class PeerFailure(Exception):
+    """Another rank of the job died or stopped answering; the message names it (rank, host, pid, last step)."""

@@ -35,6 +35,7 @@ from trainer.parallel import (
     parallelize,
     shutdown_distributed,
 )
+from trainer.parallel.health import Heartbeat, is_collective_failure
 from trainer.tokenizer import TokenizerInfo, load_tokenizer
 
 
@@ -235,18 +236,24 @@ def train(cfg: Config) -> dict:
         dp = int(os.environ.get("WORLD_SIZE", "1")) // p.tp
         ds_config = deepspeed_config(cfg.train, p, dp=dp, d_model=model_cfg.d_model)
     dims, device = init_distributed(p.tp, need_group=p.engine != "ddp" or p.tp > 1, timeout_s=p.timeout_s)
+    heartbeat = Heartbeat(dims, p.timeout_s).start()
     try:
         run = build_run(cfg, dims, device, tok, model_cfg, ds_config)
         stop = StopSignal()
         failed = True
         try:
-            result = train_loop(run, stop)
+            result = train_loop(run, stop, heartbeat)
             failed = False
             return result
         finally:
             stop.restore()
             run.logger.close(exit_code=1 if failed else 0)  # a crashed run is marked failed in W&B
+    except Exception as e:
+        if is_collective_failure(e):  # name the rank that died or hung, not the socket that noticed
+            raise heartbeat.failure(e) from None
+        raise
     finally:
+        heartbeat.stop()
         shutdown_distributed()
 
 
@@ -404,7 +411,7 @@ def save_checkpoint(run: Run, stream) -> None:
     run.logger.print(f"checkpoint saved: {path}")
 
 
-def train_loop(run: Run, stop: StopSignal) -> dict:
+def train_loop(run: Run, stop: StopSignal, heartbeat: Heartbeat) -> dict:
     """Steps until train.steps (or a stop signal): log, evaluate, checkpoint."""
     cfg, t, state, engine, logger = run.cfg, run.cfg.train, run.state, run.engine, run.logger
     step_tokens = run.global_batch * cfg.data.seq_len
@@ -434,6 +441,7 @@ def train_loop(run: Run, stop: StopSignal) -> dict:
             loss, stop_now = reduced[0] / global_targets, reduced[1] > 0
             grad_norm, applied = engine.step(lr, skip=not math.isfinite(loss))
             state.step += 1
+            heartbeat.beat(state.step)
             state.tokens += step_tokens
             bad_in_row = 0 if applied else bad_in_row + 1
             if not applied:

@@ -66,7 +66,7 @@ class ParallelDims:
 
 
 def init_distributed(
-    tp: int = 1, need_group: bool = False, timeout_s: float = 1800
+    tp: int = 1, need_group: bool = False, timeout_s: float = 600
 ) -> tuple[ParallelDims, torch.device]:
     """Reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK, joins the process group (NCCL on GPUs, gloo on CPU) and builds the
     (dp, tp) mesh. A single process joins a group of one only when `need_group` (FSDP and DTensor need a mesh)."""
