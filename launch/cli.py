@@ -19,6 +19,7 @@ What torchrun gets besides the ranks:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import signal
@@ -137,16 +138,42 @@ def torchrun_command(
     return cmd + ["-m", "trainer", "train", config, *overrides]
 
 
-def run_forwarding_signals(cmd: list[str]) -> int:
-    """Run `cmd` and return its exit code, passing SIGTERM/SIGUSR1/SIGINT on to it so the trainer can checkpoint
-    first (or, on Ctrl-C, stop at once).
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (Linux /proc; empty elsewhere)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(entry.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            found.append(int(entry.parent.name))
+    return found
 
-    The child gets its own session so a Ctrl-C in the terminal reaches it once (through us), not twice.
+
+def run_forwarding_signals(cmd: list[str]) -> int:
+    """Run torchrun (`cmd`) and return its exit code, passing signals on so a stop is clean.
+
+    SIGTERM and SIGUSR1 go straight to the ranks (torchrun's children): they checkpoint at the end of the step and
+    exit 0, so torchrun ends with success. (Sent to torchrun, it would stop the ranks too, but exit non-zero with a
+    traceback of its own.) Ctrl-C (SIGINT) goes to torchrun, which stops the ranks at once. The child gets its own
+    session so a Ctrl-C in the terminal reaches it once (through us), not twice.
     """
     child = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, **LAUNCH_ENV})
+    interrupted = []
 
     def forward(signum: int, _frame: FrameType | None) -> None:
-        if child.poll() is None:
+        if child.poll() is not None:
+            return
+        if signum == signal.SIGINT:
+            interrupted.append(signum)
+            child.send_signal(signum)
+            return
+        ranks = _children(child.pid)
+        for pid in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+        if not ranks:  # torchrun has not started them yet
             child.send_signal(signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
@@ -155,6 +182,14 @@ def run_forwarding_signals(cmd: list[str]) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if interrupted:  # however torchrun reported its stop, the last line says what happened
+        print(
+            "launch: interrupted (Ctrl-C): the ranks stopped at once; the same command resumes the run from its last "
+            "complete checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 130
     return 128 - returncode if returncode < 0 else returncode  # killed by signal N -> 128+N, as shells report it
 
 

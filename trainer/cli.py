@@ -160,7 +160,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[rank {os.environ.get('RANK', '0')}] error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(
+                "interrupted (Ctrl-C): stopped at once, without a checkpoint; the same command resumes from the last "
+                "complete one (SIGTERM or SIGUSR1 would have checkpointed first)",
+                file=sys.stderr,
+                flush=True,
+            )
         sys.exit(130)
 
 
