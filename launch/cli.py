@@ -1,4 +1,5 @@
-"""`launch local`: start the ranks of a run on this node with torchrun, one process per device.
+"""`launch local`: start the ranks of a run on this node with torchrun, one process per device (`launch slurm`, in
+launch/slurm.py, submits the same as a Slurm job).
 
     launch local [--nproc-per-node N] [--nnodes N --node-rank R --master HOST:PORT] [--max-restarts K] [--dry-run]
                  -- CONFIG [overrides...]
@@ -67,6 +68,7 @@ def _host_port(text: str) -> tuple[str, int]:
 def build_parser() -> argparse.ArgumentParser:
     """The `launch` argument parser (one subcommand: local)."""
     parser = argparse.ArgumentParser(prog="launch", description="Start the ranks of a training run.")
+    # launch local: torchrun on this node (or on each node); launch slurm: a Slurm batch job (launch/slurm.py)
     commands = parser.add_subparsers(dest="command", required=True)
     local = commands.add_parser(
         "local",
@@ -98,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("config", help="the run's YAML config")
     local.add_argument("overrides", nargs="*", help="section.key=value overrides")
     local.set_defaults(subparser=local)  # so checks across arguments report under `launch local`
+    from launch.slurm import add_parser as add_slurm
+
+    add_slurm(commands)
     return parser
 
 
@@ -197,6 +202,10 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of `launch` / `python -m launch`: print the torchrun command, then (unless --dry-run) run it."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "slurm":
+        from launch.slurm import main as slurm_main
+
+        return slurm_main(args)
     local: argparse.ArgumentParser = args.subparser
     if args.nnodes > 1 and args.master is None:
         local.error(f"--nnodes {args.nnodes} needs --master HOST:PORT (the address of node 0)")

@@ -1,0 +1,131 @@
+"""`launch slurm`: render `slurm/train.sbatch` for a run and submit it with sbatch (or print it with --dry-run).
+
+    launch slurm --nodes N [--gpus-per-node G | --nproc-per-node P] [--partition P] [--account A] [--qos Q]
+                 [--time T] [--constraint C] [--cpus-per-task C] [--sbatch LINE ...] [--signal-seconds S]
+                 [--max-restarts K] [--grace-period S] [--dry-run] -- CONFIG [overrides...]
+
+The job runs `launch local` once per node (srun), torchrun under it, with a c10d rendezvous on the first node of the
+allocation. The run directory (and with it the W&B run id, kept in the checkpoints) is the config's, shared by every
+restart; the batch log is `<log dir>/<job name>-<job id>.out`, each node's
+`<job name>-<job id>-node<i>-<host>.out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from launch.cli import DEFAULT_GRACE_S, _non_negative_int, _positive_int
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
+DEFAULT_SIGNAL_S = 300
+
+
+def add_parser(commands) -> argparse.ArgumentParser:
+    p = commands.add_parser(
+        "slurm",
+        help="submit the run as a Slurm batch job",
+        description="Render slurm/train.sbatch for CONFIG and submit it with sbatch.",
+    )
+    p.add_argument("--nodes", type=_positive_int, default=1, help="nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=_non_negative_int, default=0, help="GPUs per node (default 0: CPU)")
+    p.add_argument(
+        "--nproc-per-node", type=_positive_int, default=None, help="ranks per node (default: --gpus-per-node, or 1)"
+    )
+    for name, what in (
+        ("partition", "partition"),
+        ("account", "account to charge"),
+        ("qos", "quality of service"),
+        ("time", "time limit, e.g. 1-00:00:00"),
+        ("constraint", "node features, e.g. a100"),
+    ):
+        p.add_argument(f"--{name}", default=None, help=what)
+    p.add_argument("--cpus-per-task", type=_positive_int, default=None, help="CPUs for each node's task")
+    p.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="an extra sbatch option, e.g. --sbatch=--mem=0 --sbatch=--exclusive (repeatable)",
+    )
+    p.add_argument(
+        "--signal-seconds",
+        type=_positive_int,
+        default=DEFAULT_SIGNAL_S,
+        help=f"seconds before the time limit (or at preemption) that the job is warned (default {DEFAULT_SIGNAL_S}; "
+        f"Slurm may warn up to 60 s earlier)",
+    )
+    p.add_argument("--max-restarts", type=_non_negative_int, default=0, help="torchrun restarts after a rank fails")
+    p.add_argument("--grace-period", type=_positive_int, default=DEFAULT_GRACE_S, help="see launch local")
+    p.add_argument("--log-dir", default=None, help="where the logs go (default: RUN_DIR/logs)")
+    p.add_argument("--dry-run", action="store_true", help="print the batch script and exit")
+    p.add_argument("config", help="the run's YAML config")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.set_defaults(subparser=p)
+    return p
+
+
+def render(args: argparse.Namespace) -> tuple[str, Path]:
+    """The batch script for `args`, and the log directory."""
+    from trainer.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # a bad config fails here, not in the queue
+    run_dir = cfg.run_dir.resolve()
+    log_dir = Path(args.log_dir).resolve() if args.log_dir else run_dir / "logs"
+    lines = [f"#SBATCH --cpus-per-task={args.cpus_per_task}"] if args.cpus_per_task else []
+    if args.gpus_per_node:
+        lines.append(f"#SBATCH --gpus-per-node={args.gpus_per_node}")
+    for name in ("partition", "account", "qos", "time", "constraint"):
+        if getattr(args, name):
+            lines.append(f"#SBATCH --{name}={getattr(args, name)}")
+    lines += [f"#SBATCH {opt}" for opt in args.sbatch]
+    train_args = [str(Path(args.config).resolve()), *args.overrides]
+    values = {
+        "job_name": cfg.run.name,
+        "nodes": str(args.nodes),
+        "log_dir": str(log_dir),
+        "signal_seconds": str(args.signal_seconds),
+        "sbatch_lines": "\n".join(lines),
+        "workdir": shlex.quote(str(Path.cwd())),
+        "python": shlex.quote(sys.executable),
+        "nproc_per_node": str(args.nproc_per_node or args.gpus_per_node or 1),
+        "max_restarts": str(args.max_restarts),
+        "grace_period": str(args.grace_period),
+        "train_args": shlex.join(train_args),
+        "run_dir": str(run_dir),
+        "steps": str(cfg.train.steps),
+    }
+    script = TEMPLATE.read_text()
+    for key, value in values.items():
+        script = script.replace("{{" + key + "}}", value)
+    return script, log_dir
+
+
+def main(args: argparse.Namespace) -> None:
+    from trainer.errors import UserError
+
+    try:
+        script, log_dir = render(args)
+    except UserError as e:
+        args.subparser.error(str(e))
+    if args.dry_run:
+        print(script, end="")
+        return
+    log_dir.mkdir(parents=True, exist_ok=True)
+    name = next(line.split("=", 1)[1] for line in script.splitlines() if line.startswith("#SBATCH --job-name="))
+    path = log_dir / f"{name}.sbatch"
+    path.write_text(script)
+    r = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        sys.exit(f"launch slurm: sbatch failed: {r.stderr.strip() or r.stdout.strip()}")
+    job = r.stdout.strip().split(";")[0]
+    print(
+        f"submitted job {job} ({args.nodes} node(s)); script {path}\n"
+        f"  logs:   {log_dir}/{name}-{job}.out (the job), {log_dir}/{name}-{job}-node<i>-<host>.out (each node)\n"
+        f"  watch:  squeue -j {job}; tail -f {log_dir}/{name}-{job}-*.out\n"
+        f"  cancel: scancel {job} (or scancel --signal=USR1 --batch {job} to checkpoint, stop and requeue)",
+        flush=True,
+    )
