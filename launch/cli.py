@@ -5,8 +5,9 @@ launch/slurm.py, submits the same as a Slurm job).
                  -- CONFIG [overrides...]
 
 Single node: torchrun --standalone (it picks a free rendezvous port). Several nodes: run the same command on every
-node; --master HOST:PORT is the c10d rendezvous endpoint (a port on node 0), which also lets torchrun restart the
-whole job when a rank dies (--max-restarts), the ranks resuming from the latest checkpoint.
+node; --master HOST:PORT is the c10d rendezvous endpoint (a port on node 0; a single node may name one too), which
+also lets torchrun restart the whole job when a rank dies (--max-restarts), the ranks resuming from the latest
+checkpoint.
 
 What torchrun gets besides the ranks:
 - SIGUSR1 (Slurm's warning before a time limit or preemption) in its handled signals: forwarded to the ranks, which
@@ -132,10 +133,9 @@ def torchrun_command(
         "--shutdown-timeout",
         str(grace_period),
     ]
-    if nnodes == 1:
+    if master is None:  # one node: torchrun picks a free rendezvous port
         cmd.append("--standalone")
     else:
-        assert master is not None
         host, port = master
         endpoint = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         cmd += ["--node-rank", str(node_rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint]
@@ -211,8 +211,6 @@ def main(argv: list[str] | None = None) -> None:
         local.error(f"--nnodes {args.nnodes} needs --master HOST:PORT (the address of node 0)")
     if args.node_rank >= args.nnodes:
         local.error(f"--node-rank {args.node_rank} must be below --nnodes {args.nnodes}")
-    if args.nnodes == 1 and args.master is not None:
-        local.error("--master is only for several nodes; leave it out with --nnodes 1")
     nproc = args.nproc_per_node or default_nproc_per_node()
     cmd = torchrun_command(
         args.config,

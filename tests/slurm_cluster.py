@@ -8,6 +8,7 @@ root (no systemd), two slurmd daemons emulating nodes n1 and n2 on this host. Ev
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -115,13 +116,21 @@ def start(root: Path) -> dict[str, str]:
 
 def stop(root: Path) -> None:
     """Ends every daemon start() began, by the PID files they wrote."""
-    pids = [root / "slurmctld.pid", *(root / f"slurmd-{n}.pid" for n in NODES), root / "munged.pid"]
-    for pid_file in pids:
+    files = [root / "slurmctld.pid", *(root / f"slurmd-{n}.pid" for n in NODES), root / "munged.pid"]
+    pids = []
+    for pid_file in files:
         try:
-            os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)
+            pids.append(int(pid_file.read_text().split()[0]))
+            os.kill(pids[-1], signal.SIGTERM)
         except (OSError, ValueError):
             pass
-    time.sleep(1)
+    deadline = time.monotonic() + 30
+    while pids and time.monotonic() < deadline:
+        pids = [p for p in pids if Path(f"/proc/{p}").exists()]
+        time.sleep(0.2)
+    for pid in pids:  # still there after 30 s
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 if __name__ == "__main__":

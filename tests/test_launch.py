@@ -89,3 +89,33 @@ def test_missing_config_is_reported_before_running(capsys, tmp_path):
         main(["local", "--nproc-per-node", "1", str(tmp_path / "absent.yaml")])
     assert exit_info.value.code == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_slurm_dry_run_renders_the_batch_script(capsys, tmp_path):
+    """`launch slurm --dry-run` prints slurm/train.sbatch filled in: the sbatch options asked for, the USR1 warning
+    and requeue, one `launch local` per node with a c10d rendezvous on the first node, and nothing left unfilled."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"run: {{name: big, dir: {tmp_path / 'run'}}}\ndata: {{train: [x.txt], tokenizer: t.json}}\n")
+    argv = ["slurm", "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu", "--account", "proj", "--qos", "high"]
+    argv += ["--time", "2-00:00:00", "--constraint", "h100", "--cpus-per-task", "64", "--sbatch=--exclusive"]
+    main([*argv, "--signal-seconds", "600", "--dry-run", "--", str(cfg), "train.steps=5000"])
+    script = capsys.readouterr().out
+    for line in (
+        "#SBATCH --job-name=big",
+        "#SBATCH --nodes=4",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=proj",
+        "#SBATCH --qos=high",
+        "#SBATCH --time=2-00:00:00",
+        "#SBATCH --constraint=h100",
+        "#SBATCH --cpus-per-task=64",
+        "#SBATCH --exclusive",
+        "#SBATCH --signal=B:USR1@600",
+        "#SBATCH --requeue",
+        f"#SBATCH --output={tmp_path / 'run' / 'logs'}/%x-%j.out",
+    ):
+        assert line in script.splitlines(), line
+    assert "--nproc-per-node 8" in script and '--master "${head_addr:-$head_node}:$port"' in script
+    assert f"{cfg} train.steps=5000" in script and "step_5000" in script
+    assert "{{" not in script and script.startswith("#!/bin/bash")
