@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_GRACE_S,
         help=f"seconds the ranks get to checkpoint after a stop signal before they are killed (default {DEFAULT_GRACE_S})",
     )
+    local.add_argument(
+        "--log-dir",
+        default=None,
+        help="also write each rank's stdout and stderr to files under this directory (torchrun --log-dir --tee 3)",
+    )
     local.add_argument("--dry-run", action="store_true", help="print the command and exit")
     local.add_argument("config", help="the run's YAML config")
     local.add_argument("overrides", nargs="*", help="section.key=value overrides")
@@ -116,6 +121,7 @@ def torchrun_command(
     master: tuple[str, int] | None = None,
     max_restarts: int = 0,
     grace_period: int = DEFAULT_GRACE_S,
+    log_dir: str | None = None,
 ) -> list[str]:
     """The torchrun argv that runs `trainer train CONFIG overrides...` on this node (run it with LAUNCH_ENV)."""
     cmd = [
@@ -133,6 +139,8 @@ def torchrun_command(
         "--shutdown-timeout",
         str(grace_period),
     ]
+    if log_dir:  # per-rank files <log_dir>/<run id>/attempt_<k>/<rank>/{stdout,stderr}.log; the console keeps all
+        cmd += ["--log-dir", log_dir, "--tee", "3"]
     if master is None:  # one node: torchrun picks a free rendezvous port
         cmd.append("--standalone")
     else:
@@ -221,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         args.master,
         args.max_restarts,
         args.grace_period,
+        args.log_dir,
     )
     if not args.dry_run and not Path(args.config).is_file():
         local.error(f"config file not found: {args.config}")
