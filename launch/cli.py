@@ -127,7 +127,7 @@ def torchrun_command(
     cmd = [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "launch.torchrun",  # torchrun, with a one-line report when a rank fails (launch/torchrun.py)
         "--nproc-per-node",
         str(nproc_per_node),
         "--nnodes",

@@ -70,7 +70,7 @@ def rank_pid(rank: int, config: Path) -> int:
             parent = Path(f"/proc/{ppid}/cmdline").read_bytes()
         except (OSError, ValueError, IndexError):
             continue
-        if str(config).encode() in cmdline and f"RANK={rank}".encode() in env and b"torch.distributed.run" in parent:
+        if str(config).encode() in cmdline and f"RANK={rank}".encode() in env and b"launch.torchrun" in parent:
             return int(entry.name)
     raise AssertionError(f"rank {rank} of {config} not found")
 

@@ -30,7 +30,7 @@ def test_dry_run_single_node(capsys):
         "train.lr=3e-4",
         "data.train=[a.jsonl, b.jsonl]",
     )
-    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert cmd[:3] == [sys.executable, "-m", "launch.torchrun"]  # torchrun with a one-line failure report
     assert cmd[cmd.index("--nproc-per-node") + 1] == "2"
     assert cmd[cmd.index("--max-restarts") + 1] == "3"
     assert cmd[cmd.index("--nnodes") + 1] == "1"

@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from trainer.errors import PeerFailure, UserError
+from trainer.parallel.dims import JOINED
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -153,8 +154,11 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except UserError as e:
         rank = os.environ.get("RANK")
-        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
-        print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+        # Before the ranks join a process group every rank checks the same config and fails the same way: rank 0
+        # says it once. After, an error may be one rank's own (its data, its files): that rank says it, prefixed.
+        if rank in (None, "0") or JOINED["group"]:
+            prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
+            print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except PeerFailure as e:  # another rank died or hung: this rank says which, once, and fails the job
         print(f"[rank {os.environ.get('RANK', '0')}] error: {e}", file=sys.stderr, flush=True)

@@ -65,6 +65,9 @@ class ParallelDims:
         return None if self.mesh is None else self.mesh[axis]
 
 
+JOINED = {"group": False}  # set once this process has joined a process group (the CLI words errors by it)
+
+
 def init_distributed(
     tp: int = 1, need_group: bool = False, timeout_s: float = 600
 ) -> tuple[ParallelDims, torch.device]:
@@ -95,6 +98,7 @@ def init_distributed(
             else:
                 device_id = device if backend == "nccl" else None
                 dist.init_process_group(backend=backend, device_id=device_id, timeout=timeout)
+            JOINED["group"] = True
         mesh = init_device_mesh(device.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
     dims = ParallelDims(world_size=world, rank=rank, local_rank=local_rank, dp=world // tp, tp=tp, mesh=mesh)
     return dims, device
