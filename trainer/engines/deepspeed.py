@@ -251,7 +251,7 @@ class DeepSpeedEngine:
         zero_stage: int,
         offload: str,
     ) -> None:
-        """`config` is `deepspeed_config`'s (generated before the process group, so a bad setting stops nothing)."""
+        """`config` comes from `deepspeed_config`, which generated and checked it before the process group existed."""
         deepspeed = import_deepspeed()
         self.dims, self.device, self.zero_stage, self.offload = dims, device, zero_stage, offload
         self.dtype = DTYPES[precision]
