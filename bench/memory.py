@@ -41,11 +41,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from trainer.config import load_config
-from trainer.engines.deepspeed import deepspeed_config, import_deepspeed
+from trainer.engines.deepspeed import import_deepspeed
 from trainer.evaluate import token_loss_sum
 from trainer.models import count_params, model_from_config, resolve_model_config
 from trainer.parallel import init_distributed, shutdown_distributed
-from trainer.train import build_model, check_layout, resolve_model
+from trainer.train import build_model, check_layout, engine_config, resolve_model
 
 MARK = "MEMORY_BENCH_RESULT "  # prefixes the JSON line a worker prints for the parent
 RANKS = 2
@@ -122,9 +122,7 @@ def build(size: dict, overrides: list[str], need_group: bool):
     )
     p = cfg.parallel
     model_cfg = resolve_model(cfg, SimpleNamespace(vocab_size=size["vocab_size"], eos_id=0))
-    ds_config = None
-    if p.engine == "deepspeed":
-        ds_config = deepspeed_config(cfg.train, p, dp=int(os.environ.get("WORLD_SIZE", "1")), d_model=size["d_model"])
+    ds_config = engine_config(cfg, model_cfg)
     dims, device = init_distributed(p.tp, need_group=need_group or p.engine != "ddp", timeout_s=p.timeout_s)
     check_layout(cfg, dims, model_cfg)
     engine, counts = build_model(cfg, dims, device, model_cfg, ds_config)

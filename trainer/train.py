@@ -231,10 +231,7 @@ def train(cfg: Config) -> dict:
     model_cfg = resolve_model(cfg, tok)
     # a degree that cannot split the model is refused before any process group exists
     check_tp_degree(p.tp, model_cfg.n_head, model_cfg.d_ff, model_cfg.vocab_size, cfg.data.seq_len)
-    ds_config = None
-    if p.engine == "deepspeed":  # generated, with parallel.deepspeed checked against it, before any process group
-        dp = int(os.environ.get("WORLD_SIZE", "1")) // p.tp
-        ds_config = deepspeed_config(cfg.train, p, dp=dp, d_model=model_cfg.d_model)
+    ds_config = engine_config(cfg, model_cfg)
     dims, device = init_distributed(p.tp, need_group=p.engine != "ddp" or p.tp > 1, timeout_s=p.timeout_s)
     heartbeat = Heartbeat(dims, p.timeout_s).start()
     try:
@@ -255,6 +252,16 @@ def train(cfg: Config) -> dict:
     finally:
         heartbeat.stop()
         shutdown_distributed()
+
+
+def engine_config(cfg: Config, model_cfg: ModelConfig) -> dict | None:
+    """The generated DeepSpeed config (parallel.deepspeed checked against it), or None for the other engines; built
+    from the launcher's WORLD_SIZE before any process group exists, so a bad setting stops the run before it starts."""
+    p = cfg.parallel
+    if p.engine != "deepspeed":
+        return None
+    dp = int(os.environ.get("WORLD_SIZE", "1")) // p.tp
+    return deepspeed_config(cfg.train, p, dp=dp, d_model=model_cfg.d_model)
 
 
 def check_layout(cfg: Config, dims: ParallelDims, model_cfg: ModelConfig) -> None:

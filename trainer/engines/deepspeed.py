@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import io
 import json
 import logging
@@ -39,7 +38,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from trainer.config import ParallelConfig, TrainConfig
-from trainer.engines.base import DTYPES, fsync
+from trainer.engines.base import DTYPES, fsync, unique_params
 from trainer.errors import UserError
 from trainer.optim import OptimizerSettings, param_groups
 from trainer.parallel import ParallelDims, barrier, materialize
@@ -86,11 +85,6 @@ def deepspeed_config(t: TrainConfig, p: ParallelConfig, dp: int, d_model: int) -
             "train.precision=fp16 under parallel.engine=deepspeed needs a GPU (DeepSpeed's CPU accelerator has no "
             "fp16): use train.precision=bf16 or fp32, or parallel.engine=fsdp for fp16"
         )
-    zero: dict = {"stage": zero_stage}
-    if offload == "cpu":
-        zero["offload_optimizer"] = {"device": "cpu"}
-        if zero_stage == 3:
-            zero["offload_param"] = {"device": "cpu"}
     owned = {  # path -> (value, the setting of ours it comes from)
         "train_micro_batch_size_per_gpu": (micro_batch, "train.micro_batch"),
         "gradient_accumulation_steps": (grad_accum, "train.grad_accum"),
@@ -121,7 +115,6 @@ def deepspeed_config(t: TrainConfig, p: ParallelConfig, dp: int, d_model: int) -
         )
     for path, (value, _) in owned.items():
         _set_path(config, path, value)
-    config["zero_optimization"].update({k: v for k, v in zero.items() if k != "stage"})
     if not extra:
         return config
     for key in ("optimizer", "scheduler"):
@@ -139,10 +132,9 @@ def deepspeed_config(t: TrainConfig, p: ParallelConfig, dp: int, d_model: int) -
                         f"parallel.deepspeed.{path}={value!r} contradicts {source} (the generated DeepSpeed config has "
                         f"{path}={mine!r}): set it through {source.split(' ')[0]}, or remove it from parallel.deepspeed"
                     )
-    merged = copy.deepcopy(config)
     for path, value in _leaves(extra):
-        _set_path(merged, path, value)
-    return merged
+        _set_path(config, path, value)
+    return config
 
 
 def _leaves(d: dict, prefix: str = ""):
@@ -221,15 +213,6 @@ class _GatheredInit(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _model_params(model: nn.Module) -> list[nn.Parameter]:
-    seen, out = set(), []
-    for p in model.parameters():
-        if p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
-
-
 def _numel(p: nn.Parameter) -> int:
     return getattr(p, "ds_numel", p.numel())
 
@@ -279,7 +262,7 @@ class DeepSpeedEngine:
             optimizer = DeepSpeedCPUAdam(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, adamw_mode=True)
         else:
             optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps)
-        self.n_params = sum(_numel(p) for p in _model_params(model))
+        self.n_params = sum(_numel(p) for p in unique_params(model))
         self.hyperparameters = [{k: g[k] for k in ("weight_decay", "betas", "eps")} for g in optimizer.param_groups]
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
         self.module = model
