@@ -1,38 +1,60 @@
-"""The global sample sequence: rank partition, resume, formats, MLM masks, workers, wrap-around and input errors.
+"""The global sample sequence: shuffle, mixtures, logical streams, resume at any dp, formats, MLM masks, workers,
+wrap-around, hold-out, `trainer data` and input errors.
 
-Everything is real: `datasets` streaming over tmp files, trained tokenizers, DataLoader worker processes.
+Everything is real: files in tmp dirs, trained tokenizers, `datasets` sources, DataLoader worker processes.
 """
 
+import hashlib
+import itertools
 import json
 import shutil
 from pathlib import Path
 
+import datasets
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
+from conftest import run_cli
 
-from trainer.data import build_stream, prepare, resolve_files
+import trainer.data.streams as streams_module
+from trainer.data import build_stream, merge_states, parse_sources, prepare, resolve_files
 from trainer.data.shards import TokenShards
 from trainer.errors import UserError
 from trainer.tokenizer import load_tokenizer, train_tokenizer
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "shakespeare" / "train.txt"
 SEQ = {"gpt": 16, "bert": 18}  # bert: 16 content tokens + [CLS] + [SEP]
+TODAY = {"shuffle": False, "streams": 1}  # the corpus order: one stream, no shuffling
+
+
+def paragraphs_of(text: str) -> list[str]:
+    return [p.strip() for p in text.split("\n\n") if p.strip()]
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """One small corpus in text, jsonl and parquet; a tokenizer per arch; prepared shards per arch."""
+    """A small corpus in every format; a mixture's two sources (prose: large, verse: small); tokenizers; shards."""
     root = tmp_path_factory.mktemp("data")
-    text = CORPUS.read_text()[:6000]
+    full = CORPUS.read_text()
+    text = full[:6000]
     text = text[: text.rindex("\n\n")]
     (root / "corpus.txt").write_text(text)
-    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    paragraphs = paragraphs_of(text)
     (root / "corpus.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
-    pq.write_table(pa.table({"text": paragraphs}), root / "corpus.parquet")
-    tiny = "\n\n".join(paragraphs[:3])  # a corpus of a few dozen tokens: samples wrap around epochs quickly
-    (root / "tiny.txt").write_text(tiny)
+    pq.write_table(pa.table({"text": paragraphs}), root / "corpus.parquet", row_group_size=20)
+    datasets.Dataset.from_dict({"text": paragraphs}).save_to_disk(str(root / "saved"))
+    (root / "local_dataset").mkdir()
+    half = len(paragraphs) // 2
+    for i, part in enumerate((paragraphs[:half], paragraphs[half:])):  # a local dataset folder of two shards
+        pq.write_table(pa.table({"text": part}), root / "local_dataset" / f"train-{i:05d}-of-00002.parquet")
+    (root / "tiny.txt").write_text("\n\n".join(paragraphs[:3]))  # a few dozen tokens: wraps around quickly
+    prose = full[10_000:70_000]
+    (root / "prose.txt").write_text(prose[: prose.rindex("\n\n")])
+    verse = paragraphs_of(full[80_000:81_200])
+    (root / "verse.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in verse))
     tok = {
         "gpt": str(train_tokenizer("bpe", 320, [str(root / "corpus.txt")], root / "bpe")),
         "bert": str(train_tokenizer("wordpiece", 320, [str(root / "corpus.txt")], root / "wp")),
@@ -40,30 +62,26 @@ def env(tmp_path_factory):
     tokens = {}
     for arch in ("gpt", "bert"):
         tokens[arch] = str(root / f"tokens_{arch}")
-        meta = prepare([str(root / "corpus.txt")], "auto", "text", tok[arch], arch, tokens[arch], shard_tokens=700)
-        assert len(meta["shards"]) > 1 and meta["n_docs"] == len(paragraphs)
+        prepare(parse_sources([str(root / "corpus.txt")])[0], tok[arch], arch, tokens[arch])
+    for name in ("prose.txt", "verse.jsonl", "tiny.txt"):
+        prepare(parse_sources([str(root / name)])[0], tok["gpt"], "gpt", root / f"tokens_{name.split('.')[0]}")
     return {"root": root, "tok": tok, "tokens": tokens, "paragraphs": paragraphs}
 
 
-def stream(env, arch, files="corpus.txt", **kw):
-    files = files if files in env["tokens"].values() else str(env["root"] / files)
-    args = {"fmt": "auto", "text_field": "text", "tokenizer_path": env["tok"][arch], "seq_len": SEQ[arch], "seed": 1234}
+def stream(env, arch="gpt", files="corpus.txt", **kw):
+    if isinstance(files, str):
+        files = [files if Path(files).is_absolute() else str(env["root"] / files)]
+    args = {"tokenizer_path": env["tok"][arch], "arch": arch, "seq_len": SEQ[arch], "seed": 1234, **TODAY}
     args.update({"dp_rank": 0, "dp_size": 1, "micro_batch": 4, "num_workers": 0}, **kw)
-    return build_stream([files], arch=arch, **args)
+    return build_stream(files, **args)
 
 
-def _args(fmt, tokenizer):
-    return {
-        "fmt": fmt,
-        "text_field": "text",
-        "tokenizer_path": tokenizer,
-        "arch": "gpt",
-        "seq_len": 16,
-        "seed": 0,
-        "dp_rank": 0,
-        "dp_size": 1,
-        "micro_batch": 2,
-    }
+def mixture(env, prepared: bool, weights=(0.3, 0.7)) -> dict:
+    if prepared:
+        paths = {"prose": env["root"] / "tokens_prose", "verse": env["root"] / "tokens_verse"}
+    else:
+        paths = {"prose": env["root"] / "prose.txt", "verse": env["root"] / "verse.jsonl"}
+    return {name: {"path": [str(p)], "weight": w} for (name, p), w in zip(paths.items(), (weights[1], weights[0]))}
 
 
 def take(s, n_batches):
@@ -94,14 +112,63 @@ def assert_same_batches(a, b):
             assert torch.equal(x[key], y[key]), key
 
 
+def run_layout(make, dp: int, global_batch: int, steps: int, state=None, **kw):
+    """`steps` global batches on dp ranks (ranks stepped in lockstep); returns ({g: sample}, merged state)."""
+    ranks = [make(dp_rank=r, dp_size=dp, micro_batch=global_batch // dp, state=state, **kw) for r in range(dp)]
+    samples = {}
+    for _ in range(steps):
+        for s in ranks:
+            samples.update(by_index([next(s)]))
+    merged = json.loads(json.dumps(merge_states([s.state_dict() for s in ranks])))  # as a checkpoint holds it
+    for s in ranks:
+        s.close()
+    return samples, merged
+
+
+def digest(samples: dict) -> str:
+    h = hashlib.sha256()
+    for g in sorted(samples):
+        h.update(f"{g}:".encode() + samples[g][0].numpy().tobytes() + samples[g][1].numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---- the order: shuffle, mixture, any dp, resume -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prepared", [True, False], ids=["prepared", "raw"])
+def test_order_is_the_same_at_any_dp_and_through_resumes(env, prepared):
+    """Shuffle on, a two-source mixture: dp 1, 2 and 4 and a run resumed 4 -> 2 -> 1 train the same samples."""
+
+    def make(**kw):
+        return stream(env, files=mixture(env, prepared), shuffle=True, streams=4, block=4, **kw)
+
+    g, steps = 8, 12
+    hashes = {}
+    reference, _ = run_layout(make, 1, g, steps)
+    assert sorted(reference) == list(range(g * steps))
+    hashes["dp1"] = digest(reference)
+    hashes["dp2"] = digest(run_layout(make, 2, g, steps, num_workers=1)[0])
+    hashes["dp4"] = digest(run_layout(make, 4, g, steps)[0])
+    first, state = run_layout(make, 4, g, 3)
+    second, state = run_layout(make, 2, g, 4, state=state, num_workers=2)
+    third, state = run_layout(make, 1, g, steps - 7, state=state)
+    hashes["4->2->1"] = digest({**first, **second, **third})
+    assert len(set(hashes.values())) == 1, hashes
+    assert state["next_sample"] == g * steps
+    assert sum(state["mixture"]["counts"].values()) == g * steps and min(state["mixture"]["counts"].values()) > 0
+
+
 @pytest.mark.parametrize("arch", ["gpt", "bert"])
 @pytest.mark.parametrize("dp", [2, 3])
 def test_ranks_partition_the_global_sequence(env, arch, dp):
-    reference = by_index(take(stream(env, arch, micro_batch=6), 4))  # samples 0..23
+    def make(**kw):
+        return stream(env, arch, shuffle=True, streams=6, block=4, **kw)
+
+    reference = by_index(take(make(micro_batch=6), 4))  # samples 0..23
     assert sorted(reference) == list(range(24))
     union = {}
     for rank in range(dp):
-        batches = take(stream(env, arch, dp_rank=rank, dp_size=dp, micro_batch=24 // dp // 4), 4)
+        batches = take(make(dp_rank=rank, dp_size=dp, micro_batch=24 // dp // 4), 4)
         mine = by_index(batches)
         assert all(i % dp == rank for i in mine)
         assert batches[0]["sample_index"][0] == rank  # in order, starting at the rank
@@ -112,50 +179,163 @@ def test_ranks_partition_the_global_sequence(env, arch, dp):
     assert x.shape == y.shape == (SEQ[arch],) and x.dtype == y.dtype == torch.long
 
 
-@pytest.mark.parametrize("arch", ["gpt", "bert"])
-def test_resume_continues_exactly_also_at_another_dp(env, arch):
-    reference = by_index(take(stream(env, arch, micro_batch=8), 10))  # samples 0..79
-    k, dp, mb = 3, 2, 2
-    streams = [stream(env, arch, dp_rank=r, dp_size=dp, micro_batch=mb) for r in range(dp)]
-    for s in streams:
-        take(s, k)
-    states = [s.state_dict() for s in streams]
-    assert states[0] == states[1] and json.loads(json.dumps(states[0])) == states[0]
-    state = states[0]
-    assert state["next_sample"] == k * mb * dp and state["doc"] > 0  # seek skips whole documents
-    for new_dp, new_mb in ((2, 2), (3, 4), (1, 5)):
-        resumed = {}
-        for r in range(new_dp):
-            s = stream(env, arch, dp_rank=r, dp_size=new_dp, micro_batch=new_mb, start_sample=12, seek=state)
-            resumed.update(by_index(take(s, 3)))
-        expected = range(12, 12 + 3 * new_mb * new_dp)
-        assert sorted(resumed) == list(expected)
-        assert_same_samples(resumed, {i: reference[i] for i in expected})
-    # without a seek position the stream re-reads the prefix and lands on the same samples
-    plain = by_index(take(stream(env, arch, micro_batch=3, start_sample=12), 2))
-    assert_same_samples(plain, {i: reference[i] for i in range(12, 18)})
-    # a state taken from a resumed stream is the same as one from an uninterrupted stream
-    s = stream(env, arch, micro_batch=3, start_sample=12, seek=state)
-    take(s, 4)
-    full = stream(env, arch, micro_batch=4)
-    take(full, 6)
-    assert s.state_dict() == full.state_dict()
+def test_each_rank_reads_only_its_own_streams(env, monkeypatch):
+    """dp 2, L = 4: rank r opens only the units of streams r and r + 2; workers split them and change nothing."""
+    opened: list = []
+    real = streams_module.read_unit
+
+    def counting(source, unit, *args, **kwargs):
+        opened.append(unit)
+        return real(source, unit, *args, **kwargs)
+
+    monkeypatch.setattr(streams_module, "read_unit", counting)
+
+    def make(**kw):
+        return stream(env, files="prose.txt", shuffle=True, streams=4, block=4, **kw)
+
+    per_rank = []
+    for rank in range(2):
+        opened.clear()
+        s = make(dp_rank=rank, dp_size=2, micro_batch=4)
+        take(s, 30)
+        plan = s.plans[0]
+        assert len(plan.units) >= 8  # the file was cut into byte ranges
+        mine = {plan.unit_at(st, k) for st in (rank, rank + 2) for k in range(len(plan.units))}
+        theirs = {plan.unit_at(st, k) for st in (1 - rank, 3 - rank) for k in range(2)}
+        assert opened and set(opened) <= mine
+        assert not set(opened) & (theirs - mine)
+        per_rank.append(set(opened))
+        s.close()
+    assert not per_rank[0] & per_rank[1]
+    monkeypatch.undo()
+    runs = [take(make(num_workers=w, micro_batch=8), 10) for w in (0, 1, 2)]
+    assert_same_batches(runs[0], runs[1])
+    assert_same_batches(runs[0], runs[2])
+
+
+def test_streams_not_dividing_dp_read_everything_with_one_warning(env, capfd):
+    def make(**kw):
+        return stream(env, shuffle=True, streams=4, block=4, **kw)
+
+    reference = by_index(take(make(micro_batch=6), 3))
+    union = {}
+    for rank in range(3):
+        union.update(by_index(take(make(dp_rank=rank, dp_size=3, micro_batch=2), 3)))
+    assert_same_samples(union, reference)
+    assert capfd.readouterr().err.count("data.streams=4 is not a multiple of the data-parallel size 3") == 1
+
+
+def shares_ok(counts: list[dict], weights: dict, batch: int) -> tuple[float, float]:
+    """Largest deviation from weight x samples over every prefix and over every global batch."""
+    total = sum(weights.values())
+    prefix = max(abs(c[n] - weights[n] / total * batch * i) for i, c in enumerate(counts) for n in weights)
+    per_batch = max(
+        abs(b[n] - a[n] - weights[n] / total * batch) for a, b in itertools.pairwise(counts) for n in weights
+    )
+    return prefix, per_batch
+
+
+@pytest.mark.parametrize("prepared", [True, False], ids=["prepared", "raw"])
+def test_mixture_shares_hold_and_the_small_source_wraps(env, prepared):
+    s = stream(env, files=mixture(env, prepared, (0.3, 0.7)), shuffle=True, streams=2, block=4, micro_batch=10)
+    counts = [s.consumed()]
+    rows = []
+    for _ in range(30):
+        rows += s.describe(10)
+        counts.append(s.consumed())
+    prefix, per_batch = shares_ok(counts, {"prose": 0.7, "verse": 0.3}, 10)
+    assert prefix < 1.5 and per_batch < 2  # the bounds the README states
+    assert counts[-1] == {"verse": 90, "prose": 210}
+    prose = [(r["file"], r["document"], r["offset"]) for r in rows if r["source"] == "prose"]
+    assert len(set(prose)) == len(prose)  # the large source is still in its first pass: no sample twice
+    info = load_tokenizer(env["tok"]["gpt"])
+    verse_tokens = sum(
+        len(info.tokenizer.encode(json.loads(line)["text"]).ids) + 1
+        for line in (env["root"] / "verse.jsonl").read_text().splitlines()
+    )
+    assert counts[-1]["verse"] > 1.5 * verse_tokens / SEQ["gpt"]  # the small one went round more than once
+    if prepared:
+        assert {r["epoch"] for r in rows if r["source"] == "prose"} == {0}
+        assert max(r["epoch"] for r in rows if r["source"] == "verse") >= 1
+
+
+@pytest.mark.parametrize("prepared", [True, False], ids=["prepared", "raw"])
+def test_changed_weights_at_resume_repeat_nothing(env, prepared):
+    s = stream(env, files=mixture(env, prepared, (0.5, 0.5)), shuffle=True, streams=2, block=4, micro_batch=8)
+    before = [r for _ in range(3) for r in s.describe(8)]
+    state = json.loads(json.dumps(merge_states([s.state_dict()])))
+    assert state["mixture"]["counts"] == {"prose": 12, "verse": 12}
+    resumed = stream(
+        env, files=mixture(env, prepared, (0.1, 0.9)), shuffle=True, streams=2, block=4, micro_batch=8, state=state
+    )
+    after = [r for _ in range(3) for r in resumed.describe(8)]
+    assert [r["index"] for r in after] == list(range(24, 48))
+    prose = [(r["file"], r["document"], r["offset"]) for r in before + after if r["source"] == "prose"]
+    assert len(prose) == 12 + 22 and len(set(prose)) == len(prose)  # no prose sample twice
+    verse = [(r["file"], r["document"], r["offset"]) for r in before + after if r["source"] == "verse"]
+    assert len(verse) == 12 + 2 and len(set(verse)) == len(verse)
+    assert resumed.consumed() == {"prose": 34, "verse": 14}
+
+
+def test_prepared_epochs_are_permutations(env):
+    info = load_tokenizer(env["tok"]["gpt"])
+    shards = TokenShards(env["tokens"]["gpt"], info, "gpt")
+    per_epoch = (shards.n_tokens - 1) // SEQ["gpt"]
+    s = stream(env, files=env["tokens"]["gpt"], shuffle=True, micro_batch=1)
+    sampler = s.samplers[0]
+    assert sampler.per_epoch == per_epoch
+    epoch0 = [sampler.position(j) for j in range(per_epoch)]
+    epoch1 = [sampler.position(j) for j in range(per_epoch, 2 * per_epoch)]
+    every = [w * SEQ["gpt"] for w in range(per_epoch)]
+    assert sorted(epoch0) == every and sorted(epoch1) == every  # each sample exactly once per epoch
+    assert epoch0 != every and epoch0 != epoch1  # shuffled, and differently each epoch
+    other = stream(env, files=env["tokens"]["gpt"], shuffle=True, micro_batch=1, seed=99).samplers[0]
+    assert [other.position(j) for j in range(per_epoch)] != epoch0
+    first = next(s)
+    assert torch.equal(first["input_ids"][0], torch.from_numpy(shards.window(epoch0[0], SEQ["gpt"])))
+
+
+def test_shuffle_off_is_the_corpus_order_and_shuffle_on_is_not(env):
+    info = load_tokenizer(env["tok"]["gpt"])
+    content = []
+    for paragraph in env["paragraphs"]:
+        content += info.tokenizer.encode(paragraph, add_special_tokens=False).ids + [info.eos_id]
+    t = SEQ["gpt"]
+    plain = by_index(take(stream(env, micro_batch=8), 4))
+    for i, (x, _) in plain.items():
+        assert x.tolist() == content[i * t : i * t + t]
+    prose = {"files": "prose.txt", "streams": 4, "block": 4, "micro_batch": 8}
+    plain = by_index(take(stream(env, **prose), 4))
+    shuffled = by_index(take(stream(env, shuffle=True, **prose), 4))
+    assert sum(torch.equal(plain[i][0], shuffled[i][0]) for i in plain) < 4
+    reseeded = by_index(take(stream(env, shuffle=True, seed=5, **prose), 4))
+    assert sum(torch.equal(reseeded[i][0], shuffled[i][0]) for i in plain) < 4
+
+
+# ---- formats and sources -----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("arch", ["gpt", "bert"])
-def test_text_jsonl_parquet_and_prepared_shards_are_identical(env, arch):
+def test_every_format_gives_the_same_samples(env, arch):
+    """text, jsonl, parquet, prepared shards, a save_to_disk directory and a datasets folder (load_dataset, streamed)
+    hold the same documents: in corpus order (one stream, no shuffle) they give the same samples."""
+    root = env["root"]
     batches = {name: take(stream(env, arch, files=name), 6) for name in ("corpus.txt", "corpus.jsonl")}
     batches["parquet"] = take(stream(env, arch, files="corpus.parquet", num_workers=1), 6)
-    batches["tokens"] = take(stream(env, arch, files=env["tokens"][arch], num_workers=2), 6)
-    for name in ("corpus.jsonl", "parquet", "tokens"):
+    batches["tokens"] = take(stream(env, arch, files=env["tokens"][arch]), 6)
+    batches["saved"] = take(stream(env, arch, files="saved"), 6)
+    local = {"local": {"dataset": str(root / "local_dataset"), "split": "train"}}
+    batches["dataset"] = take(stream(env, arch, files=local, num_workers=1), 6)
+    for name in ("corpus.jsonl", "parquet", "tokens", "saved", "dataset"):
         assert_same_batches(batches["corpus.txt"], batches[name])
-    # prepared shards resume from next_sample alone, also at another dp, and wrap around the epoch
+    # later samples too, which straddle the end of the first pass, from a fresh start at sample `late`
     n = TokenShards(env["tokens"][arch], load_tokenizer(env["tok"][arch]), arch).n_tokens
-    late = n // (SEQ[arch] - (2 if arch == "bert" else 0)) - 3  # its samples straddle the end of epoch 0
-    s_text = stream(env, arch, micro_batch=2, dp_rank=1, dp_size=2, start_sample=late - 1)
-    s_tok = stream(env, arch, files=env["tokens"][arch], micro_batch=2, dp_rank=1, dp_size=2, start_sample=late - 1)
+    late = n // (SEQ[arch] - (2 if arch == "bert" else 0)) - 3
+    start = late // 2 * 2  # a micro-batch boundary at dp 2
+    s_text = stream(env, arch, micro_batch=2, dp_rank=1, dp_size=2, start_sample=start)
+    s_tok = stream(env, arch, files=env["tokens"][arch], micro_batch=2, dp_rank=1, dp_size=2, start_sample=start)
     assert_same_batches(take(s_text, 4), take(s_tok, 4))
-    assert s_tok.state_dict()["next_sample"] == late - 1 + 16
+    assert s_tok.state_dict()["next_sample"] == start + 16
 
 
 def test_mlm_masks_depend_only_on_seed_and_index(env):
@@ -187,37 +367,71 @@ def test_mlm_masks_depend_only_on_seed_and_index(env):
     assert 0.04 < (chosen - masked - unchanged) / chosen < 0.18
 
 
-@pytest.mark.parametrize("arch", ["gpt", "bert"])
-def test_worker_counts_give_identical_batches(env, arch):
-    runs = [take(stream(env, arch, num_workers=w, micro_batch=8), 8) for w in (0, 1, 2)]
-    assert_same_batches(runs[0], runs[1])
-    assert_same_batches(runs[0], runs[2])
-    s = stream(env, arch, files="corpus.jsonl", num_workers=2, micro_batch=8, start_sample=16)
-    assert_same_batches(runs[0][2:5], take(s, 3))
-
-
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 4 workers on a 2-core machine, on purpose
-def test_wrap_around_epochs(env):
+def test_wrap_around_and_resume_inside_a_block(env):
     info = load_tokenizer(env["tok"]["gpt"])
     content = []
     for paragraph in env["paragraphs"][:3]:
         content += info.tokenizer.encode(paragraph, add_special_tokens=False).ids + [info.eos_id]
     n, t = len(content), SEQ["gpt"]
     assert n < 200
-    batches = take(stream(env, "gpt", files="tiny.txt", micro_batch=5, num_workers=2), 10)  # ~4 epochs
+    batches = take(stream(env, files="tiny.txt", micro_batch=5, num_workers=2), 10)  # ~4 passes
     for i, (x, y) in by_index(batches).items():
         expected = torch.tensor([content[(i * t + j) % n] for j in range(t + 1)])
         assert torch.equal(x, expected[:-1]) and torch.equal(y, expected[1:])
-    s = stream(env, "gpt", files="tiny.txt", micro_batch=5)
-    take(s, 6)
-    state = s.state_dict()
-    assert state["epoch"] >= 2
-    # more workers than documents per epoch: each still yields its share, in order
-    resumed = stream(env, "gpt", files="tiny.txt", micro_batch=5, start_sample=30, seek=state, num_workers=4)
-    assert_same_batches(batches[6:], take(resumed, 4))
-    tokens_dir = env["root"] / "tiny_tokens"
-    prepare([str(env["root"] / "tiny.txt")], "text", "text", env["tok"]["gpt"], "gpt", tokens_dir, shard_tokens=50)
-    assert_same_batches(batches, take(stream(env, "gpt", files=str(tokens_dir), micro_batch=5), 10))
+    assert_same_batches(batches, take(stream(env, files=str(env["root"] / "tokens_tiny"), micro_batch=5), 10))
+    # shuffled blocks of 8: a state taken mid-block resumes exactly, with more workers than streams
+    shuffled = take(stream(env, files="tiny.txt", micro_batch=5, shuffle=True, block=8), 10)
+    s = stream(env, files="tiny.txt", micro_batch=5, shuffle=True, block=8)
+    take(s, 5)
+    state = json.loads(json.dumps(merge_states([s.state_dict()])))
+    assert state["next_sample"] == 25 and state["sources"]["train"]["streams"]["0"]["cursor"]["block"] == 3
+    resumed = stream(env, files="tiny.txt", micro_batch=5, shuffle=True, block=8, state=state, num_workers=4)
+    assert_same_batches(shuffled[5:], take(resumed, 5))
+
+
+def test_valid_fraction_holds_out_whole_documents(env):
+    holdout = 0.2
+    train = stream(env, files="prose.txt", shuffle=True, streams=2, micro_batch=1, holdout=(holdout, False))
+    valid = stream(env, files="prose.txt", streams=2, micro_batch=1, holdout=(holdout, True))
+    train_docs = {(r["file"], r["document"]) for r in train.describe(400)}
+    valid_docs = {(r["file"], r["document"]) for r in valid.describe(100)}
+    assert train_docs and valid_docs and not train_docs & valid_docs
+    everything = {(r["file"], r["document"]) for r in stream(env, files="prose.txt", micro_batch=1).describe(500)}
+    share = len(valid_docs & everything) / len(everything)
+    assert 0.05 < share < 0.4
+
+
+def test_trainer_data_prints_the_order(env, tmp_path):
+    config = {
+        "run": {"seed": 1234},
+        "data": {
+            "train": mixture(env, prepared=False),
+            "tokenizer": env["tok"]["gpt"],
+            "seq_len": SEQ["gpt"],
+            "streams": 4,
+            "shuffle_block": 4,
+        },
+    }
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(config))
+    r = run_cli("trainer", "data", str(path), "--range", "5:13", "--dp", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["index"] for row in rows] == list(range(5, 13))
+    assert [row["rank"] for row in rows] == [1, 0] * 4
+    assert {"source", "file", "document", "offset", "text"} <= rows[0].keys()
+    s = stream(env, files=mixture(env, prepared=False), shuffle=True, streams=4, block=4, micro_batch=13)
+    samples = by_index([next(s)])
+    info = load_tokenizer(env["tok"]["gpt"])
+    for row in rows:
+        assert row["text"] == info.tokenizer.decode(samples[row["index"]][0].tolist(), skip_special_tokens=False)
+        assert row["source"] in ("prose", "verse") and Path(row["file"]).name in ("prose.txt", "verse.jsonl")
+    bad = run_cli("trainer", "data", str(path), "--range", "9:3")
+    assert bad.returncode == 2 and "must have 0 <= A < B" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ---- errors ------------------------------------------------------------------------------------------------------
 
 
 def test_bad_json_lines_skipped_or_fatal(env, tmp_path, capfd):
@@ -225,12 +439,12 @@ def test_bad_json_lines_skipped_or_fatal(env, tmp_path, capfd):
     lines = good[:2] + ["{broken", json.dumps({"other": 1})] + good[2:] + ["", json.dumps({"text": 5})]
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join(lines) + "\n")
-    expected = take(stream(env, "gpt", files="tiny.txt"), 10)  # several epochs
-    assert_same_batches(expected, take(stream(env, "gpt", files=str(bad)), 10))
+    expected = take(stream(env, files="tiny.txt"), 10)  # several passes
+    assert_same_batches(expected, take(stream(env, files=str(bad)), 10))
     err = capfd.readouterr().err
-    assert err.count("skipped 3 invalid JSON line(s)") == 1 and str(bad) in err  # once, not once per epoch
+    assert err.count("skipped 3 invalid JSON line(s)") == 1 and str(bad) in err  # once, not once per pass
     for workers in (0, 2):
-        s = stream(env, "gpt", files=str(bad), bad_lines="error", num_workers=workers)
+        s = stream(env, files=str(bad), bad_lines="error", num_workers=workers)
         with pytest.raises(UserError) as exc:
             take(s, 1)
         assert str(exc.value).startswith(f"{bad}:3: invalid JSON line") and "\n" not in str(exc.value)
@@ -242,48 +456,59 @@ def test_input_errors(env, tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         resolve_files([str(tmp_path / "missing.txt")])
     with pytest.raises(UserError, match="matches no files"):
-        stream(env, "gpt", files="nothing_*.jsonl")
+        stream(env, files="nothing_*.jsonl")
     with pytest.raises(UserError, match="mix formats"):
-        build_stream(
-            [str(env["root"] / "corpus.txt"), str(env["root"] / "corpus.jsonl")], **_args("auto", env["tok"]["gpt"])
-        )
+        stream(env, files=[str(env["root"] / "corpus.txt"), str(env["root"] / "corpus.jsonl")])
     other = train_tokenizer("bpe", 300, [str(env["root"] / "tiny.txt")], tmp_path / "other")
     with pytest.raises(UserError, match="another tokenizer"):
-        build_stream([env["tokens"]["gpt"]], **_args("tokens", other))
+        stream(env, files=env["tokens"]["gpt"], tokenizer_path=str(other))
     relabelled = tmp_path / "relabelled"
     shutil.copytree(env["tokens"]["gpt"], relabelled)
     meta = json.loads((relabelled / "meta.json").read_text())
     (relabelled / "meta.json").write_text(json.dumps({**meta, "arch": "bert"}))
     with pytest.raises(UserError, match="prepared for arch 'bert', not 'gpt'"):
-        build_stream([str(relabelled)], **_args("auto", env["tok"]["gpt"]))
+        stream(env, files=str(relabelled))
     with pytest.raises(UserError, match="no <|endoftext|>"):
-        stream(env, "gpt", tokenizer_path=env["tok"]["bert"])
+        stream(env, tokenizer_path=env["tok"]["bert"])
     with pytest.raises(UserError, match="no column 'body'"):
-        take(stream(env, "gpt", files="corpus.parquet", text_field="body"), 1)
+        take(stream(env, files="corpus.parquet", text_field="body"), 1)
     with pytest.raises(UserError, match="dp_rank=2 is not below"):
-        stream(env, "gpt", dp_rank=2, dp_size=2)
-    with pytest.raises(UserError, match="start_sample=8"):
-        stream(env, "gpt", start_sample=8, seek={"next_sample": 4, "epoch": 0, "doc": 1, "offset": 0})
+        stream(env, dp_rank=2, dp_size=2)
+    with pytest.raises(UserError, match="weight=-1 is invalid"):
+        stream(env, files={"a": {"path": [str(env["root"] / "corpus.txt")], "weight": -1}})
+    with pytest.raises(UserError, match="unknown key data.train.a.wieght"):
+        stream(env, files={"a": {"path": [str(env["root"] / "corpus.txt")], "wieght": 1}})
     binary = tmp_path / "binary.txt"
     binary.write_bytes(b"\xff\xfe\x00garbage\n\n\xc3\x28")
-    with pytest.raises(UserError, match="cannot read .*binary.txt.* as text") as exc:
-        take(stream(env, "gpt", files=str(binary), num_workers=1), 1)
+    with pytest.raises(UserError, match="binary.txt: not UTF-8 text near byte 0") as exc:
+        take(stream(env, files=str(binary), num_workers=1), 1)
     assert "\n" not in str(exc.value)
-    with pytest.raises(UserError, match="set data.format=tokens or auto"):
-        stream(env, "gpt", files=env["tokens"]["gpt"], fmt="text")
+    with pytest.raises(UserError, match="set data.format=auto"):
+        stream(env, files=env["tokens"]["gpt"], fmt="text")
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n  \n\n")
     for workers in (0, 2):
-        with pytest.raises(UserError, match="no documents found") as exc:
-            take(stream(env, "gpt", files=str(empty), num_workers=workers), 1)
+        with pytest.raises(UserError, match="has no documents") as exc:
+            take(stream(env, files=str(empty), num_workers=workers, streams=3), 1)
         assert "\n" not in str(exc.value)
-    with pytest.raises(UserError, match="no tokens"):
-        prepare([str(empty)], "auto", "text", env["tok"]["gpt"], "gpt", tmp_path / "out")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "binary.txt",
-        "empty.txt",
-        "other",
-        "relabelled",
-    ]  # nothing half-made
-    with pytest.raises(UserError, match="already exists"):
-        prepare([str(empty)], "auto", "text", env["tok"]["gpt"], "gpt", env["tokens"]["gpt"])
+
+
+def test_resume_refuses_a_changed_order(env, tmp_path):
+    s = stream(env, shuffle=True, streams=2, block=4)
+    take(s, 2)
+    state = json.loads(json.dumps(merge_states([s.state_dict()])))
+    for change, message in (
+        ({"streams": 4}, "data.streams was 2 when the checkpoint was written and is 4 now"),
+        ({"seed": 1}, "run.seed was 1234"),
+        ({"shuffle": False}, "data.shuffle was True"),
+        ({"seq_len": 8}, "data.seq_len was 16"),
+    ):
+        with pytest.raises(UserError, match=message):
+            stream(env, **{"shuffle": True, "streams": 2, "block": 4, **change}, state=state)
+    grown = tmp_path / "corpus.txt"
+    grown.write_text((env["root"] / "corpus.txt").read_text() + "\n\nOne more paragraph.\n")
+    with pytest.raises(UserError, match="data source 'train' changed since the checkpoint"):
+        stream(env, files=str(grown), shuffle=True, streams=2, block=4, state=state)
+    with pytest.raises(UserError, match="earlier version of the data pipeline"):
+        stream(env, state={"next_sample": 8, "epoch": 0, "doc": 3, "offset": 0})
+    np.testing.assert_equal(state["next_sample"], 8)

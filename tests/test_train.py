@@ -253,8 +253,10 @@ def test_export_from_checkpoint_loads_in_transformers(tmp_path, corpus, gpt_tok,
 
 
 def test_prepared_shards_train_like_streaming(tmp_path, corpus, gpt_tok):
-    """`trainer prepare` then data.format=tokens: the same losses as streaming the text."""
-    base = {"train.steps": 3, "checkpoint.every": 3, "train.eval_every": 3}
+    """`trainer prepare` then data.format=tokens: the same losses as streaming the text. In corpus order (no shuffle,
+    one stream): with shuffling on, prepared shards permute whole epochs while raw streams shuffle units and blocks,
+    two different orders by design."""
+    base = {"train.steps": 3, "checkpoint.every": 3, "train.eval_every": 3, "data.shuffle": False, "data.streams": 1}
     text_cfg = write_config(tiny_config(tmp_path / "text", corpus, gpt_tok, **base), tmp_path / "text.yaml")
     r = run_cli("trainer", "prepare", str(text_cfg), "--out", str(tmp_path / "shards"))
     assert r.returncode == 0, r.stderr[-2000:]

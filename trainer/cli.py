@@ -5,6 +5,7 @@ Bad input ends with one line `error: ...` on stderr and exit code 2, never a tra
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -37,7 +38,8 @@ def print_summary(run_dir: Path) -> None:
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     model = cfg["model"]["preset"] or f"{cfg['model']['n_layer']} layers x {cfg['model']['d_model']}"
-    corpus = ", ".join(cfg["data"]["train"])
+    train = cfg["data"]["train"]
+    corpus = ", ".join(train) if isinstance(train, list) else "a mixture of " + ", ".join(train)
     lines = [
         (
             f"\nTrained a {cfg['model']['arch'].upper()} ({model}) for {s['final_step']} steps on "
@@ -70,25 +72,63 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
+    import time
+
     from trainer.config import load_config
-    from trainer.data import prepare, resolve_files
+    from trainer.data.shards import prepare, read_meta
+    from trainer.data.sources import parse_sources
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out)
-    for split, paths in (("train", cfg.data.train), ("valid", cfg.data.valid)):
-        if not paths:
-            continue
-        meta = prepare(
-            resolve_files(paths),
-            cfg.data.format,
-            cfg.data.text_field,
-            cfg.data.tokenizer,
-            cfg.model.arch,
-            out / split,
-            bad_lines=cfg.data.bad_lines,
+    train = parse_sources(cfg.data.train, cfg.data.format, cfg.data.text_field)
+    jobs = [(s, out / "train" if len(train) == 1 else out / "train" / s.name) for s in train]
+    if cfg.data.valid:
+        valid = parse_sources(cfg.data.valid, cfg.data.format, cfg.data.text_field, key="data.valid")
+        jobs += [(dataclasses.replace(s, name="valid"), out / "valid") for s in valid]
+    for source, _ in jobs:
+        if not source.raw:
+            raise UserError(
+                f"source {source.name} ({source.describe()}) is already prepared (format tokens); "
+                "give `trainer prepare` the raw text/jsonl/parquet files"
+            )
+    for source, path in jobs:
+        old = read_meta(path) if path.is_dir() else None
+        kept = {i["tokens"] for i in old.get("inputs", [])} if old else set()
+        start = time.monotonic()
+        meta = prepare(source, cfg.data.tokenizer, cfg.model.arch, path, bad_lines=cfg.data.bad_lines)
+        seconds = time.monotonic() - start
+        new = [i for i in meta["inputs"] if i["tokens"] not in kept]
+        tokenized = sum(i["n_tokens"] for i in new)
+        reused = f" ({len(meta['inputs']) - len(new)} of {len(meta['inputs'])} inputs already prepared)" if kept else ""
+        print(
+            f"{source.name}: {meta['n_docs']:,} documents, {meta['n_tokens']:,} tokens{reused}, {seconds:.1f} s, "
+            f"{tokenized / max(seconds, 1e-9):,.0f} tokens/s -> {path}",
+            flush=True,
         )
-        print(f"{split}: {meta['n_docs']:,} documents, {meta['n_tokens']:,} tokens -> {out / split}")
-    print(f"train on them with: data.train=[{out / 'train'}] data.valid=[{out / 'valid'}] data.format=tokens")
+    valid_path = [str(out / "valid")] if cfg.data.valid else []
+    if len(train) == 1:
+        extra = f" data.valid=[{valid_path[0]}]" if valid_path else ""
+        print(f"train on them with: data.train=[{out / 'train'}]{extra} data.format=tokens")
+        return
+    section: dict = {
+        "format": "tokens",
+        "train": {s.name: {"path": [str(path)], "weight": s.weight} for s, path in jobs[: len(train)]},
+    }
+    if valid_path:
+        section["valid"] = valid_path
+    print("train on them with this data section (the other data keys unchanged):")
+    print(yaml.safe_dump({"data": section}, sort_keys=False, default_flow_style=None).rstrip())
+
+
+def cmd_data(args: argparse.Namespace) -> None:
+    import json
+
+    from trainer.config import load_config
+    from trainer.data.inspect import describe_samples
+
+    cfg = load_config(args.config, args.overrides)
+    for row in describe_samples(cfg, args.range, args.dp, args.tokens):
+        print(json.dumps(row, ensure_ascii=False), flush=True)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -136,6 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*")
     r.add_argument("--out", required=True)
     r.set_defaults(func=cmd_prepare)
+
+    d = sub.add_parser("data", help="print where global samples come from: one JSON line per sample")
+    d.add_argument("config")
+    d.add_argument("overrides", nargs="*")
+    d.add_argument("--range", required=True, help="A:B, global samples A (included) to B (excluded)")
+    d.add_argument("--dp", type=int, default=1, help="data-parallel size: which rank takes each sample")
+    d.add_argument("--tokens", type=int, default=16, help="first tokens of each sample to decode")
+    d.set_defaults(func=cmd_data)
 
     e = sub.add_parser("export", help="export a checkpoint in the Hugging Face layout")
     e.add_argument("checkpoint", help="checkpoints/step_<N> (or a run directory: its latest checkpoint)")

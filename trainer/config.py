@@ -41,13 +41,21 @@ class ModelSection:
 
 @dataclass
 class DataConfig:
-    train: list[str] = field(default_factory=list)  # files, globs or directories
-    valid: list[str] = field(default_factory=list)  # evaluation corpus; no evaluation when empty
-    format: str = "auto"  # auto | text | jsonl | parquet | tokens (a directory from `trainer prepare`)
+    # files, globs or directories (one source); or named sources with weights, e.g.
+    # {code: {path: [code/*.jsonl], weight: 0.3}, prose: {path: [books/*.txt], weight: 0.7}} (a source may also set
+    # format and text_field, or name a dataset: {dataset: NAME, split: train} for datasets.load_dataset)
+    train: list[str] | dict = field(default_factory=list)
+    valid: list[str] = field(default_factory=list)  # evaluation corpus, never shuffled; no evaluation when empty
+    valid_fraction: float = 0.0  # instead of `valid`: hold out this fraction of the (single) train source's documents
+    # auto | text | jsonl | parquet | tokens (a directory from `trainer prepare`) | saved (datasets' save_to_disk)
+    format: str = "auto"
     text_field: str = "text"  # the field holding the text in jsonl/parquet rows
     tokenizer: str | None = None  # path to tokenizer.json (from `trainer tokenizer`)
     seq_len: int = 128  # tokens per training sample
-    num_workers: int = 1  # DataLoader worker processes that tokenize (0 = in the training process)
+    shuffle: bool = True  # shuffle the training order (prepared: a permutation per epoch; raw: units and blocks)
+    streams: int = 64  # L logical streams per raw source; a data-parallel size dividing L reads only its share
+    shuffle_block: int = 128  # raw sources: samples of a stream shuffled together
+    num_workers: int = 1  # DataLoader worker processes per rank that tokenize (0 = in the training process)
     bad_lines: str = "skip"  # skip | error: what to do with corpus lines that are not valid JSON
 
 
@@ -124,7 +132,7 @@ class Config:
 
 CHOICES = {
     "model.arch": ("gpt", "bert"),
-    "data.format": ("auto", "text", "jsonl", "parquet", "tokens"),
+    "data.format": ("auto", "text", "jsonl", "parquet", "tokens", "saved"),
     "data.bad_lines": ("skip", "error"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.activation_checkpointing": ("none", "full", "selective"),
@@ -137,6 +145,8 @@ POSITIVE = (
     "train.micro_batch",
     "train.grad_accum",
     "data.seq_len",
+    "data.streams",
+    "data.shuffle_block",
     "log.every",
     "checkpoint.keep",
     "parallel.tp",
@@ -247,6 +257,10 @@ def validate(cfg: Config) -> None:
         raise UserError(f"train.min_lr={cfg.train.min_lr} is above train.lr={cfg.train.lr}; lower min_lr")
     if not cfg.data.train:
         raise UserError("data.train is empty: give the training corpus, e.g. data.train=[corpus/*.jsonl]")
+    if not 0.0 <= cfg.data.valid_fraction < 1.0:
+        raise UserError(f"data.valid_fraction={cfg.data.valid_fraction} must be in [0, 1), e.g. 0.01")
+    if cfg.data.valid_fraction and cfg.data.valid:
+        raise UserError("set either data.valid (a separate corpus) or data.valid_fraction (held out of data.train)")
     if not cfg.data.tokenizer:
         raise UserError(
             "data.tokenizer is not set: train one with `trainer tokenizer` and set data.tokenizer=DIR/tokenizer.json"

@@ -54,7 +54,7 @@ def train_tokenizer(
 ) -> Path:
     """Train a `kind` tokenizer ("bpe" or "wordpiece") on text/jsonl/parquet files; write and return out_dir/tokenizer.json."""
     # Imported here: trainer.data imports this module (load_tokenizer), so a top-level import would be circular.
-    from trainer.data.sources import detect_format, iter_documents, resolve_files
+    from trainer.data.sources import Source, detect_format, iter_documents, resolve_files
 
     if kind not in KINDS:
         raise UserError(f"unknown tokenizer kind {kind!r}; use --kind bpe (GPT) or --kind wordpiece (BERT)")
@@ -64,6 +64,9 @@ def train_tokenizer(
     fmt = detect_format(paths, fmt)
     if fmt == "tokens":
         raise UserError("cannot train a tokenizer on prepared token shards; pass the raw text/jsonl/parquet files")
+    if fmt == "saved" and len(paths) != 1:
+        raise UserError("train the tokenizer on one saved dataset directory at a time")
+    source = Source("tokenizer", fmt, tuple(paths), text_field)
 
     if kind == "bpe":
         tok = Tokenizer(models.BPE())
@@ -88,7 +91,7 @@ def train_tokenizer(
 
     def documents() -> Iterator[str]:
         nonlocal n_docs
-        for doc in iter_documents(paths, fmt, text_field):
+        for _, _, doc in iter_documents(source):
             n_docs += 1
             yield doc
 

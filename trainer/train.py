@@ -14,10 +14,11 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from trainer.checkpoint import Checkpointer, set_rng_state
 from trainer.config import Config, save_config
-from trainer.data import build_stream, resolve_files
+from trainer.data import Source, build_stream, merge_states, parse_sources
 from trainer.engines import Engine, build_engine
 from trainer.engines.deepspeed import deepspeed_config
 from trainer.errors import UserError
@@ -46,7 +47,7 @@ class TrainState:
     step: int = 0  # optimizer steps done
     tokens: int = 0  # training tokens consumed (global)
     skipped_steps: int = 0  # steps whose update was dropped for a non-finite loss or gradient
-    data: dict = field(default_factory=lambda: {"next_sample": 0})  # the train stream's position
+    data: dict = field(default_factory=dict)  # the train stream's position (empty: the beginning)
     wandb_run_id: str | None = None
 
 
@@ -88,8 +89,8 @@ class Run:
     logger: MetricsLogger
     state: TrainState
     rng: dict | None  # the RNG state to continue from, when resuming
-    valid_files: list[str]
-    train_files: list[str]
+    train_sources: list[Source]
+    valid_sources: list[Source]  # empty: no evaluation
     flops_per_token: float
     peak_flops: float  # of all ranks together
 
@@ -146,26 +147,65 @@ def resolve_model(cfg: Config, tok: TokenizerInfo) -> ModelConfig:
     return mc
 
 
-def build_train_stream(
-    cfg: Config, dims: ParallelDims, files: list[str], *, start: dict, num_workers: int, micro_batch: int
+def data_sources(cfg: Config) -> tuple[list[Source], list[Source]]:
+    """The train and valid sources of the config (paths resolved, formats detected: errors before anything starts)."""
+    d = cfg.data
+    train = parse_sources(d.train, d.format, d.text_field)
+    valid = parse_sources(d.valid, d.format, d.text_field, key="data.valid") if d.valid else []
+    if d.valid_fraction:
+        if len(train) != 1 or not train[0].raw:
+            raise UserError(
+                "data.valid_fraction holds out documents of one raw source (text, jsonl, parquet, datasets); with "
+                "several sources or prepared shards give data.valid instead"
+            )
+        valid = train
+    return train, valid
+
+
+def build_data_stream(
+    cfg: Config,
+    dims: ParallelDims,
+    sources: list[Source],
+    *,
+    training: bool,
+    state: dict | None = None,
+    num_workers: int = 0,
+    micro_batch: int,
+    start_sample: int = 0,
 ):
-    """This data-parallel rank's micro-batches of `files`, from the saved position `start` (empty: the beginning)."""
+    """This data-parallel rank's micro-batches of `sources`: the training order (shuffled, from the saved position
+    `state`) or the evaluation order (never shuffled, from the start; the held-out documents under valid_fraction)."""
+    d = cfg.data
+    holdout = (d.valid_fraction, not training) if d.valid_fraction else None
     return build_stream(
-        files,
-        fmt=cfg.data.format,
-        text_field=cfg.data.text_field,
-        tokenizer_path=cfg.data.tokenizer,
+        sources,
+        tokenizer_path=d.tokenizer,
         arch=cfg.model.arch,
-        seq_len=cfg.data.seq_len,
+        seq_len=d.seq_len,
         seed=cfg.run.seed,
         dp_rank=dims.dp_rank,
         dp_size=dims.dp,
         micro_batch=micro_batch,
-        start_sample=start.get("next_sample", 0),
+        shuffle=d.shuffle and training,
+        streams=d.streams,
+        block=d.shuffle_block,
         num_workers=num_workers,
-        bad_lines=cfg.data.bad_lines,
-        seek=start if start.get("next_sample") else None,
+        bad_lines=d.bad_lines,
+        state=state or None,
+        holdout=holdout,
+        start_sample=start_sample,
+        warn=training,
     )
+
+
+def gather_data_state(stream, dims: ParallelDims) -> dict:
+    """The global data position: every rank knows the cursors of its own logical streams only."""
+    local = stream.state_dict()
+    if dims.world_size == 1 or not dist.is_initialized():
+        return merge_states([local])
+    states: list = [None] * dims.world_size
+    dist.all_gather_object(states, local)
+    return merge_states(states)
 
 
 def train_step(
@@ -192,7 +232,7 @@ def run_evaluation(run: Run, step: int) -> dict:
     """Validation loss over eval_steps global batches from the start of the valid corpus; a GPT sample. Every rank
     takes part (under FSDP and tensor parallelism the forward is collective)."""
     cfg, dims = run.cfg, run.dims
-    stream = build_train_stream(cfg, dims, run.valid_files, start={}, num_workers=0, micro_batch=cfg.train.micro_batch)
+    stream = build_data_stream(cfg, dims, run.valid_sources, training=False, micro_batch=cfg.train.micro_batch)
     micro_batches = cfg.train.eval_steps * cfg.train.grad_accum  # the same samples whatever the layout
     result = {"step": step, **evaluate(run.engine, iter(stream), micro_batches, dims, run.device)}
     stream.close()
@@ -200,7 +240,7 @@ def run_evaluation(run: Run, step: int) -> dict:
         result.pop("val_accuracy")  # next-token accuracy is not a figure GPT users read
     run.logger.log_eval(result)
     if cfg.model.arch == "gpt" and cfg.train.sample_tokens:
-        first_stream = build_train_stream(cfg, dims, run.valid_files, start={}, num_workers=0, micro_batch=1)
+        first_stream = build_data_stream(cfg, dims, run.valid_sources, training=False, micro_batch=1)
         prompt = next(iter(first_stream))["input_ids"][0, :16].tolist()
         first_stream.close()
         n_new = min(cfg.train.sample_tokens, run.model_cfg.max_seq_len - len(prompt))
@@ -313,8 +353,7 @@ def build_run(
 ) -> Run:
     """Model, engine, checkpoint state and loggers; resumes from a checkpoint when there is one."""
     check_layout(cfg, dims, model_cfg)
-    train_files = resolve_files(cfg.data.train)
-    valid_files = resolve_files(cfg.data.valid) if cfg.data.valid else []
+    train_sources, valid_sources = data_sources(cfg)
     ckpt = Checkpointer(cfg.run_dir / "checkpoints", cfg.checkpoint.keep, dims)
     ckpt.clean_partial()
     resume_from = ckpt.find_resume(cfg.checkpoint.resume)
@@ -365,8 +404,8 @@ def build_run(
         logger=logger,
         state=state,
         rng=rng,
-        valid_files=valid_files,
-        train_files=train_files,
+        train_sources=train_sources,
+        valid_sources=valid_sources,
         flops_per_token=fpt,
         peak_flops=peak * dims.world_size,
     )
@@ -408,7 +447,7 @@ def build_run(
 
 
 def save_checkpoint(run: Run, stream) -> None:
-    run.state.data = stream.state_dict()  # at a step boundary: every rank has consumed the same samples
+    run.state.data = gather_data_state(stream, run.dims)  # at a step boundary: the same global position everywhere
     saved = {
         "train_state": vars(run.state).copy(),
         "model_config": run.model_cfg.to_dict(),
@@ -422,8 +461,14 @@ def train_loop(run: Run, stop: StopSignal, heartbeat: Heartbeat) -> dict:
     """Steps until train.steps (or a stop signal): log, evaluate, checkpoint."""
     cfg, t, state, engine, logger = run.cfg, run.cfg.train, run.state, run.engine, run.logger
     step_tokens = run.global_batch * cfg.data.seq_len
-    stream = build_train_stream(
-        cfg, run.dims, run.train_files, start=state.data, num_workers=cfg.data.num_workers, micro_batch=t.micro_batch
+    stream = build_data_stream(
+        cfg,
+        run.dims,
+        run.train_sources,
+        training=True,
+        state=state.data,
+        num_workers=cfg.data.num_workers,
+        micro_batch=t.micro_batch,
     )
     batches_iter = iter(stream)
     # The RNG (dropout) is set last, so nothing in start-up draws from it and a resumed run continues its stream.
@@ -471,8 +516,10 @@ def train_loop(run: Run, stop: StopSignal, heartbeat: Heartbeat) -> dict:
                     "skipped_steps": state.skipped_steps,
                 }
                 last["mfu"] = mfu(last["tokens_per_s"], run.flops_per_token, run.peak_flops)
+                if len(run.train_sources) > 1:
+                    last.update({f"samples_{name}": n for name, n in stream.consumed().items()})
                 logger.log_step(last)
-            if run.valid_files and t.eval_every and (state.step % t.eval_every == 0 or last_step):
+            if run.valid_sources and t.eval_every and (state.step % t.eval_every == 0 or last_step):
                 run_evaluation(run, state.step)
             if bad_in_row >= t.max_bad_steps:
                 raise UserError(

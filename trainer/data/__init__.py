@@ -1,7 +1,17 @@
-"""Corpus reading, tokenization, packing into the global sample sequence, and prepared token shards."""
+"""Corpus sources, the data order (shuffle, mixture, logical streams), packing into samples, prepared shards."""
 
 from trainer.data.shards import TokenShards, prepare
-from trainer.data.sources import detect_format, resolve_files
-from trainer.data.stream import SampleStream, build_stream
+from trainer.data.sources import Source, detect_format, parse_sources, resolve_files
+from trainer.data.stream import SampleStream, build_stream, merge_states
 
-__all__ = ["SampleStream", "TokenShards", "build_stream", "detect_format", "prepare", "resolve_files"]
+__all__ = [
+    "SampleStream",
+    "Source",
+    "TokenShards",
+    "build_stream",
+    "detect_format",
+    "merge_states",
+    "parse_sources",
+    "prepare",
+    "resolve_files",
+]

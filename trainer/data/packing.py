@@ -135,31 +135,22 @@ class SampleSpec:
 
 
 class DocumentPacker:
-    """Windows of the infinite content stream, cut from an ordered iterator of tokenized documents.
+    """Windows of an infinite content stream, cut from an ordered iterator of tokenized documents.
 
-    `docs` yields (epoch, doc index within epoch, tokens incl. separator). Windows must be asked for at
-    non-decreasing starts; documents wholly before the last start are dropped, so memory stays a few windows.
-    It also maps a content position back to (epoch, doc, offset) for cheap resume.
+    `docs` yields (unit, document id, tokens incl. separator), where `unit` counts the units of the stream. Windows
+    must be asked for at non-decreasing starts; documents wholly before the last start are dropped, so memory stays a
+    few windows. `locate` maps a content position back to (unit, doc, offset), from which a stream restarts.
     """
 
-    def __init__(self, docs: Iterator[tuple[int, int, np.ndarray]], first_doc_start: int, separator: int) -> None:
+    def __init__(self, docs: Iterator[tuple[int, int, np.ndarray]], first_doc_start: int) -> None:
         self._docs = docs
-        self._buf: deque[tuple[int, int, int, np.ndarray]] = deque()  # (abs start, epoch, doc, tokens)
+        self._buf: deque[tuple[int, int, int, np.ndarray]] = deque()  # (abs start, unit, doc, tokens)
         self._end = first_doc_start  # absolute content position where the next pulled document begins
         self._low = first_doc_start  # nothing before this position can be asked for any more
-        self._separator = separator
-        self._epoch: int | None = None
-        self._epoch_from_start = False  # current epoch was read from its first document
-        self._epoch_content = 0  # non-separator tokens seen in the current epoch
 
     def _pull(self) -> None:
-        epoch, doc, tokens = next(self._docs)
-        if epoch != self._epoch:
-            if self._epoch is not None and self._epoch_from_start and self._epoch_content == 0:
-                raise UserError("the corpus has no tokens (only empty documents); check the data files and text field")
-            self._epoch, self._epoch_from_start, self._epoch_content = epoch, doc == 0, 0
-        self._epoch_content += len(tokens) - 1
-        self._buf.append((self._end, epoch, doc, tokens))
+        unit, doc, tokens = next(self._docs)
+        self._buf.append((self._end, unit, doc, tokens))
         self._end += len(tokens)
 
     def _drop_before(self, pos: int) -> None:
@@ -182,13 +173,23 @@ class DocumentPacker:
             parts.append(tokens[max(start - doc_start, 0) : start + length - doc_start])
         return np.concatenate(parts)
 
+    def skip_to(self, pos: int) -> None:
+        """Drop everything before content position `pos` (pulling documents up to it)."""
+        if pos < self._low:
+            raise RuntimeError(f"skip to {pos} asked after the stream moved past {self._low}")
+        self._low = pos
+        self._drop_before(pos)
+        while self._end <= pos:
+            self._pull()
+            self._drop_before(pos)
+
     def locate(self, pos: int) -> dict:
-        """{"epoch", "doc", "offset"} of the document holding content position `pos` (reads ahead if needed)."""
+        """{"unit", "doc", "offset"} of the document holding content position `pos` (reads ahead if needed)."""
         if pos < self._low:
             raise RuntimeError(f"position {pos} asked after the stream moved past {self._low}")
         while self._end <= pos:
             self._pull()
-        for doc_start, epoch, doc, tokens in self._buf:
+        for doc_start, unit, doc, tokens in self._buf:
             if doc_start <= pos < doc_start + len(tokens):
-                return {"epoch": epoch, "doc": doc, "offset": pos - doc_start}
+                return {"unit": unit, "doc": doc, "offset": pos - doc_start}
         raise RuntimeError(f"position {pos} is no longer buffered")

@@ -1,206 +1,70 @@
 """The data stream the training loop iterates: micro-batches of this rank's share of the global sample sequence.
 
-Rank r of dp takes global samples start_sample + r, start_sample + r + dp, ...; micro-batches are consecutive groups of
-micro_batch of them (see packing.py for what sample i is). Two sources supply content windows:
-
-- streaming raw files (text/jsonl/parquet): DataLoader workers tokenize documents, the main process packs. Every
-  rank reads and packs the whole stream and keeps its own samples; fine for one or a few files, at scale use
-  prepared shards (`trainer prepare`), which any rank reads at random.
-- prepared token shards (format "tokens"): sample i is read directly from np.memmap.
+Global sample g (see schedule.py) comes from one source, chosen by the mixture. From a prepared source (token shards)
+it is the source's j-th sample: with shuffle on, epoch j // N is a permutation of the source's N windows, read at
+random by any rank; with shuffle off, window j of the corpus repeated forever. From a raw source it is the next sample
+of logical stream g mod L (streams.py). Rank r of dp takes the samples g = r (mod dp); micro-batches are consecutive
+groups of micro_batch of them. The position (a checkpoint's `data`) is global: the next global sample, the mixture
+counts and, per raw stream, its next index and the cursor of its current block.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 import sys
-import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass
 
-import fsspec
 import numpy as np
 import torch
-from tokenizers import Tokenizer
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from trainer.data.packing import DocumentPacker, SampleSpec
+from trainer.data.order import Permutation, derive_key
+from trainer.data.packing import SampleSpec
+from trainer.data.schedule import BlockNeeds, Layout, ScheduleCursor
 from trainer.data.shards import TokenShards
-from trainer.data.sources import check_read_args, detect_format, iter_documents, resolve_files
+from trainer.data.sources import Source, check_read_args, fingerprint, parse_sources, plan_units
+from trainer.data.streams import Block, BlockFeed, BlockSource, StreamPlan
 from trainer.errors import UserError
 from trainer.tokenizer import load_tokenizer
 
-PREFETCH_DOCS = 16  # documents each worker keeps ready
+STATE_VERSION = 2
+FRESH_CURSOR = {"block": 0, "unit": 0, "doc": None, "offset": 0}
 
 
-class DocumentFeed(IterableDataset):
-    """Tokenized documents, epoch after epoch, from (start_epoch, start_doc) on, as (epoch, doc, tokens + separator).
+class PreparedSampler:
+    """Sample j of a prepared source: its window, and where it lies (input, document, offset)."""
 
-    Order trick: worker w of W tokenizes only documents k = w (mod W) (k counted from the feed's start) and yields one
-    per item; the DataLoader takes items from workers round-robin, so the main process receives documents in the
-    original order. Every worker reads the whole document sequence itself (reading is cheap; tokenizing is not).
-    """
+    def __init__(self, shards: TokenShards, spec: SampleSpec, shuffle: bool, seed: int, fingerprint_: str) -> None:
+        self.shards, self.spec, self.shuffle, self.seed, self.fingerprint = shards, spec, shuffle, seed, fingerprint_
+        self.per_epoch = (shards.n_tokens - (spec.span - spec.stride)) // spec.stride
+        if shuffle and self.per_epoch < 1:
+            raise UserError(
+                f"{shards.directory} holds {shards.n_tokens} tokens, less than one sample of {spec.span}; use a "
+                "larger corpus or a smaller data.seq_len"
+            )
+        self._perm: tuple[int, Permutation] | None = None
 
-    def __init__(
-        self,
-        files: list[str],
-        fmt: str,
-        text_field: str,
-        bad_lines: str,
-        tokenizer_path: str,
-        separator: int,
-        start_epoch: int = 0,
-        start_doc: int = 0,
-    ) -> None:
-        self.files, self.fmt, self.text_field, self.bad_lines = files, fmt, text_field, bad_lines
-        self.tokenizer_path, self.separator = tokenizer_path, separator
-        self.start_epoch, self.start_doc = start_epoch, start_doc
+    def position(self, j: int) -> int:
+        if not self.shuffle:
+            return j * self.spec.stride
+        epoch, k = divmod(j, self.per_epoch)
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, Permutation(self.per_epoch, derive_key(self.seed, self.fingerprint, "epoch", epoch)))
+        return self._perm[1][k] * self.spec.stride
 
-    def __iter__(self) -> Iterator[tuple[int, int, np.ndarray] | WorkerFailure]:
-        info = get_worker_info()
-        if info is None:
-            yield from self._documents(0, 1)
-            return
-        fsspec.asyn.reset_lock()  # a lock inherited through fork can hang fsspec in the worker
-        try:
-            yield from self._documents(info.id, info.num_workers)
-        except UserError as exc:
-            yield WorkerFailure(str(exc))
-        except Exception as exc:  # noqa: BLE001 - any failure must reach the main process as one line
-            traceback.print_exc()  # keep the full traceback of an unexpected error on stderr
-            yield WorkerFailure(f"data worker failed with {type(exc).__name__}: {_first_line(exc)}")
-        # Ending normally, rather than raising, lets the DataLoader shut its workers down at once (after a raise
-        # it waits out a 5 s join timeout).
+    def window(self, j: int) -> np.ndarray:
+        return self.shards.window(self.position(j), self.spec.span)
 
-    def _documents(self, worker: int, n_workers: int) -> Iterator[tuple[int, int, np.ndarray]]:
-        tokenizer = Tokenizer.from_file(self.tokenizer_path)
-        k = 0
-        epoch, skip = self.start_epoch, self.start_doc
-        while True:
-            n_docs = 0
-            docs = iter_documents(self.files, self.fmt, self.text_field, self.bad_lines, warn=worker == 0)
-            for doc, text in enumerate(docs):
-                if doc < skip:
-                    continue  # resume: skip by index, without tokenizing
-                if k % n_workers == worker:
-                    ids = tokenizer.encode(text, add_special_tokens=False).ids
-                    yield epoch, doc, np.asarray(ids + [self.separator], dtype=np.int64)
-                k += 1
-                n_docs += 1
-            if n_docs == 0 and skip:
-                raise UserError(
-                    f"the saved data position (epoch {epoch}, document {skip}) is past the end of the corpus; "
-                    "restore the original data files or resume without the data position"
-                )
-            if n_docs == 0:
-                raise UserError(f"no documents found in {', '.join(self.files)}; check the files and data.text_field")
-            epoch, skip = epoch + 1, 0
+    def origin(self, j: int) -> dict:
+        name, doc, offset = self.shards.locate(self.position(j))
+        return {"file": name, "document": doc, "offset": offset, "epoch": j // max(self.per_epoch, 1)}
 
 
 @dataclass
-class WorkerFailure:
-    """An error in a DataLoader worker, sent to the main process as an item (its one-line message)."""
+class StreamState:
+    """This rank's view of one raw stream: its current block and the cursor it started from."""
 
-    message: str
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _init_worker(worker_id: int) -> None:
-    """Workers leave SIGTERM/SIGUSR1 to the training process: torchrun and Slurm signal the whole process group, and
-    the trainer must outlive that signal by one step to checkpoint (its DataLoader then stops the workers itself).
-    Ignoring them, a worker must still die with its rank: on Linux the kernel kills it when the rank exits (a rank
-    killed with SIGKILL would otherwise leave it running, holding copies of the rank's sockets, and an elastic
-    restart of the job would wait on them)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    die_with_parent()
-
-
-def die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent exits (prctl PR_SET_PDEATHSIG); elsewhere, nothing."""
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0 and os.getppid() == 1:  # 1 = PR_SET_PDEATHSIG
-        os._exit(1)  # the parent died before the request took effect
-
-
-def _keep(item: tuple[int, int, np.ndarray]) -> tuple[int, int, np.ndarray]:
-    """Collate function for batch_size=None: pass each (epoch, doc, tokens) item through unchanged."""
-    return item
-
-
-def _raise_failures(items: Iterator) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Pass documents through; raise a worker's failure (or a DataLoader error) as a one-line UserError."""
-    while True:
-        try:
-            item = next(items)
-        except StopIteration:
-            return
-        except Exception as exc:  # e.g. a worker killed by the OOM killer: the DataLoader raises RuntimeError
-            raise UserError(f"data loader failed: {_first_line(exc)}; check memory or use fewer data workers") from exc
-        if isinstance(item, WorkerFailure):
-            items = None  # drop the loader from this frame, which the raised error's traceback keeps
-            raise UserError(item.message)
-        yield item
-
-
-class StreamSource:
-    """Content windows from raw files: documents tokenized in DataLoader workers, packed in this process."""
-
-    def __init__(self, feed: DocumentFeed, first_doc_start: int, num_workers: int) -> None:
-        self._feed, self._first_doc_start, self._num_workers = feed, first_doc_start, num_workers
-        self._packer: DocumentPacker | None = None  # started on first use: no worker processes until then
-        self._loader_iter: Iterator | None = None
-        self._closed = False
-
-    def _start(self) -> DocumentPacker:
-        if self._closed:
-            raise UserError("this data stream was closed (or failed before); build a new stream with build_stream")
-        if self._packer is None:
-            if self._num_workers == 0:
-                items = iter(self._feed)
-            else:
-                loader = DataLoader(
-                    self._feed,
-                    batch_size=None,
-                    num_workers=self._num_workers,
-                    collate_fn=_keep,
-                    prefetch_factor=PREFETCH_DOCS,
-                    # Its own generator: starting workers must not draw from the global RNG (dropout), or a resumed
-                    # run, whose workers start at another step, would continue on a different random stream.
-                    generator=torch.Generator().manual_seed(0),
-                    worker_init_fn=_init_worker,
-                )
-                self._loader_iter = iter(loader)
-                items = _raise_failures(self._loader_iter)
-            self._packer = DocumentPacker(items, self._first_doc_start, self._feed.separator)
-        return self._packer
-
-    def window(self, start: int, length: int) -> np.ndarray:
-        try:
-            return self._start().window(start, length)
-        except UserError:
-            self.close()  # stop the workers now, not when the error object is collected
-            raise
-
-    def locate(self, pos: int) -> dict:
-        try:
-            return self._start().locate(pos)
-        except UserError:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        """Stop the worker processes for good (they would also stop when this object is garbage collected)."""
-        self._closed = True
-        self._packer = None
-        self._loader_iter = None
+    cursor: dict  # cursor of block `cursor["block"]`, valid while no block has been received
+    block: Block | None = None
 
 
 class SampleStream:
@@ -209,47 +73,154 @@ class SampleStream:
 
     def __init__(
         self,
-        source: StreamSource | TokenShards,
+        *,
+        sources: list[Source],
+        samplers: dict[int, PreparedSampler],
+        plans: dict[int, StreamPlan],
         spec: SampleSpec,
+        cursor: ScheduleCursor,
+        feed: BlockSource | None,
+        owned: dict[tuple[int, int], StreamState],
         dp_rank: int,
         dp_size: int,
         micro_batch: int,
-        start_sample: int,
+        block: int,
+        settings: dict,
+        carried: dict,
+        carried_counts: dict,
     ) -> None:
-        self.source, self.spec = source, spec
-        self.dp_rank, self.dp_size, self.micro_batch, self.start_sample = dp_rank, dp_size, micro_batch, start_sample
-        self.consumed = 0  # local samples yielded so far
+        self.sources, self.samplers, self.plans, self.spec = sources, samplers, plans, spec
+        self.cursor, self.feed, self.owned = cursor, feed, owned
+        self.dp_rank, self.dp_size, self.micro_batch, self.block = dp_rank, dp_size, micro_batch, block
+        self.settings = settings  # seed, shuffle, streams, block: what the order depends on
+        self.carried = carried  # saved state of sources no longer configured, kept for a later resume
+        self.carried_counts = carried_counts
 
     def __iter__(self) -> SampleStream:
         return self
 
+    def _next_sample(self, describe: bool = False) -> tuple[int, np.ndarray, dict | None]:
+        while True:
+            g, s, stream, index = self.cursor.advance()
+            if g % self.dp_size == self.dp_rank:
+                break
+        if stream < 0:
+            sampler = self.samplers[s]
+            origin = {"source": self.sources[s].name, **sampler.origin(index)} if describe else None
+            return g, sampler.window(index), origin
+        state = self.owned[(s, stream)]
+        b = index // self.block
+        if state.block is None or state.block.index != b:
+            if self.feed is None:
+                raise RuntimeError("raw source without a feed")
+            state.block = self.feed.next_block((s, stream), b)
+        window = state.block.windows[index % self.block]
+        origin = None
+        if describe:
+            k, doc, offset = state.block.origins[index % self.block]
+            origin = {
+                "source": self.sources[s].name,
+                "file": self.plans[s].unit_at(stream, k).file,
+                "document": doc,
+                "offset": offset,
+                "stream": stream,
+            }
+        return g, window, origin
+
     def __next__(self) -> dict[str, torch.Tensor]:
-        indices = [
-            self.start_sample + self.dp_rank + (self.consumed + j) * self.dp_size for j in range(self.micro_batch)
-        ]
-        rows = [self.spec.make(self.source.window(i * self.spec.stride, self.spec.span), i) for i in indices]
-        self.consumed += self.micro_batch
+        indices, rows = [], []
+        for _ in range(self.micro_batch):
+            g, window, _ = self._next_sample()
+            indices.append(g)
+            rows.append(self.spec.make(window, g))
+        self._to_boundary(indices[-1])
         return {
             "input_ids": torch.stack([r[0] for r in rows]),
             "labels": torch.stack([r[1] for r in rows]),
             "sample_index": torch.tensor(indices, dtype=torch.long),
         }
 
-    def state_dict(self) -> dict:
-        """Data position after the batches consumed so far, valid for every rank at a step boundary (JSON-safe).
+    def describe(self, count: int) -> list[dict]:
+        """The next `count` samples of this rank with where they come from (for `trainer data`)."""
+        out = []
+        for _ in range(count):
+            g, window, origin = self._next_sample(describe=True)
+            out.append({"index": g, **origin, "tokens": window})
+        return out
 
-        next_sample is the global index to resume at; epoch/doc/offset (streaming only) locate where that sample's
-        content begins, so resume skips documents by index instead of re-tokenizing the prefix.
-        """
-        next_sample = self.start_sample + self.consumed * self.dp_size
-        state = {"next_sample": next_sample, "arch": self.spec.arch, "seq_len": self.spec.seq_len}
-        state.update(self.source.locate(next_sample * self.spec.stride))
-        return state
+    def _to_boundary(self, last: int) -> None:
+        """Advance the global cursor past the other ranks' samples of this micro-batch, to a position every rank
+        shares (the next micro-batch starts at the same global index on every rank)."""
+        boundary = last - self.dp_rank + self.dp_size
+        while self.cursor.next_sample < boundary:
+            self.cursor.advance()
+
+    def consumed(self) -> dict[str, int]:
+        """Samples each source has given the run so far (all ranks), at the last micro-batch boundary."""
+        return dict(zip(self.cursor.mixture.names, self.cursor.mixture.counts))
+
+    def state_dict(self) -> dict:
+        """This rank's data position at a micro-batch boundary (JSON-safe). The global part is the same on every
+        rank; each rank knows the cursors of its own streams only: merge_states() joins the ranks' states."""
+        names = self.cursor.layout.names
+        sources = dict(self.carried)
+        for s, source in enumerate(self.sources):
+            entry: dict = {"fingerprint": self._fingerprint(s)}
+            if s in self.plans:
+                streams = {}
+                for stream, index in enumerate(self.cursor.counts[s]):
+                    state = self.owned.get((s, stream))
+                    streams[str(stream)] = {
+                        "next": index,
+                        "cursor": None if state is None else _cursor(state, index, self.block),
+                    }
+                entry["streams"] = streams
+            sources[names[s]] = entry
+        mixture = self.cursor.mixture.state_dict()
+        mixture["counts"] = {**self.carried_counts, **mixture["counts"]}
+        return {
+            "version": STATE_VERSION,
+            "next_sample": self.cursor.next_sample,
+            **self.settings,
+            "mixture": mixture,
+            "sources": sources,
+        }
+
+    def _fingerprint(self, s: int) -> str:
+        return self.samplers[s].fingerprint if s in self.samplers else self.plans[s].fingerprint
 
     def close(self) -> None:
         """Release worker processes, if any."""
-        if isinstance(self.source, StreamSource):
-            self.source.close()
+        if self.feed is not None:
+            self.feed.close()
+
+
+def _cursor(state: StreamState, index: int, block: int) -> dict:
+    """Cursor of the block holding the stream's next sample `index`."""
+    b = index // block
+    if state.block is None:
+        return state.cursor
+    if state.block.index == b:
+        return {"block": b, **state.block.start}
+    if state.block.index + 1 == b:
+        return {"block": b, **state.block.end}
+    raise RuntimeError(f"stream state at block {state.block.index}, next sample in block {b}")
+
+
+def merge_states(states: list[dict]) -> dict:
+    """One data position from every rank's state_dict(): the global part of the first, each stream's cursor from
+    the rank that read it."""
+    merged = {**states[0], "sources": {}}
+    for name, entry in states[0]["sources"].items():
+        entry = {**entry}
+        if "streams" in entry:
+            streams = {}
+            for stream, value in entry["streams"].items():
+                cursors = [st["sources"][name]["streams"][stream]["cursor"] for st in states]
+                streams[stream] = {**value, "cursor": next((c for c in cursors if c is not None), None)}
+            entry["streams"] = streams
+        merged["sources"][name] = entry
+    return merged
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -259,10 +230,8 @@ def _check_int(name: str, value: object, minimum: int) -> int:
 
 
 def build_stream(
-    files: list[str] | str,
+    sources: list[Source] | list[str] | str | dict,
     *,
-    fmt: str,
-    text_field: str,
     tokenizer_path: str | os.PathLike,
     arch: str,
     seq_len: int,
@@ -270,18 +239,25 @@ def build_stream(
     dp_rank: int,
     dp_size: int,
     micro_batch: int,
-    start_sample: int = 0,
+    fmt: str = "auto",
+    text_field: str = "text",
+    shuffle: bool = True,
+    streams: int = 64,
+    block: int = 128,
     num_workers: int = 1,
     bad_lines: str = "skip",
-    seek: dict | None = None,
+    start_sample: int = 0,
+    state: dict | None = None,
+    holdout: tuple[float, bool] | None = None,
+    warn: bool = True,
 ) -> SampleStream:
-    """The micro-batch stream of data-parallel rank `dp_rank`, starting at global sample `start_sample`.
+    """The micro-batch stream of data-parallel rank `dp_rank`.
 
-    `seek` is a state_dict() of an earlier stream (its next_sample must equal start_sample); it lets the streaming
-    path jump to the right document instead of re-reading and re-tokenizing everything before it.
-    Streaming raw files, `num_workers` DataLoader workers tokenize (0 = in this process) and every rank reads the
-    whole corpus, keeping its own samples: fine for one or a few files; at scale use prepared shards (fmt "tokens"),
-    which are read at random and need no workers (num_workers is ignored there).
+    `sources`: Source objects, or paths / a `data.train` value (parsed with fmt and text_field). The stream starts at
+    the saved position `state` (a merged state_dict(); checked against these settings), or else at global sample
+    `start_sample` (reached by reading, not training, what comes before). `streams` (L) logical streams per raw source;
+    with dp_size dividing L this rank reads only its own. `num_workers` DataLoader workers tokenize (0 = in this
+    process). `holdout` = (fraction, keep): keep only the held-out documents (True) or all others (False).
     """
     _check_int("dp_size", dp_size, 1)
     _check_int("dp_rank", dp_rank, 0)
@@ -289,42 +265,160 @@ def build_stream(
         raise UserError(f"dp_rank={dp_rank} is not below dp_size={dp_size}; check the launch world size")
     _check_int("micro_batch", micro_batch, 1)
     _check_int("start_sample", start_sample, 0)
+    if start_sample % dp_size:
+        raise UserError(f"start_sample={start_sample} is not a multiple of dp_size={dp_size} (a micro-batch boundary)")
     _check_int("num_workers", num_workers, 0)
+    _check_int("data.streams", streams, 1)
+    _check_int("data.shuffle_block", block, 1)
     info = load_tokenizer(tokenizer_path)
     spec = SampleSpec.create(info, arch, seq_len, seed)
-    paths = resolve_files(files)
-    fmt = detect_format(paths, fmt)
-    position = _check_seek(seek, start_sample, spec)
+    if not (isinstance(sources, list) and sources and isinstance(sources[0], Source)):
+        sources = parse_sources(sources, fmt, text_field)
+    settings = {
+        "arch": arch,
+        "seq_len": seq_len,
+        "seed": seed,
+        "shuffle": bool(shuffle),
+        "streams": streams,
+        "block": block,
+    }
 
-    if fmt == "tokens":
-        if len(paths) != 1:
-            raise UserError(f"format tokens takes one prepared directory, got {len(paths)} paths; pass just one")
-        source: StreamSource | TokenShards = TokenShards(paths[0], info, arch)
-    else:
-        check_read_args(fmt, text_field, bad_lines)
-        epoch, doc, offset = (position["epoch"], position["doc"], position["offset"]) if position else (0, 0, 0)
-        feed = DocumentFeed(paths, fmt, text_field, bad_lines, str(info.path), spec.separator_id, epoch, doc)
-        first_doc_start = start_sample * spec.stride - offset if position else 0
-        source = StreamSource(feed, first_doc_start, num_workers)
-    return SampleStream(source, spec, dp_rank, dp_size, micro_batch, start_sample)
+    samplers, plans = {}, {}
+    for s, source in enumerate(sources):
+        if source.raw:
+            check_read_args(source.fmt, source.text_field, bad_lines)
+            units = tuple(plan_units(source, streams))
+            plans[s] = StreamPlan(source, units, streams, bool(shuffle), seed, fingerprint(source), holdout)
+        else:
+            if holdout is not None:
+                raise UserError("data.valid_fraction holds out documents of raw text; it cannot split prepared shards")
+            shards = TokenShards(source.paths[0], info, arch)
+            samplers[s] = PreparedSampler(shards, spec, bool(shuffle), seed, shards.fingerprint)
+    layout = Layout(
+        tuple(s.name for s in sources), tuple(s.weight for s in sources), tuple(s.raw for s in sources), streams
+    )
+    fingerprints = {
+        s: (samplers[s].fingerprint if s in samplers else plans[s].fingerprint) for s in range(len(sources))
+    }
+    position = _position(state, start_sample, layout, settings, fingerprints)
 
-
-def _check_seek(seek: dict | None, start_sample: int, spec: SampleSpec) -> dict | None:
-    """Validate a saved data position; return its (epoch, doc, offset) part, or None when there is none to use."""
-    if seek is None:
-        return None
-    if not isinstance(seek, dict) or "next_sample" not in seek:
-        raise UserError("the saved data position is not a stream state_dict; resume from an intact checkpoint")
-    if seek["next_sample"] != start_sample:
-        raise UserError(
-            f"saved data position is sample {seek['next_sample']} but start_sample={start_sample}; pass them equal"
+    # this rank's streams: those of its residue class when dp divides L, else all of them
+    mine = [st for st in range(streams) if streams % dp_size or st % dp_size == dp_rank]
+    if streams % dp_size and plans and warn and dp_rank == 0:
+        print(
+            f"warning: data.streams={streams} is not a multiple of the data-parallel size {dp_size}: every rank reads "
+            "and tokenizes every stream; set data.streams to a multiple of it",
+            file=sys.stderr,
+            flush=True,
         )
-    if seek.get("arch", spec.arch) != spec.arch or seek.get("seq_len", spec.seq_len) != spec.seq_len:
-        raise UserError(
-            f"the checkpoint's data position is for {seek.get('arch')} seq_len {seek.get('seq_len')}, not "
-            f"{spec.arch} seq_len {spec.seq_len}; keep model.arch and data.seq_len when resuming"
+    keys = [(s, st) for s in sorted(plans) for st in mine]
+    owned = {key: StreamState(position["cursors"][key]) for key in keys}
+    cursor = ScheduleCursor(layout, position["next_sample"], position["mixture"], position["counts"])
+    feed = None
+    if plans:
+        needs = BlockNeeds(
+            layout, position["next_sample"], position["mixture"], position["counts"], dp_rank, dp_size, block
         )
-    keys = ("epoch", "doc", "offset")
-    if not all(isinstance(seek.get(k), int) and seek[k] >= 0 for k in keys):
-        return None  # e.g. a position saved from prepared shards: fall back to reading from the start
-    return {k: seek[k] for k in keys}
+        reader_args = {
+            "tokenizer_path": str(info.path),
+            "stride": spec.stride,
+            "span": spec.span,
+            "block": block,
+            "separator": spec.separator_id,
+            "bad_lines": bad_lines,
+        }
+        cursors = {key: position["cursors"][key] for key in keys}
+        feed = BlockSource(BlockFeed(plans, needs, reader_args, cursors, keys), num_workers)
+    stream = SampleStream(
+        sources=sources,
+        samplers=samplers,
+        plans=plans,
+        spec=spec,
+        cursor=cursor,
+        feed=feed,
+        owned=owned,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        micro_batch=micro_batch,
+        block=block,
+        settings=settings,
+        carried=position["carried"],
+        carried_counts=position["carried_counts"],
+    )
+    if position["skip"]:
+        _skip(stream, position["skip"])
+    return stream
+
+
+def _skip(stream: SampleStream, until: int) -> None:
+    """Move a fresh stream to global sample `until` without making samples (the schedule runs through; raw
+    streams read their blocks)."""
+    ranks, r = stream.dp_size, stream.dp_rank
+    while stream.cursor.next_sample < until:
+        g = stream.cursor.next_sample
+        if g % ranks == r and g < until:
+            stream._next_sample()
+        else:
+            stream.cursor.advance()
+
+
+def _position(state: dict | None, start_sample: int, layout: Layout, settings: dict, fingerprints: dict) -> dict:
+    """The starting position: from a saved state (validated), or fresh (then `skip` samples are read through)."""
+    raw = [s for s, r in enumerate(layout.raw) if r]
+    fresh_cursors = {(s, st): dict(FRESH_CURSOR) for s in raw for st in range(layout.streams)}
+    if state is None:
+        return {
+            "next_sample": 0,
+            "mixture": None,
+            "counts": {},
+            "cursors": fresh_cursors,
+            "carried": {},
+            "carried_counts": {},
+            "skip": start_sample,
+        }
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise UserError(
+            "the checkpoint's data position was written by an earlier version of the data pipeline; resume is not "
+            "exact across that change: start a new run (checkpoint.resume=never) or use the earlier version"
+        )
+    if start_sample not in (0, state["next_sample"]):
+        raise UserError(f"saved data position is sample {state['next_sample']} but start_sample={start_sample}")
+    for key, value in settings.items():
+        if state.get(key) != value:
+            name = {"arch": "model.arch", "seed": "run.seed", "block": "data.shuffle_block"}.get(key, f"data.{key}")
+            raise UserError(
+                f"{name} was {state.get(key)!r} when the checkpoint was written and is {value!r} now; the data order "
+                f"depends on it: set {name}={state.get(key)!r} to resume"
+            )
+    saved = state["sources"]
+    counts, cursors = {}, dict(fresh_cursors)
+    for s, name in enumerate(layout.names):
+        if name not in saved:
+            continue  # a source added at this resume starts at its beginning
+        entry = saved[name]
+        if entry["fingerprint"] != fingerprints[s]:
+            raise UserError(
+                f"data source {name!r} changed since the checkpoint (other files or sizes); the saved position no "
+                "longer applies: restore the corpus, or give the changed corpus another source name"
+            )
+        if not layout.raw[s]:
+            continue
+        if "streams" not in entry:
+            raise UserError(f"data source {name!r} was prepared shards at the checkpoint and is raw files now")
+        counts[s] = [entry["streams"][str(st)]["next"] for st in range(layout.streams)]
+        for st in range(layout.streams):
+            cursor = entry["streams"][str(st)]["cursor"]
+            if cursor is None:
+                raise UserError(f"the checkpoint lacks stream {st} of source {name!r}; resume from an intact one")
+            cursors[(s, st)] = cursor
+    carried = {name: entry for name, entry in saved.items() if name not in layout.names}
+    carried_counts = {n: c for n, c in state["mixture"]["counts"].items() if n not in layout.names}
+    return {
+        "next_sample": state["next_sample"],
+        "mixture": state["mixture"],
+        "counts": counts,
+        "cursors": cursors,
+        "carried": carried,
+        "carried_counts": carried_counts,
+        "skip": 0,
+    }

@@ -1,0 +1,303 @@
+"""Logical streams of a raw source: what lets each rank read and tokenize only its share.
+
+A raw source's units are dealt into L logical streams: the endless unit sequence U = pass 0, pass 1, ... (each pass a
+permutation of all units, seeded by the pass; identity with shuffle off) gives stream l the units U[l], U[l + L], ...
+Each stream tokenizes and packs its own documents into windows; its windows come in blocks of `block` samples, and
+with shuffle on the samples of block b are served in a permutation seeded by (source, stream, block). A block is
+always rebuilt from the cursor at its start, so nothing buffered has to be saved: a checkpoint stores, per stream,
+where its current block starts (unit, document, token offset).
+
+Global sample g, when it comes from this source, is the next sample of stream g mod L. With dp dividing L, rank r
+needs only streams l = r (mod dp); DataLoader workers split those streams again. Each block is needed at a known
+point of the rank's sample sequence (schedule.py computes it on every process alike), and every worker sends its
+blocks in that order, with small fillers in the round-robin turns it has nothing for: the training process receives
+exactly the blocks it needs, in order, and holds one block per stream.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from trainer.data.order import Permutation, block_permutation, derive_key
+from trainer.data.packing import DocumentPacker
+from trainer.data.sources import Source, Unit, held_out, read_unit
+from trainer.errors import UserError
+
+PREFETCH = 4  # items each DataLoader worker keeps ready
+ENCODE_BATCH = 64  # documents tokenized per encode_batch call
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """Everything a process needs to rebuild any stream of one raw source (picklable for DataLoader workers)."""
+
+    source: Source
+    units: tuple[Unit, ...]
+    streams: int
+    shuffle: bool
+    seed: int
+    fingerprint: str
+    holdout: tuple[float, bool] | None = None  # (valid_fraction, keep the held-out documents?)
+
+    def unit_at(self, stream: int, k: int) -> Unit:
+        """The k-th unit of logical stream `stream`."""
+        n = len(self.units)
+        pass_, index = divmod(stream + k * self.streams, n)
+        if self.shuffle:
+            index = Permutation(n, derive_key(self.seed, self.fingerprint, "units", pass_))[index]
+        return self.units[index]
+
+
+@dataclass
+class Block:
+    """`block` windows of one stream, in serving order, with where each begins and where the block starts/ends."""
+
+    key: tuple[int, int]  # (source index, stream)
+    index: int
+    windows: np.ndarray  # (block, span) int64
+    origins: list[tuple[int, int, int]]  # (unit, doc, offset) of each window's first token
+    start: dict  # cursor of the block's first content position
+    end: dict  # cursor of the next block's first content position
+
+
+class StreamReader:
+    """Builds the blocks of one logical stream, in order, from a cursor."""
+
+    def __init__(
+        self,
+        plan: StreamPlan,
+        stream: int,
+        cursor: dict,
+        *,
+        stride: int,
+        span: int,
+        block: int,
+        tokenizer: Tokenizer,
+        separator: int,
+        bad_lines: str,
+        warn: bool,
+    ) -> None:
+        self.plan, self.stream, self.next_block = plan, stream, cursor["block"]
+        self.stride, self.span, self.block = stride, span, block
+        self.tokenizer, self.separator, self.bad_lines, self.warn = tokenizer, separator, bad_lines, warn
+        first_doc_start = cursor["block"] * block * stride - cursor["offset"]
+        self.packer = DocumentPacker(self._documents(cursor["unit"], cursor["doc"]), first_doc_start)
+
+    def skip_to(self, index: int) -> None:
+        """Pass over the blocks before block `index` (tokenizing, not building windows)."""
+        self.packer.skip_to(index * self.block * self.stride)
+        self.next_block = index
+
+    def _documents(self, k: int, resume_at: int | None) -> Iterator[tuple[int, int, np.ndarray]]:
+        plan, empty = self.plan, set()
+        while True:
+            unit = plan.unit_at(self.stream, k)
+            found = False
+            batch: list[tuple[int, str]] = []
+            for doc, text in read_unit(plan.source, unit, self.bad_lines, self.warn, resume_at):
+                if plan.holdout is not None and held_out(text, plan.holdout[0]) != plan.holdout[1]:
+                    continue
+                batch.append((doc, text))
+                if len(batch) == ENCODE_BATCH:
+                    yield from self._encode(k, batch)
+                    found, batch = True, []
+            if batch:
+                yield from self._encode(k, batch)
+                found = True
+            if not found and resume_at is None:
+                empty.add(unit)
+                if len(empty) == len(plan.units):
+                    what = " held-out" if plan.holdout and plan.holdout[1] else ""
+                    raise UserError(
+                        f"source {plan.source.name} ({plan.source.describe()}) has no{what} documents; check the "
+                        "files, data.text_field and data.format"
+                    )
+            k, resume_at = k + 1, None
+
+    def _encode(self, k: int, batch: list[tuple[int, str]]) -> Iterator[tuple[int, int, np.ndarray]]:
+        encoded = self.tokenizer.encode_batch_fast([t for _, t in batch], add_special_tokens=False)
+        for (doc, _), enc in zip(batch, encoded):
+            ids = np.empty(len(enc.ids) + 1, dtype=np.int64)
+            ids[:-1] = enc.ids
+            ids[-1] = self.separator
+            yield k, doc, ids
+
+    def read_block(self, key: tuple[int, int]) -> Block:
+        b, size, stride = self.next_block, self.block, self.stride
+        start = self.packer.locate(b * size * stride)
+        windows, origins = np.empty((size, self.span), dtype=np.int64), []
+        for i in range(size):
+            pos = (b * size + i) * stride
+            where = self.packer.locate(pos)
+            origins.append((where["unit"], where["doc"], where["offset"]))
+            windows[i] = self.packer.window(pos, self.span)
+        end = self.packer.locate((b + 1) * size * stride)
+        if self.plan.shuffle:
+            order = block_permutation(size, derive_key(self.plan.seed, self.plan.fingerprint, "block", self.stream, b))
+            windows, origins = windows[order], [origins[i] for i in order]
+        self.next_block += 1
+        return Block(key, b, windows, origins, start, end)
+
+
+@dataclass
+class Filler:
+    """A round-robin turn in which a worker has no block to send."""
+
+
+@dataclass
+class WorkerFailure:
+    """An error in a DataLoader worker, sent to the main process as an item (its one-line message)."""
+
+    message: str
+
+
+class BlockFeed(IterableDataset):
+    """The blocks this rank needs, in the order it needs them; in DataLoader workers each worker builds the blocks of
+    its own streams and takes its turns in the round-robin order the DataLoader serves them in."""
+
+    def __init__(self, plans: dict[int, StreamPlan], needs, readers_args: dict, cursors: dict, keys: list) -> None:
+        self.plans, self.needs, self.readers_args = plans, needs, readers_args
+        self.cursors = cursors  # {(source, stream): cursor of the block the stream starts at}
+        self.keys = keys  # the rank's streams, sorted
+
+    def __iter__(self) -> Iterator[Block | Filler | WorkerFailure]:
+        info = get_worker_info()
+        if info is None:
+            yield from self._blocks(0, 1)
+            return
+        fsspec.asyn.reset_lock()  # a lock inherited through fork can hang fsspec in the worker
+        try:
+            yield from self._blocks(info.id, info.num_workers)
+        except UserError as exc:
+            yield WorkerFailure(str(exc))
+        except Exception as exc:  # noqa: BLE001 - any failure must reach the main process as one line
+            traceback.print_exc()
+            yield WorkerFailure(f"data worker failed with {type(exc).__name__}: {first_line(exc)}")
+
+    def _blocks(self, worker: int, workers: int) -> Iterator[Block | Filler]:
+        owner = {key: i % workers for i, key in enumerate(self.keys)}
+        tokenizer = Tokenizer.from_file(self.readers_args["tokenizer_path"])
+        args = {k: v for k, v in self.readers_args.items() if k != "tokenizer_path"}
+        readers: dict[tuple[int, int], StreamReader] = {}
+        slot, next_turn = -1, 0  # last assigned slot (turn * workers + worker), this worker's next turn
+        for key, index in self.needs():
+            slot += 1 + (owner[key] - slot - 1) % workers
+            mine = slot // workers if owner[key] == worker else None
+            last_turn = (slot - 1 - worker) // workers  # this worker's turns before this slot
+            while next_turn <= last_turn:
+                yield Filler()
+                next_turn += 1
+            if mine is None:
+                continue
+            if key not in readers:
+                readers[key] = StreamReader(
+                    self.plans[key[0]], key[1], self.cursors[key], tokenizer=tokenizer, warn=worker == 0, **args
+                )
+            reader = readers[key]
+            if reader.next_block < index:
+                reader.skip_to(index)
+            if reader.next_block != index:
+                raise RuntimeError(f"stream {key} asked for block {index}, at block {reader.next_block}")
+            yield reader.read_block(key)
+            next_turn = mine + 1
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _init_worker(worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGUSR1 to the training process: torchrun and Slurm signal the whole process group, and
+    the trainer must outlive that signal by one step to checkpoint (its DataLoader then stops the workers itself).
+    Ignoring them, a worker must still die with its rank: on Linux the kernel kills it when the rank exits (a rank
+    killed with SIGKILL would otherwise leave it running, holding copies of the rank's sockets, and an elastic
+    restart of the job would wait on them)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    die_with_parent()
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent exits (prctl PR_SET_PDEATHSIG); elsewhere, nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0 and os.getppid() == 1:  # 1 = PR_SET_PDEATHSIG
+        os._exit(1)  # the parent died before the request took effect
+
+
+def _keep(item):
+    """Collate function for batch_size=None: pass each item through unchanged."""
+    return item
+
+
+class BlockSource:
+    """The training process's end: blocks from the feed (in this process, or from DataLoader workers), in order."""
+
+    def __init__(self, feed: BlockFeed, num_workers: int) -> None:
+        self._feed, self._num_workers = feed, num_workers
+        self._items: Iterator | None = None
+        self._closed = False
+
+    def next_block(self, key: tuple[int, int], index: int) -> Block:
+        if self._closed:
+            raise UserError("this data stream was closed (or failed before); build a new stream with build_stream")
+        try:
+            block = self._next()
+        except UserError:
+            self.close()  # stop the workers now, not when the error object is collected
+            raise
+        if block.key != key or block.index != index:
+            raise RuntimeError(f"data feed sent block {block.key}/{block.index}, expected {key}/{index}")
+        return block
+
+    def _next(self) -> Block:
+        if self._items is None:
+            if self._num_workers == 0:
+                self._items = iter(self._feed)
+            else:
+                loader = DataLoader(
+                    self._feed,
+                    batch_size=None,
+                    num_workers=self._num_workers,
+                    collate_fn=_keep,
+                    prefetch_factor=PREFETCH,
+                    # Its own generator: starting workers must not draw from the global RNG (dropout), or a resumed
+                    # run, whose workers start at another step, would continue on a different random stream.
+                    generator=torch.Generator().manual_seed(0),
+                    worker_init_fn=_init_worker,
+                )
+                self._items = iter(loader)
+        while True:
+            try:
+                item = next(self._items)
+            except StopIteration:
+                raise RuntimeError("the data feed ended") from None
+            except UserError:
+                raise
+            except Exception as exc:  # e.g. a worker killed by the OOM killer: the DataLoader raises RuntimeError
+                raise UserError(
+                    f"data loader failed: {first_line(exc)}; check memory or use fewer data workers"
+                ) from exc
+            if isinstance(item, WorkerFailure):
+                raise UserError(item.message)
+            if not isinstance(item, Filler):
+                return item
+
+    def close(self) -> None:
+        """Stop the worker processes for good (they would also stop when this object is garbage collected)."""
+        self._closed = True
+        self._items = None
