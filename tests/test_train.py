@@ -333,3 +333,29 @@ def test_sigusr1_checkpoints_and_stops(tmp_path, corpus, gpt_tok):
     assert "stop signal received" in out + err
     step = max(step_losses(tmp_path / "run"))
     assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == f"step_{step}"
+
+
+def test_mixture_logs_samples_per_source_and_resumes_with_new_weights(tmp_path, corpus, gpt_tok):
+    """Two weighted sources: `samples_<name>` in every step line (cumulative, summing to the samples trained); a
+    resume with other weights continues both counts; data.valid_fraction evaluates on held-out documents."""
+    text = corpus.read_text()
+    cut = text.index("\n\n", len(text) // 3)
+    (tmp_path / "a.txt").write_text(text[:cut])
+    (tmp_path / "b.jsonl").write_text(
+        "".join(json.dumps({"text": p}) + "\n" for p in text[cut:].split("\n\n") if p.strip())
+    )
+    train = {"a": {"path": [str(tmp_path / "a.txt")], "weight": 1}, "b": {"path": [str(tmp_path / "b.jsonl")]}}
+    base = {"data.train": train, "data.valid": [], "data.format": "auto", "data.streams": 4, "train.steps": 4}
+    cfg = tiny_config(tmp_path / "run", corpus, gpt_tok, **base, **{"checkpoint.every": 2})
+    train_in_process(cfg, tmp_path)
+    steps = [m for m in read_metrics(tmp_path / "run") if "loss" in m and "event" not in m]
+    assert [m["samples_a"] + m["samples_b"] for m in steps] == [4, 8, 12, 16]
+    assert steps[-1]["samples_a"] == steps[-1]["samples_b"] == 8
+    train["a"]["weight"] = 3
+    train_in_process({**cfg, "train": {**cfg["train"], "steps": 8}}, tmp_path)
+    steps = [m for m in read_metrics(tmp_path / "run") if "loss" in m and "event" not in m]
+    assert steps[-1]["step"] == 8 and steps[-1]["samples_a"] == 8 + 12 and steps[-1]["samples_b"] == 8 + 4
+    held = {**base, "data.train": [str(tmp_path / "a.txt")], "data.valid_fraction": 0.2, "train.eval_every": 2}
+    train_in_process(tiny_config(tmp_path / "held", corpus, gpt_tok, **held), tmp_path, "held.yaml")
+    evals = [m for m in read_metrics(tmp_path / "held") if "val_loss" in m]
+    assert len(evals) == 2 and all(math.isfinite(m["val_loss"]) for m in evals)
