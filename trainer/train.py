@@ -188,7 +188,7 @@ def build_data_stream(
         micro_batch=micro_batch,
         shuffle=d.shuffle and training,
         streams=d.streams,
-        block=d.shuffle_block,
+        block=d.shuffle_block if training else 1,  # unshuffled, blocks only add read-ahead: evaluation reads little
         num_workers=num_workers,
         bad_lines=d.bad_lines,
         state=state or None,

@@ -35,7 +35,7 @@ from trainer.data.packing import DocumentPacker
 from trainer.data.sources import Source, Unit, held_out, read_unit
 from trainer.errors import UserError
 
-PREFETCH = 4  # items each DataLoader worker keeps ready
+PREFETCH = 2  # rounds of blocks each DataLoader worker keeps ready beyond the current one
 ENCODE_BATCH = 64  # documents tokenized per encode_batch call
 
 
@@ -66,7 +66,7 @@ class Block:
 
     key: tuple[int, int]  # (source index, stream)
     index: int
-    windows: np.ndarray  # (block, span) int64
+    windows: np.ndarray  # (block, span) int32: half the memory of blocks held ahead
     origins: list[tuple[int, int, int]]  # (unit, doc, offset) of each window's first token
     start: dict  # cursor of the block's first content position
     end: dict  # cursor of the next block's first content position
@@ -137,7 +137,7 @@ class StreamReader:
     def read_block(self, key: tuple[int, int]) -> Block:
         b, size, stride = self.next_block, self.block, self.stride
         start = self.packer.locate(b * size * stride)
-        windows, origins = np.empty((size, self.span), dtype=np.int64), []
+        windows, origins = np.empty((size, self.span), dtype=np.int32), []
         for i in range(size):
             pos = (b * size + i) * stride
             where = self.packer.locate(pos)
@@ -274,7 +274,9 @@ class BlockSource:
                     batch_size=None,
                     num_workers=self._num_workers,
                     collate_fn=_keep,
-                    prefetch_factor=PREFETCH,
+                    # a worker builds the next block of each of its streams while the current ones are in use:
+                    # blocks of all streams fall due together, and would otherwise stall the step when they do
+                    prefetch_factor=PREFETCH + -(-len(self._feed.keys) // self._num_workers),
                     # Its own generator: starting workers must not draw from the global RNG (dropout), or a resumed
                     # run, whose workers start at another step, would continue on a different random stream.
                     generator=torch.Generator().manual_seed(0),
