@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from trainer.config import load_config
-from trainer.data import build_stream, prepare
+from trainer.data import build_stream, parse_sources, prepare
 from trainer.metrics import flops_per_token, mfu, peak_flops
 from trainer.models import build_model, count_params
 from trainer.optim import build_optimizer
@@ -155,7 +155,7 @@ def main() -> None:
             )
             print(f"{name:<12} {'bare':<8} {bare:>10,.0f} {100 * mfu(bare, fpt, peak):>6.1f}% {'-':>10}")
         corpus = [str(REPO / "data" / "shakespeare" / "train.txt")]
-        prepare(corpus, "text", "text", tok, "gpt", Path(tmp) / "shards")
+        prepare(parse_sources(corpus)[0], tok, "gpt", Path(tmp) / "shards")
         print("data pipeline alone (one rank, GPT, seq 128):")
         for label, fmt, files, workers in (
             ("streaming text, 1 worker", "text", corpus, 1),

@@ -162,6 +162,20 @@ def data_sources(cfg: Config) -> tuple[list[Source], list[Source]]:
     return train, valid
 
 
+def describe_data(cfg: Config, sources: list[Source], dp: int) -> str:
+    """One line: the sources with their shares and formats, the order, and what each rank reads."""
+    total = sum(src.weight for src in sources)
+    parts = [
+        f"{src.name} {100 * src.weight / total:.0f}% ({src.fmt}, {src.describe() if src.fmt == 'dataset' else len(src.paths)}"
+        f"{'' if src.fmt == 'dataset' else ' file' + ('s' if len(src.paths) > 1 else '')})"
+        for src in sources
+    ]
+    L = cfg.data.streams
+    share = f"{L // dp} per rank" if L % dp == 0 else "every rank reads all: not a multiple of dp"
+    order = "shuffled" if cfg.data.shuffle else "corpus order"
+    return f"data: {', '.join(parts)} | {order}, {L} streams per raw source ({share}), {cfg.data.num_workers} worker(s)"
+
+
 def build_data_stream(
     cfg: Config,
     dims: ParallelDims,
@@ -428,6 +442,9 @@ def build_run(
             "precision": t.precision,
             "peak_flops": run.peak_flops,
             "peak_flops_source": peak_source,
+            "data_sources": {src.name: src.weight for src in train_sources},
+            "data_shuffle": cfg.data.shuffle,
+            "data_streams": cfg.data.streams,
         }
     )
     name = model_cfg.arch.upper() + (f" {cfg.model.preset}" if cfg.model.preset else "")
@@ -439,6 +456,7 @@ def build_run(
         f"per rank{offloaded} | {run.global_batch} x {cfg.data.seq_len} = {run.global_batch * cfg.data.seq_len:,} tokens "
         f"per step | {t.steps:,} steps, {t.precision} | run dir {cfg.run_dir}"
     )
+    logger.print(describe_data(cfg, train_sources, dims.dp))
     if resume_from:
         logger.print(f"resumed from {resume_from} at step {state.step}")
     if state.step >= t.steps:

@@ -23,7 +23,8 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from itertools import chain
 from pathlib import Path
@@ -285,19 +286,31 @@ def _tokenize(
     writer: _InputWriter | None = None
     current = -1
     progress = _Progress(source.name)
+
+    def store(file: str, doc_ids: list[int], encoded: Future) -> None:
+        nonlocal writer, current
+        i = 0 if index is None else index[file]
+        if i != current:
+            if writer is not None:
+                entries[current] = writer.finish()
+            for j in range(current + 1, i):  # inputs without documents
+                entries[j] = new_writer(j).finish()
+            writer, current = new_writer(i), i
+        tokens, starts = _flatten(encoded.result(), sep)
+        writer.write(doc_ids, tokens, starts)
+        progress.add(len(doc_ids), len(tokens))
+
     try:
-        with closing(_chunks(source, bad_lines)) as chunks:
+        # the tokenizer encodes chunk i + 1 (in Rust, all cores, without the GIL) while chunk i is stored
+        with closing(_chunks(source, bad_lines)) as chunks, ThreadPoolExecutor(1) as pool:
+            pending = None
             for file, doc_ids, texts in chunks:
-                i = 0 if index is None else index[file]
-                if i != current:
-                    if writer is not None:
-                        entries[current] = writer.finish()
-                    for j in range(current + 1, i):  # inputs without documents
-                        entries[j] = new_writer(j).finish()
-                    writer, current = new_writer(i), i
-                tokens, starts = _encode(encode, texts, sep)
-                writer.write(doc_ids, tokens, starts)
-                progress.add(len(texts), len(tokens))
+                encoded = pool.submit(encode, texts, add_special_tokens=False)
+                if pending is not None:
+                    store(*pending)
+                pending = (file, doc_ids, encoded)
+            if pending is not None:
+                store(*pending)
         if writer is not None:
             entries[current] = writer.finish()
         for j in range(current + 1, len(inputs)):
@@ -308,9 +321,9 @@ def _tokenize(
     return entries  # type: ignore[return-value]
 
 
-def _encode(encode: Callable, texts: list[str], sep: int) -> tuple[np.ndarray, np.ndarray]:
+def _flatten(encodings: list, sep: int) -> tuple[np.ndarray, np.ndarray]:
     """The chunk's token stream (each document's tokens, then `sep`) and each document's start in it."""
-    ids = [enc.ids for enc in encode(texts, add_special_tokens=False)]
+    ids = [enc.ids for enc in encodings]
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     flat = np.fromiter(chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum()))
     ends = np.cumsum(lengths)
