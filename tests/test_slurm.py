@@ -26,7 +26,9 @@ def cluster(tmp_path_factory):
     if why:
         pytest.skip(why)
     root = tmp_path_factory.mktemp("slurm")
-    env = {**os.environ, **slurm_cluster.start(root)}
+    # One thread per rank, as in the local reference: torchrun sets it only with several processes per node, and
+    # a 2-node x 1 job would otherwise multiply matrices on 2 threads, rounding differently from the reference.
+    env = {**os.environ, **slurm_cluster.start(root), "OMP_NUM_THREADS": "1"}
     yield env
     subprocess.run(["scancel", "--user", "root"], env=env, capture_output=True, check=False)
     slurm_cluster.stop(root)
