@@ -19,6 +19,9 @@ from conftest import REPO, read_metrics, run_cli, step_losses, tiny_config, writ
 
 from trainer.checkpoint import latest_checkpoint, load_model
 from trainer.config import load_config
+from trainer.engines.base import LossScaler, optimizer_step
+from trainer.evaluate import token_loss_sum
+from trainer.models import build_model
 from trainer.train import train
 
 
@@ -191,19 +194,53 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, corpus, gpt_tok)
     assert state["data"]["next_sample"] == 40 * 4
 
 
-def test_precisions_train_on_tiny_shapes(tmp_path, corpus, gpt_tok):
-    losses = {}
+def test_bf16_and_fp16_follow_the_fp32_curve(tmp_path, corpus, gpt_tok):
+    """24 steps at each precision (autocast, fp32 master weights): every step's loss stays near the fp32 run's and
+    its gradient norm within 10% (AdamW would hide a gradient left scaled by fp16's loss scale; the norm does not),
+    while the curve moves."""
+    curves = {}
     for precision in ("fp32", "bf16", "fp16"):
-        cfg = tiny_config(
-            tmp_path / precision,
-            corpus,
-            gpt_tok,
-            **{"train.steps": 2, "train.precision": precision, "model.d_model": 32, "data.seq_len": 16},
-        )
-        train_in_process(cfg, tmp_path, f"{precision}.yaml")
-        losses[precision] = step_losses(tmp_path / precision)[1]
-    assert all(math.isfinite(v) for v in losses.values())
-    assert abs(losses["bf16"] - losses["fp32"]) < 0.05 and abs(losses["fp16"] - losses["fp32"]) < 0.05
+        overrides = {"train.steps": 24, "train.precision": precision, "model.d_model": 32, "data.seq_len": 16}
+        train_in_process(tiny_config(tmp_path / precision, corpus, gpt_tok, **overrides), tmp_path, f"{precision}.yaml")
+        curves[precision] = {
+            m["step"]: m for m in read_metrics(tmp_path / precision) if "loss" in m and "event" not in m
+        }
+    ref = curves["fp32"]
+    assert sorted(ref) == list(range(1, 25)) and ref[24]["loss"] < ref[1]["loss"] - 0.5
+    for precision in ("bf16", "fp16"):
+        got = curves[precision]
+        for step in ref:
+            assert abs(got[step]["loss"] - ref[step]["loss"]) < 0.1, (precision, step, got[step], ref[step])
+            assert abs(got[step]["grad_norm"] / ref[step]["grad_norm"] - 1) < 0.1, (precision, step)
+        assert got[24]["skipped_steps"] == 0
+
+
+def test_fp16_overflow_backs_off_and_leaves_the_weights_untouched():
+    """A loss scale too large for fp16: the gradients overflow, the step is skipped (weights and AdamW state as they
+    were) and the scale halves, until a step fits and applies."""
+    torch.manual_seed(0)
+    model = build_model("gpt", n_layer=1, n_head=2, d_model=32, vocab_size=64, max_seq_len=16)
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    scaler = LossScaler(enabled=True, init_scale=2.0**40)
+    ids = torch.randint(0, 64, (2, 16))
+
+    def step() -> tuple[float, bool]:
+        with torch.autocast("cpu", dtype=torch.float16):
+            logits = model(ids)
+        scaler.scale_loss(token_loss_sum(logits, ids) / ids.numel()).backward()
+        return optimizer_step(params, optimizer, scaler, grad_clip=1.0, lr=1e-2, skip=False)
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    norm, applied = step()
+    assert not math.isfinite(norm) and not applied and scaler.scale == 2.0**39
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not optimizer.state
+    skipped = 1
+    while not applied:
+        norm, applied = step()
+        skipped += not applied
+    assert math.isfinite(norm) and scaler.scale == 2.0 ** (40 - skipped) and skipped > 2
+    assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
