@@ -243,6 +243,29 @@ def test_fp16_overflow_backs_off_and_leaves_the_weights_untouched():
     assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_fp16_loss_scale_survives_a_resume(tmp_path, corpus, gpt_tok):
+    """Tiny batches overflow fp16 at the initial scale (2^16), so the first step is skipped and the scale halves; a
+    run resumed from step 12 must continue with the saved scale and match the uninterrupted run."""
+    overrides = {
+        "train.steps": 24,
+        "train.precision": "fp16",
+        "train.micro_batch": 1,
+        "data.seq_len": 4,
+        "checkpoint.every": 12,
+    }
+    train_in_process(tiny_config(tmp_path / "full", corpus, gpt_tok, **overrides), tmp_path, "full.yaml")
+    full = [m for m in read_metrics(tmp_path / "full") if "loss" in m and "event" not in m]
+    assert full[11]["skipped_steps"] > 0  # the scale backed off before the checkpoint
+    resume = {**overrides, "checkpoint.resume": str(tmp_path / "full" / "checkpoints" / "step_12")}
+    train_in_process(tiny_config(tmp_path / "resumed", corpus, gpt_tok, **resume), tmp_path, "resumed.yaml")
+    resumed = {m["step"]: m for m in read_metrics(tmp_path / "resumed") if "loss" in m and "event" not in m}
+    assert sorted(resumed) == list(range(13, 25))
+    for m in full[12:]:
+        assert resumed[m["step"]]["loss"] == m["loss"] and resumed[m["step"]]["skipped_steps"] == m["skipped_steps"]
+    a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
 def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, corpus, gpt_tok, engine):
     """An absurd LR blows the weights up after one update; later steps are non-finite, skipped, and the run stops.
