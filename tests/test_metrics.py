@@ -7,9 +7,12 @@ import time
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from trainer.errors import UserError
 from trainer.metrics import flops_per_token, gpu_peak_from_table, mem_peak_gb, mfu, peak_flops
+from trainer.models import build_model, count_params
 
 
 def test_flops_per_token_gpt2_small_by_hand():
@@ -22,6 +25,24 @@ def test_flops_per_token_gpt2_small_by_hand():
     assert flops_per_token(n_nonemb, 12, 768, 1024, causal=True, vocab_size=50257) == 855_166_464
     # The attention term is counted in full for causal and bidirectional models alike (documented convention).
     assert flops_per_token(n_nonemb, 12, 768, 1024, causal=False) == flops_per_token(n_nonemb, 12, 768, 1024, True)
+
+
+@pytest.mark.parametrize("arch", ["gpt", "bert"])
+def test_flops_per_token_matches_pytorchs_flop_counter(arch):
+    """PyTorch's FlopCounterMode over a real forward + backward (attention on its math path, so its matmuls are
+    counted too) gives the formula's FLOPs exactly, once the formula's 6 FLOPs per token for each bias and norm
+    parameter (in N by the nanoGPT/PaLM convention; no matmul) are taken out. A wrong factor anywhere (the
+    attention term, the tied LM head, forward vs backward) breaks the equality."""
+    n_layer, d_model, vocab, batch, seq = 2, 64, 512, 2, 64
+    model = build_model(arch, n_layer=n_layer, n_head=4, d_model=d_model, vocab_size=vocab, max_seq_len=seq)
+    ids = torch.randint(0, vocab, (batch, seq))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(ids).float().sum().backward()
+    counted = counter.get_total_flops() / (batch * seq)
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    not_matmul = sum(p.numel() for p in model.parameters() if p.dim() < 2 and id(p) not in embeddings)
+    formula = flops_per_token(count_params(model, exclude_embeddings=True), n_layer, d_model, seq, arch == "gpt", vocab)
+    assert counted + 6 * not_matmul == formula
 
 
 def test_flops_per_token_rejects_negative_sizes():
