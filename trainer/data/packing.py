@@ -1,14 +1,14 @@
-"""The global sample sequence: how the content token stream becomes packed GPT samples or masked BERT samples.
+"""How a content token stream becomes packed GPT samples or masked BERT samples.
 
-Content stream = every document's tokens followed by a separator (GPT: <|endoftext|>, BERT: [SEP]), the corpus
-repeated forever in the same order. With seq_len T:
+Content stream = documents' tokens, each followed by a separator (GPT: <|endoftext|>, BERT: [SEP]): a prepared
+corpus repeated forever, or one logical stream of a raw source (streams.py). Window w of a stream, with seq_len T:
 
-- GPT sample i:  window = content[i*T : i*T + T + 1];  input_ids = window[:-1], labels = window[1:].
-- BERT sample i: [CLS] + content[i*(T-2) : (i+1)*(T-2)] + [SEP], with MLM masks drawn from a generator seeded by
-  (seed, i), so masks depend on the sample index only (never on rank, micro_batch or worker count).
+- GPT:  content[w*T : w*T + T + 1];  input_ids = window[:-1], labels = window[1:].
+- BERT: [CLS] + content[w*(T-2) : (w+1)*(T-2)] + [SEP], with MLM masks drawn from a generator seeded by
+  (seed, global sample index), so masks depend on the sample only (never on rank, micro_batch or worker count).
 
-Both the streaming path and the prepared-shards path only supply windows; the samples are made here, so the two paths
-give identical batches by construction.
+Which window global sample g is, is the order's business (stream.py); every path only supplies windows and the
+samples are made here, so the same window gives the same sample whatever its source.
 """
 
 from __future__ import annotations
