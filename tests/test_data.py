@@ -8,6 +8,8 @@ import hashlib
 import itertools
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -512,3 +514,24 @@ def test_resume_refuses_a_changed_order(env, tmp_path):
     with pytest.raises(UserError, match="earlier version of the data pipeline"):
         stream(env, state={"next_sample": 8, "epoch": 0, "doc": 3, "offset": 0})
     np.testing.assert_equal(state["next_sample"], 8)
+
+
+def test_a_script_that_never_closes_its_stream_still_exits(env):
+    """Data workers ignore SIGTERM (the trainer must outlive the signal to checkpoint), so multiprocessing's exit
+    handler could not end them: streams left open are closed at exit, and the process ends."""
+    script = (
+        "import sys\n"
+        "from trainer.data import build_stream\n"
+        "s = build_stream(sys.argv[1:2], tokenizer_path=sys.argv[2], arch='gpt', seq_len=16, seed=0, dp_rank=0, "
+        "dp_size=1, micro_batch=8, num_workers=2, streams=4, block=64)\n"
+        "next(s)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", script, str(env["root"] / "prose.txt"), env["tok"]["gpt"]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[1],
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -16,11 +16,13 @@ exactly the blocks it needs, in order, and holds one block per stream.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import signal
 import sys
 import traceback
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -246,6 +248,17 @@ def _keep(item):
     return item
 
 
+_OPEN: weakref.WeakSet = weakref.WeakSet()  # block sources whose workers may still run
+
+
+@atexit.register
+def _close_open_sources() -> None:
+    """Stop the workers of streams nobody closed before the interpreter exits. multiprocessing's own exit handler
+    (which runs after this one) would SIGTERM them, which they ignore, and then wait for them forever."""
+    for source in list(_OPEN):
+        source.close()
+
+
 class BlockSource:
     """The training process's end: blocks from the feed (in this process, or from DataLoader workers), in order."""
 
@@ -253,6 +266,7 @@ class BlockSource:
         self._feed, self._num_workers = feed, num_workers
         self._items: Iterator | None = None
         self._closed = False
+        _OPEN.add(self)
 
     def next_block(self, key: tuple[int, int], index: int) -> Block:
         if self._closed:
@@ -304,4 +318,8 @@ class BlockSource:
     def close(self) -> None:
         """Stop the worker processes for good (they would also stop when this object is garbage collected)."""
         self._closed = True
-        self._items = None
+        items, self._items = self._items, None
+        shutdown = getattr(items, "_shutdown_workers", None)  # the DataLoader's own shutdown, at once
+        if shutdown is not None:
+            shutdown()
+        _OPEN.discard(self)
