@@ -228,10 +228,8 @@ def check_read_args(fmt: str, text_field: str, bad_lines: str) -> None:
 
 def fingerprint(source: Source) -> str:
     """A short hash of what defines the source's document sequence: its format, text field and inputs (file names
-    and sizes, not locations: a moved corpus keeps its fingerprint). Prepared shards carry their own (meta.json)."""
-    if source.fmt == "tokens":
-        meta = json.loads((Path(source.paths[0]) / "meta.json").read_text())
-        return str(meta.get("fingerprint") or meta.get("tokenizer_sha256"))
+    and sizes, not locations: a moved corpus keeps its fingerprint). Prepared shards carry their own (meta.json,
+    read by TokenShards)."""
     h = hashlib.blake2b(digest_size=8)
     h.update(f"{source.fmt}|{source.text_field}|".encode())
     if source.fmt == "dataset":

@@ -88,6 +88,7 @@ class SampleStream:
         settings: dict,
         carried: dict,
         carried_counts: dict,
+        fingerprints: dict[int, str],
     ) -> None:
         self.sources, self.samplers, self.plans, self.spec = sources, samplers, plans, spec
         self.cursor, self.feed, self.owned = cursor, feed, owned
@@ -95,6 +96,7 @@ class SampleStream:
         self.settings = settings  # seed, shuffle, streams, block: what the order depends on
         self.carried = carried  # saved state of sources no longer configured, kept for a later resume
         self.carried_counts = carried_counts
+        self.fingerprints = fingerprints  # per source index: what a resume checks the corpus against
 
     def __iter__(self) -> SampleStream:
         return self
@@ -165,7 +167,7 @@ class SampleStream:
         names = self.cursor.layout.names
         sources = dict(self.carried)
         for s, source in enumerate(self.sources):
-            entry: dict = {"fingerprint": self._fingerprint(s)}
+            entry: dict = {"fingerprint": self.fingerprints[s]}
             if s in self.plans:
                 streams = {}
                 for stream, index in enumerate(self.cursor.counts[s]):
@@ -185,9 +187,6 @@ class SampleStream:
             "mixture": mixture,
             "sources": sources,
         }
-
-    def _fingerprint(self, s: int) -> str:
-        return self.samplers[s].fingerprint if s in self.samplers else self.plans[s].fingerprint
 
     def close(self) -> None:
         """Release worker processes, if any."""
@@ -344,6 +343,7 @@ def build_stream(
         settings=settings,
         carried=position["carried"],
         carried_counts=position["carried_counts"],
+        fingerprints=fingerprints,
     )
     if position["skip"]:
         _skip(stream, position["skip"])
@@ -353,10 +353,8 @@ def build_stream(
 def _skip(stream: SampleStream, until: int) -> None:
     """Move a fresh stream to global sample `until` without making samples (the schedule runs through; raw
     streams read their blocks)."""
-    ranks, r = stream.dp_size, stream.dp_rank
     while stream.cursor.next_sample < until:
-        g = stream.cursor.next_sample
-        if g % ranks == r and g < until:
+        if stream.cursor.next_sample % stream.dp_size == stream.dp_rank:
             stream._next_sample()
         else:
             stream.cursor.advance()

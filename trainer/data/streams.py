@@ -224,8 +224,9 @@ def first_line(exc: BaseException) -> str:
 def _init_worker(worker_id: int) -> None:
     """Workers leave SIGTERM/SIGUSR1/SIGINT to the training process: torchrun and Slurm signal the whole process
     group, and the trainer must outlive SIGTERM/SIGUSR1 by one step to checkpoint; after any of them the DataLoader
-    stops its workers itself. (A worker that left on its own signal could hang at exit: its queue, full of
-    prefetched blocks nobody reads, keeps it from exiting, and the trainer, ignoring SIGTERM, could not end it.)
+    stops its workers itself. (A worker that left on its own SIGINT could hang at exit: its queue, full of
+    prefetched blocks nobody reads, keeps it from exiting, and the SIGTERM the DataLoader would end it with is
+    ignored.)
     Ignoring them, a worker must still die with its rank: on Linux the kernel kills it when the rank exits (a rank
     killed with SIGKILL would otherwise leave it running, holding copies of the rank's sockets, and an elastic
     restart of the job would wait on them)."""
