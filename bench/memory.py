@@ -42,8 +42,8 @@ sys.path.insert(0, str(REPO))
 
 from trainer.config import load_config
 from trainer.engines.deepspeed import import_deepspeed
-from trainer.evaluate import token_loss_sum
 from trainer.models import count_params, model_from_config, resolve_model_config
+from trainer.models.layers import token_loss_sum
 from trainer.parallel import init_distributed, shutdown_distributed
 from trainer.train import build_model, check_layout, engine_config, resolve_model
 

@@ -20,8 +20,8 @@ from conftest import REPO, read_metrics, run_cli, step_losses, tiny_config, writ
 from trainer.checkpoint import latest_checkpoint, load_model
 from trainer.config import load_config
 from trainer.engines.base import LossScaler, optimizer_step
-from trainer.evaluate import token_loss_sum
 from trainer.models import build_model
+from trainer.models.layers import token_loss_sum
 from trainer.train import train
 
 

@@ -1,4 +1,4 @@
-"""The token loss, periodic evaluation (validation loss and perplexity, MLM accuracy for BERT) and a short GPT sample.
+"""Periodic evaluation (validation loss and perplexity, MLM accuracy for BERT) and a short GPT sample.
 
 All of it goes through the engine's forward on every rank: under FSDP and tensor parallelism the forward is collective.
 """
@@ -8,15 +8,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
+from trainer.models.layers import token_loss_sum
 from trainer.parallel import ParallelDims, all_reduce_sum, full_value, loss_context
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy over the target tokens (labels != -100). Under tensor parallelism `logits` is sharded over
-    the vocabulary and this runs inside `loss_parallel` (the engine's micro-batch context), never gathering them."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from trainer.data import Source, build_stream, merge_states, parse_sources
 from trainer.engines import Engine, build_engine
 from trainer.engines.deepspeed import deepspeed_config
 from trainer.errors import UserError
-from trainer.evaluate import evaluate, generate_sample, token_loss_sum
+from trainer.evaluate import evaluate, generate_sample
 from trainer.metrics import flops_per_token, mem_peak_gb, mfu, peak_flops
 from trainer.models import ModelConfig, count_params, model_from_config, resolve_model_config
 from trainer.monitor import MetricsLogger
@@ -222,16 +222,8 @@ def gather_data_state(stream, dims: ParallelDims) -> dict:
     return merge_states(states)
 
 
-def loss_function(compile: bool, tp: int):
-    """The training loss (summed token cross-entropy). With train.compile it is compiled too: inductor fuses the fp32
-    cast, log-softmax and its gradient over the (tokens x vocab) logits, which dominate small models (1.11x the step
-    at 16M parameters and vocab 50k on CPU). Under tensor parallelism the logits are vocab-sharded DTensors and the
-    loss runs in loss_parallel, eagerly."""
-    return torch.compile(token_loss_sum) if compile and tp == 1 else token_loss_sum
-
-
 def train_step(
-    engine: Engine, batches: list[dict], dims: ParallelDims, device: torch.device, loss_fn=token_loss_sum
+    engine: Engine, batches: list[dict], dims: ParallelDims, device: torch.device
 ) -> tuple[torch.Tensor, float]:
     """Forward/backward over the step's micro-batches; returns (this dp rank's summed loss, global target tokens).
 
@@ -243,8 +235,7 @@ def train_step(
     for i, batch in enumerate(batches):
         labels = batch["labels"].to(device, non_blocking=True)
         with engine.micro_batch(last=i == len(batches) - 1):
-            logits = engine.forward(batch["input_ids"].to(device, non_blocking=True))
-            loss = loss_fn(logits, labels)
+            loss = engine.forward(batch["input_ids"].to(device, non_blocking=True), labels)
             engine.backward(loss / global_targets)
         loss_sum += full_value(loss.detach())
     return loss_sum, global_targets
@@ -497,7 +488,6 @@ def train_loop(run: Run, stop: StopSignal, heartbeat: Heartbeat) -> dict:
         micro_batch=t.micro_batch,
     )
     batches_iter = iter(stream)
-    loss_fn = loss_function(t.compile, run.dims.tp)
     # The RNG (dropout) is set last, so nothing in start-up draws from it and a resumed run continues its stream.
     if run.rng is not None:
         set_rng_state(run.rng)
@@ -511,7 +501,7 @@ def train_loop(run: Run, stop: StopSignal, heartbeat: Heartbeat) -> dict:
             batches = [next(batches_iter) for _ in range(t.grad_accum)]
             t_data = time.perf_counter() - t0
             lr = lr_at(state.step, t.lr, t.min_lr, t.warmup_steps, t.steps)
-            loss_sum, global_targets = train_step(engine, batches, run.dims, run.device, loss_fn)
+            loss_sum, global_targets = train_step(engine, batches, run.dims, run.device)
             # one all-reduce over the world: the loss summed over dp (tp peers hold the same value, counted once)
             # and the stop flag (any rank that got a signal stops all)
             local_loss = loss_sum.reshape(1) if run.dims.tp_rank == 0 else torch.zeros(1, device=run.device)

@@ -2,7 +2,8 @@
 sharded state saved through torch.distributed.checkpoint (DCP).
 
 Contract (the loop relies on nothing else):
-- `forward` takes input ids and returns logits (a DTensor sharded over the vocabulary under tensor parallelism).
+- `forward(input_ids)` returns logits (a DTensor sharded over the vocabulary under tensor parallelism);
+  `forward(input_ids, labels)` returns the summed token loss instead (the model computes it: see `GPT.output`).
 - `backward(loss)` receives this rank's summed token loss divided by the target tokens of the whole global batch;
   after the last micro-batch of a step, every parameter's gradient is the plain SUM over data-parallel ranks of those
   local gradients. Engines undo whatever averaging their data-parallel wrapper does (DDP and FSDP divide by dp).
@@ -50,7 +51,7 @@ class Engine(Protocol):
 
     def micro_batch(self, last: bool) -> AbstractContextManager: ...
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def backward(self, loss: torch.Tensor) -> None: ...
 

@@ -55,11 +55,11 @@ class DDPEngine(TorchEngine):
         with sync, loss_context(self.dims.tp):
             yield
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.dtype == torch.float32:
-            return self.wrapped(input_ids)
+            return self.wrapped(input_ids, labels=labels)
         with torch.autocast(self.device.type, dtype=self.dtype):
-            return self.wrapped(input_ids)
+            return self.wrapped(input_ids, labels=labels)
 
     def layout(self) -> dict:
         return {"engine": self.name, "zero_stage": 0, "offload": "none", "model_state_bytes": 16 * self.local_params()}

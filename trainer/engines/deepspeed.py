@@ -276,8 +276,8 @@ class DeepSpeedEngine:
         self.ds.set_gradient_accumulation_boundary(last)
         yield
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.ds(input_ids)
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.ds(input_ids, labels=labels)
 
     def backward(self, loss: torch.Tensor) -> None:
         # DeepSpeed averages over dp ranks (and, unless told not to, divides by its accumulation steps): x dp undoes

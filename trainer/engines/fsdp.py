@@ -58,8 +58,8 @@ class FSDPEngine(TorchEngine):
         with loss_context(self.dims.tp):
             yield
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.module(input_ids)
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.module(input_ids, labels=labels)
 
     def layout(self) -> dict:
         """fp32 AdamW: sharded master weights, gradients and two moments (16 bytes per local parameter), plus at

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.errors import UserError
-from trainer.models.layers import MLP, SelfAttention, check_seq_len, init_weights_
+from trainer.models.layers import MLP, SelfAttention, check_seq_len, init_weights_, token_loss_sum
 from trainer.models.presets import ModelConfig
 
 
@@ -85,8 +85,10 @@ class BERT(nn.Module):
         input_ids: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token ids (B, T) -> MLM logits (B, T, vocab_size).
+        """Token ids (B, T) -> MLM logits (B, T, vocab_size); with labels (B, T), -100 where no token is masked, the
+        summed loss over the masked tokens (a scalar) instead.
 
         token_type_ids: (B, T) segment ids, default all 0. attention_mask: (B, T), 1 for real tokens and 0 for padding;
         padded keys are hidden from every query (padded positions still get logits, which the loss should ignore).
@@ -101,4 +103,9 @@ class BERT(nn.Module):
         attn_bias = None if attention_mask is None else attention_mask[:, None, None, :].to(torch.bool)
         for block in self.blocks:
             x = block(x, attn_bias)
-        return self.lm_head(self.head(x))
+        return self.output(x, labels)
+
+    def output(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """MLM transform and tied decoder, then the loss when `labels` are given (one unit to compile, as GPT's)."""
+        logits = self.lm_head(self.head(x))
+        return logits if labels is None else token_loss_sum(logits, labels)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from trainer.errors import UserError
-from trainer.models.layers import INIT_STD, MLP, SelfAttention, check_seq_len, init_weights_
+from trainer.models.layers import INIT_STD, MLP, SelfAttention, check_seq_len, init_weights_, token_loss_sum
 from trainer.models.presets import ModelConfig
 
 
@@ -34,7 +34,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """GPT-2 language model: `forward(input_ids (B, T)) -> logits (B, T, vocab_size)`."""
+    """GPT-2 language model: `forward(input_ids (B, T)) -> logits (B, T, vocab_size)`, or with `labels` (B, T) the
+    summed next-token cross-entropy over the targets (labels != -100), without returning the logits."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -67,15 +68,22 @@ class GPT(nn.Module):
             self, self.lm_head, lambda name: resid_std if name.endswith(("attn.wo", "mlp.fc_out")) else INIT_STD
         )
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, T) with T <= max_seq_len -> next-token logits (B, T, vocab_size)."""
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, T) with T <= max_seq_len -> next-token logits (B, T, vocab_size); with labels (B, T), the
+        summed token loss (a scalar)."""
         t = input_ids.shape[-1]
         check_seq_len(t, self.config.max_seq_len)
         positions = torch.arange(t, device=input_ids.device)
         x = self.emb_dropout(self.tok_emb(input_ids) + self.pos_emb(positions))
         for block in self.blocks:
             x = block(x)
-        return self.lm_head(self.ln_f(x))
+        return self.output(x, labels)
+
+    def output(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm and LM head, then the loss when `labels` are given: one unit, so that compiling it fuses the
+        (tokens x vocab) log-softmax and its gradient with the head instead of writing them out between kernels."""
+        logits = self.lm_head(self.ln_f(x))
+        return logits if labels is None else token_loss_sum(logits, labels)
 
     @torch.no_grad()
     def generate(

@@ -45,6 +45,13 @@ class SelfAttention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
 
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy (in fp32) over the target tokens (labels != -100). Under tensor parallelism `logits` is
+    sharded over the vocabulary and this runs inside `loss_parallel` (the engine's micro-batch context), never
+    gathering them."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+
+
 class MLP(nn.Module):
     """d_model -> d_ff -> GELU -> d_model; GPT-2 uses the tanh approximation of GELU, BERT the exact (erf) one."""
 
