@@ -58,6 +58,13 @@ def test_gpt_trains_and_writes_artifacts(tmp_path, corpus, gpt_tok):
     assert [m["step"] for m in steps] == list(range(1, 31))
     assert steps[-1]["tokens"] == 30 * 4 * 32
     assert steps[-1]["loss"] < steps[0]["loss"] - 0.6  # it learns: ln(512) = 6.2 at the start
+    # MFU as logged is the step's tokens/s x (6N + 12 L d T, N = every parameter but the position table) / the peak,
+    # worked out here from the model's dims alone
+    n_without_positions = start["n_params"] - 64 * 64  # max_seq_len x d_model
+    assert start["flops_per_token"] == 6 * n_without_positions + 12 * 2 * 64 * 32
+    for m in steps:
+        assert m["tokens_per_s"] == pytest.approx(4 * 32 / m["step_time_s"], rel=1e-9)
+        assert m["mfu"] == pytest.approx(m["tokens_per_s"] * start["flops_per_token"] / start["peak_flops"], rel=1e-9)
     evals = [m for m in lines if "val_loss" in m]
     assert [m["step"] for m in evals] == [15, 30] and evals[-1]["val_loss"] < evals[0]["val_loss"]
     assert any("sample" in m for m in lines)

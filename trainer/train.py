@@ -222,6 +222,11 @@ def gather_data_state(stream, dims: ParallelDims) -> dict:
     return merge_states(states)
 
 
+def pinned(batch: dict, device: torch.device) -> dict:
+    """On CUDA, the batch in page-locked memory, so that its copy to the device is asynchronous (non_blocking)."""
+    return {k: v.pin_memory() for k, v in batch.items()} if device.type == "cuda" else batch
+
+
 def train_step(
     engine: Engine, batches: list[dict], dims: ParallelDims, device: torch.device
 ) -> tuple[torch.Tensor, float]:
@@ -286,6 +291,8 @@ def train(cfg: Config) -> dict:
     check_tp_degree(p.tp, model_cfg.n_head, model_cfg.d_ff, model_cfg.vocab_size, cfg.data.seq_len)
     ds_config = engine_config(cfg, model_cfg)
     dims, device = init_distributed(p.tp, need_group=p.engine != "ddp" or p.tp > 1, timeout_s=p.timeout_s)
+    if device.type == "cuda":  # fp32 matmuls (precision=fp32, and what autocast leaves in fp32) on TF32 tensor cores
+        torch.set_float32_matmul_precision("high")
     heartbeat = Heartbeat(dims, p.timeout_s).start()
     try:
         run = build_run(cfg, dims, device, tok, model_cfg, ds_config)
@@ -498,7 +505,7 @@ def train_loop(run: Run, stop: StopSignal, heartbeat: Heartbeat) -> dict:
         bad_in_row, last, window = 0, {}, Throughput()
         while state.step < t.steps:
             t0 = time.perf_counter()
-            batches = [next(batches_iter) for _ in range(t.grad_accum)]
+            batches = [pinned(next(batches_iter), run.device) for _ in range(t.grad_accum)]
             t_data = time.perf_counter() - t0
             lr = lr_at(state.step, t.lr, t.min_lr, t.warmup_steps, t.steps)
             loss_sum, global_targets = train_step(engine, batches, run.dims, run.device)
