@@ -49,6 +49,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from trainer import metrics
 from trainer.config import load_config
 from trainer.models import build_model
 from trainer.optim import OptimizerSettings, build_optimizer
@@ -185,6 +186,10 @@ def run_case(name: str, tmp: Path, tokenizer: Path, rounds: int) -> dict:
     dims, seq_len, batch, trainer_steps, warmup, loop_steps = CASES[name]
     peer, bare = TransformersLoop(dims, seq_len, batch), BareLoop(dims, seq_len, batch)
     results: dict[str, list] = {"trainer": [], "peer": [], "bare": []}
+    # measured just before the trainer measures its own, seconds apart: the machine's speed drifts by 10-15% over
+    # minutes, so a peak taken at another time would compare two different machines
+    peak = matmul_peak()
+    metrics._measured_peak_cache.clear()  # the trainer measures its peak once per process: make it measure now too
     for r in range(rounds):
         work = tmp / f"{name}-{r}"
         cfg_path = tmp / f"{name}-{r}.yaml"
@@ -216,6 +221,7 @@ def run_case(name: str, tmp: Path, tokenizer: Path, rounds: int) -> dict:
         "startup_warm_s": statistics.median(t["startup_s"] for t in tr[1:]) if len(tr) > 1 else math.nan,
         "step_s": statistics.median(t["step_s"] for t in tr),
         "trainer_peak": tr[0]["peak"],
+        "peak": peak,
     }
 
 
@@ -287,9 +293,9 @@ def main() -> None:
         cases = {name: run_case(name, tmp, tok, args.rounds) for name in args.only or list(CASES)}
         scale = None if args.no_scaling else scaling(tmp, tok)
     peak_end = matmul_peak()
-    peak = max(peak_start, peak_end)  # a peak is a best: the faster of the two measurements
     for name, c in cases.items():
         dims, seq_len, batch = CASES[name][:3]
+        peak = c["peak"]
         shape = f"{name} (L{dims['n_layer']} d{dims['d_model']}, seq {seq_len} x batch {batch})"
         rows.append(
             (
