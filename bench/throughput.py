@@ -16,7 +16,7 @@ from the step records' wall-clock stamps, 6N + 12 L d T FLOPs per token counted 
 measured here), the data-loader wait, compile start-up (cold inductor cache, then warm), and data-parallel scaling:
 2 ranks x 1 thread against 1 rank x 1 thread, each a `trainer train` under torchrun.
 
-    python bench/throughput.py                     # everything (about 12 minutes on 2 cores)
+    python bench/throughput.py                     # everything (about 9 minutes on 2 cores)
     python bench/throughput.py --only 16M --rounds 2 --no-scaling
     python bench/throughput.py --profile 16M      # torch.profiler table of the step
 
@@ -217,7 +217,7 @@ def run_case(name: str, tmp: Path, tokenizer: Path, rounds: int) -> dict:
         "vs_bare": statistics.median(t["tokens_per_s"] / b for t, b in zip(tr, results["bare"])),
         "trainer_tokens_per_s": statistics.median(t["tokens_per_s"] for t in tr),
         "peer_tokens_per_s": statistics.median(results["peer"]),
-        "flops_per_token": peer.flops_per_token(seq_len),
+        "flops_per_token": peer_flops,
         "logged_mfu": statistics.median(t["logged_mfu"] for t in tr),
         "data_wait": statistics.median(t["data_wait"] for t in tr),
         "startup_cold_s": tr[0]["startup_s"],
