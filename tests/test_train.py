@@ -4,6 +4,7 @@ reference run's losses and weights."""
 from __future__ import annotations
 
 import json
+import copy
 import math
 import os
 import shutil
@@ -222,32 +223,62 @@ def test_bf16_and_fp16_follow_the_fp32_curve(tmp_path, corpus, gpt_tok):
         assert got[24]["skipped_steps"] == 0
 
 
-def test_fp16_overflow_backs_off_and_leaves_the_weights_untouched():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_fp16_overflow_backs_off_and_leaves_the_weights_untouched(fused):
     """A loss scale too large for fp16: the gradients overflow, the step is skipped (weights and AdamW state as they
-    were) and the scale halves, until a step fits and applies."""
+    were) and the scale halves, until a step fits and applies. Fused AdamW skips inside its kernel (found_inf, no
+    host read); the unfused fallback on the host."""
     torch.manual_seed(0)
     model = build_model("gpt", n_layer=1, n_head=2, d_model=32, vocab_size=64, max_seq_len=16)
     params = list(model.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    optimizer = torch.optim.AdamW(params, lr=1e-2, fused=fused)
     scaler = LossScaler(enabled=True, init_scale=2.0**40)
     ids = torch.randint(0, 64, (2, 16))
 
-    def step() -> tuple[float, bool]:
+    def step() -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast("cpu", dtype=torch.float16):
             logits = model(ids)
         scaler.scale_loss(token_loss_sum(logits, ids) / ids.numel()).backward()
-        return optimizer_step(params, optimizer, scaler, grad_clip=1.0, lr=1e-2, skip=False)
+        return optimizer_step(params, optimizer, scaler, grad_clip=1.0, lr=1e-2)
+
+    def untouched_state() -> bool:  # fused AdamW creates its state (zeros, step 0) even on a skipped step
+        states = list(optimizer.state.values())
+        return all(float(s["step"]) == 0 and not s["exp_avg"].any() and not s["exp_avg_sq"].any() for s in states)
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
     norm, applied = step()
     assert not math.isfinite(norm) and not applied and scaler.scale == 2.0**39
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not optimizer.state
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and untouched_state()
     skipped = 1
     while not applied:
         norm, applied = step()
         skipped += not applied
     assert math.isfinite(norm) and scaler.scale == 2.0 ** (40 - skipped) and skipped > 2
-    assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not untouched_state()
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("scale", [1.0, 2.0**12], ids=["unscaled", "scaled"])
+def test_the_update_sees_the_unscaled_clipped_gradient(fused, scale):
+    """AdamW's first moment after one step is (1 - beta1) x the gradient it was given: it must be the gradient
+    unscaled and clipped by the global norm, as torch's clip_grad_norm_ clips it (Adam's update alone would hide a
+    wrong factor). Fused AdamW gets both factors through its grad_scale, the fallback as a multiply first."""
+    torch.manual_seed(0)
+    model = build_model("gpt", n_layer=1, n_head=2, d_model=32, vocab_size=64, max_seq_len=16)
+    reference = copy.deepcopy(model)
+    ids = torch.randint(0, 64, (2, 16))
+    token_loss_sum(reference(ids), ids).backward()
+    norm_ref = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+    assert norm_ref > 1.0  # the clip is active
+
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), fused=fused)
+    scaler = LossScaler(enabled=scale != 1.0, init_scale=scale)
+    scaler.scale_loss(token_loss_sum(model(ids), ids)).backward()
+    norm, applied = optimizer_step(params, optimizer, scaler, grad_clip=0.5, lr=1e-3)
+    assert bool(applied) and torch.allclose(norm, norm_ref, rtol=1e-5)
+    for p, r in zip(params, reference.parameters()):
+        torch.testing.assert_close(optimizer.state[p]["exp_avg"], 0.1 * r.grad, rtol=1e-4, atol=1e-9)
 
 
 def test_fp16_loss_scale_survives_a_resume(tmp_path, corpus, gpt_tok):

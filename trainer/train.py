@@ -7,7 +7,6 @@ size split of the same global batch gives the same update.
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import time
@@ -229,13 +228,14 @@ def pinned(batch: dict, device: torch.device) -> dict:
 
 def train_step(
     engine: Engine, batches: list[dict], dims: ParallelDims, device: torch.device
-) -> tuple[torch.Tensor, float]:
-    """Forward/backward over the step's micro-batches; returns (this dp rank's summed loss, global target tokens).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward/backward over the step's micro-batches; returns (this dp rank's summed loss, global target tokens), both
+    0-dim device tensors: nothing here waits for the device.
 
     Each micro-batch's summed token loss is divided by the target tokens of the whole global batch; the engine sums
     gradients over dp ranks, so the update is the global-batch token mean however the batch is split."""
-    local_targets = sum(int((b["labels"] != -100).sum()) for b in batches)
-    global_targets = all_reduce_sum(torch.tensor([float(local_targets)], device=device), dims, "dp").item()
+    local_targets = sum(int((b["labels"] != -100).sum()) for b in batches)  # counted on the host, before the copy
+    global_targets = all_reduce_sum(torch.tensor([float(local_targets)], device=device), dims, "dp")[0]
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     for i, batch in enumerate(batches):
         labels = batch["labels"].to(device, non_blocking=True)
@@ -244,6 +244,12 @@ def train_step(
             engine.backward(loss / global_targets)
         loss_sum += full_value(loss.detach())
     return loss_sum, global_targets
+
+
+def stop_requested(stop: StopSignal, dims: ParallelDims) -> bool:
+    """Whether any rank got a stop signal. The flag is a CPU tensor, reduced by gloo (also beside NCCL on GPUs): the
+    host learns it every step without waiting for the device."""
+    return all_reduce_sum(torch.tensor([float(stop.received)]), dims, "world").item() > 0
 
 
 def run_evaluation(run: Run, step: int) -> dict:
@@ -502,39 +508,51 @@ def train_loop(run: Run, stop: StopSignal, heartbeat: Heartbeat) -> dict:
         torch.manual_seed(cfg.run.seed + 1000 * run.dims.dp_rank)
     engine.train()
     try:
-        bad_in_row, last, window = 0, {}, Throughput()
+        last, window = {}, Throughput()
+        # counted on the device, read when the loop reports
+        skipped = torch.tensor(state.skipped_steps, dtype=torch.int64, device=run.device)
+        bad_in_row = torch.zeros((), dtype=torch.int64, device=run.device)
         while state.step < t.steps:
             t0 = time.perf_counter()
             batches = [pinned(next(batches_iter), run.device) for _ in range(t.grad_accum)]
             t_data = time.perf_counter() - t0
             lr = lr_at(state.step, t.lr, t.min_lr, t.warmup_steps, t.steps)
             loss_sum, global_targets = train_step(engine, batches, run.dims, run.device)
-            # one all-reduce over the world: the loss summed over dp (tp peers hold the same value, counted once)
-            # and the stop flag (any rank that got a signal stops all)
+            # the loss summed over dp (tp peers hold the same value, counted once); its finiteness decides the skip
             local_loss = loss_sum.reshape(1) if run.dims.tp_rank == 0 else torch.zeros(1, device=run.device)
-            flags = torch.tensor([float(stop.received)], device=run.device)
-            reduced = all_reduce_sum(torch.cat([local_loss, flags]), run.dims, "world").tolist()
-            loss, stop_now = reduced[0] / global_targets, reduced[1] > 0
-            grad_norm, applied = engine.step(lr, skip=not math.isfinite(loss))
+            loss = all_reduce_sum(local_loss, run.dims, "world")[0] / global_targets
+            grad_norm, applied = engine.step(lr, loss_finite=torch.isfinite(loss))
+            skipped += ~applied
+            bad_in_row = (bad_in_row + 1) * ~applied
+            stop_now = stop_requested(stop, run.dims)
             state.step += 1
             heartbeat.beat(state.step)
             state.tokens += step_tokens
-            bad_in_row = 0 if applied else bad_in_row + 1
-            if not applied:
-                state.skipped_steps += 1
-                logger.print(
-                    f"step {state.step}: non-finite loss or gradient (loss={loss}, grad_norm={grad_norm}); "
-                    f"update skipped ({bad_in_row} in a row)"
-                )
-            window.add(time.perf_counter() - t0, step_tokens, t_data)
             last_step = state.step == t.steps
-            if state.step % cfg.log.every == 0 or last_step or stop_now:
+            log_now = state.step % cfg.log.every == 0 or last_step or stop_now
+            every = cfg.checkpoint.every
+            checkpoint_now = bool(every and state.step % every == 0) or last_step or stop_now
+            report_now = log_now or checkpoint_now
+            if report_now:
+                # the one read of device values (a sync on GPUs): when the loop logs or saves, not every step
+                loss_v, norm_v, skipped_v, bad_v = torch.stack(
+                    [loss.float(), grad_norm.float().to(loss.device), skipped.float(), bad_in_row.float()]
+                ).tolist()
+                if int(skipped_v) > state.skipped_steps:
+                    logger.print(
+                        f"step {state.step}: {int(skipped_v) - state.skipped_steps} update(s) skipped since the last "
+                        f"report for a non-finite loss or gradient (loss={loss_v}, grad_norm={norm_v}; "
+                        f"{int(bad_v)} in a row)"
+                    )
+                state.skipped_steps = int(skipped_v)
+            window.add(time.perf_counter() - t0, step_tokens, t_data)
+            if log_now:
                 last = {
                     "step": state.step,
                     "tokens": state.tokens,
-                    "loss": loss,
+                    "loss": loss_v,
                     "lr": lr,
-                    "grad_norm": grad_norm,
+                    "grad_norm": norm_v,
                     **window.take(),
                     "mem_peak_gb": mem_peak_gb(run.device),
                     "skipped_steps": state.skipped_steps,
@@ -545,13 +563,12 @@ def train_loop(run: Run, stop: StopSignal, heartbeat: Heartbeat) -> dict:
                 logger.log_step(last)
             if run.valid_sources and t.eval_every and (state.step % t.eval_every == 0 or last_step):
                 run_evaluation(run, state.step)
-            if bad_in_row >= t.max_bad_steps:
+            if report_now and int(bad_v) >= t.max_bad_steps:
                 raise UserError(
-                    f"stopped at step {state.step}: {bad_in_row} steps in a row had a non-finite loss or "
+                    f"stopped at step {state.step}: {int(bad_v)} steps in a row had a non-finite loss or "
                     f"gradient; lower train.lr, raise train.warmup_steps or use train.precision=bf16"
                 )
-            every = cfg.checkpoint.every
-            if (every and state.step % every == 0) or last_step or stop_now:
+            if checkpoint_now:
                 save_checkpoint(run, stream)
             if stop_now:
                 logger.print(f"stop signal received: stopped at step {state.step}; resume with the same command")

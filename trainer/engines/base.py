@@ -8,14 +8,14 @@ Contract (the loop relies on nothing else):
   after the last micro-batch of a step, every parameter's gradient is the plain SUM over data-parallel ranks of those
   local gradients. Engines undo whatever averaging their data-parallel wrapper does (DDP and FSDP divide by dp).
 - `micro_batch(last)` wraps each micro-batch's forward and backward: gradients are synchronised only on the last one.
-- `step(lr, skip)` applies the LR, unscales, clips by the global norm and updates unless the gradient (or the loss,
-  `skip`) is not finite; it returns (norm before clipping, applied) and leaves the gradients zeroed.
+- `step(lr, loss_finite)` applies the LR, unscales, clips by the global norm and updates unless the gradient (or the
+  loss: `loss_finite` false) is not finite; it returns (norm before clipping, applied) as 0-dim device tensors, read
+  by the loop only when it logs, and leaves the gradients zeroed.
 - `save(dir)` / `load(dir)` are collective: every rank writes or reads its own part of model and optimizer state.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from collections import defaultdict
@@ -55,7 +55,7 @@ class Engine(Protocol):
 
     def backward(self, loss: torch.Tensor) -> None: ...
 
-    def step(self, lr: float, skip: bool = False) -> tuple[float, bool]: ...
+    def step(self, lr: float, loss_finite: torch.Tensor | bool = True) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def save(self, directory: Path) -> None: ...
 
@@ -69,36 +69,48 @@ class Engine(Protocol):
 class LossScaler:
     """Dynamic loss scaling for fp16 (off otherwise), driven by the GLOBAL gradient norm, so every rank of every
     layout takes the same decision: halve the scale and skip on overflow, double it after `growth_interval` good
-    steps (torch.amp.GradScaler's policy; its per-rank inf check would need one more all-reduce under sharding)."""
+    steps (torch.amp.GradScaler's policy; its per-rank inf check would need one more all-reduce under sharding). The
+    scale and the good-step count live on the device and are updated there: the host reads them only to save them."""
 
-    def __init__(self, enabled: bool, init_scale: float = 2.0**16, growth_interval: int = 2000) -> None:
+    def __init__(
+        self,
+        enabled: bool,
+        init_scale: float = 2.0**16,
+        growth_interval: int = 2000,
+        device: torch.device | None = None,
+    ) -> None:
         self.enabled = enabled
-        self.scale = init_scale if enabled else 1.0
         self.growth_interval = growth_interval
-        self.good_steps = 0
+        self._scale = torch.tensor(init_scale if enabled else 1.0, dtype=torch.float32, device=device)
+        self._good_steps = torch.zeros((), dtype=torch.int32, device=device)
+
+    @property
+    def scale(self) -> float:
+        return float(self._scale)
+
+    @property
+    def scale_tensor(self) -> torch.Tensor:
+        return self._scale
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss * self.scale if self.enabled else loss
+        return loss * self._scale if self.enabled else loss
 
     def unscale_(self, grads: list[torch.Tensor]) -> None:
         if self.enabled:
-            torch._foreach_mul_(grads, 1.0 / self.scale)
+            torch._foreach_mul_(grads, self._scale.reciprocal())
 
-    def update(self, finite: bool) -> None:
-        if not self.enabled:
-            return
-        if not finite:
-            self.scale, self.good_steps = self.scale / 2.0, 0
-            return
-        self.good_steps += 1
-        if self.good_steps == self.growth_interval:
-            self.scale, self.good_steps = self.scale * 2.0, 0
+    def update(self, finite: torch.Tensor) -> None:
+        """`finite`: a bool tensor, this step's verdict on the gradients."""
+        if self.enabled:
+            found_inf = (~finite).to(torch.float32)
+            torch._amp_update_scale_(self._scale, self._good_steps, found_inf, 2.0, 0.5, self.growth_interval)
 
     def state_dict(self) -> dict:
-        return {"scale": self.scale, "good_steps": self.good_steps}
+        return {"scale": float(self._scale), "good_steps": int(self._good_steps)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
+        self._scale.fill_(float(state["scale"]))
+        self._good_steps.fill_(int(state["good_steps"]))
 
 
 def _sharded_mesh_dims(t: DTensor) -> tuple[int, ...]:
@@ -142,19 +154,6 @@ def reduce_partial_grads(params: list[nn.Parameter]) -> None:
             p.grad = g.redistribute(g.device_mesh, placements)
 
 
-@torch.no_grad()
-def clip_and_norm(params: list[nn.Parameter], max_norm: float) -> float:
-    """Global grad norm before clipping; scales gradients down to `max_norm` (0 disables) when it is finite."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    norm = global_grad_norm(grads).item()
-    if max_norm > 0 and math.isfinite(norm) and norm > max_norm:
-        coef = max_norm / (norm + 1e-6)
-        torch._foreach_mul_([_local(g) for g in grads], coef)
-    return norm
-
-
 def optimizer_step(
     params: list[nn.Parameter],
     optimizer: torch.optim.Optimizer,
@@ -162,21 +161,40 @@ def optimizer_step(
     *,
     grad_clip: float,
     lr: float,
-    skip: bool,
-) -> tuple[float, bool]:
-    """The shared end of a step: reduce pending tp sums, unscale, clip by the global norm, update unless the norm
-    (or the loss: `skip`) is not finite, zero the gradients. Returns (norm before clipping, applied)."""
+    loss_finite: torch.Tensor | bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared end of a step: reduce pending tp sums, take the global norm of the unscaled gradients, and update
+    with them unscaled and clipped to `grad_clip` (0: no clipping) unless the norm or the loss (`loss_finite`) is not
+    finite; zero the gradients. Returns (norm before clipping, applied) as 0-dim device tensors.
+
+    Nothing here waits for the device. With PyTorch's fused AdamW (every engine but a mixed DTensor/plain layout) the
+    unscale and the clip factor go into its `grad_scale` and the skip into its `found_inf`, as torch.amp.GradScaler
+    drives it: the kernel divides the gradients as it reads them and leaves weights, moments and step count untouched
+    on an overflow. The unfused fallback scales the gradients first and reads the verdict on the host."""
     reduce_partial_grads(params)
-    scaler.unscale_([_local(p.grad) for p in params if p.grad is not None])
-    norm = clip_and_norm(params, grad_clip)
-    applied = math.isfinite(norm) and not skip
-    if applied:
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(()), torch.ones((), dtype=torch.bool)
+    scale = scaler.scale_tensor
+    norm = global_grad_norm(grads)
+    if scaler.enabled:
+        norm = norm / scale
+    finite = torch.isfinite(norm) & torch.as_tensor(loss_finite, device=norm.device)
+    # the clip factor: max_norm / norm where the norm exceeds max_norm (the epsilon as in torch's clip_grad_norm_)
+    clip = (grad_clip / (norm + 1e-6)).clamp(max=1.0) if grad_clip > 0 else torch.ones_like(norm)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if optimizer.defaults.get("fused"):
+        optimizer.grad_scale = scale / clip if scaler.enabled else clip.reciprocal()
+        optimizer.found_inf = (~finite).to(torch.float32)
         optimizer.step()
-    scaler.update(finite=math.isfinite(norm))
+    else:
+        torch._foreach_mul_([_local(g) for g in grads], (clip / scale) if scaler.enabled else clip)
+        if bool(finite):
+            optimizer.step()
+    scaler.update(finite)
     optimizer.zero_grad(set_to_none=True)
-    return norm, applied
+    return norm, finite
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -204,7 +222,7 @@ class TorchEngine:
         self.dtype = DTYPES[precision]
         self.grad_clip = grad_clip
         self.optimizer = build_optimizer(module, optim)
-        self.scaler = LossScaler(enabled=precision == "fp16")
+        self.scaler = LossScaler(enabled=precision == "fp16", device=device)
 
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
@@ -212,9 +230,11 @@ class TorchEngine:
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale_loss(loss).backward()
 
-    def step(self, lr: float, skip: bool = False) -> tuple[float, bool]:
+    def step(self, lr: float, loss_finite: torch.Tensor | bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         params = unique_params(self.module)
-        return optimizer_step(params, self.optimizer, self.scaler, grad_clip=self.grad_clip, lr=lr, skip=skip)
+        return optimizer_step(
+            params, self.optimizer, self.scaler, grad_clip=self.grad_clip, lr=lr, loss_finite=loss_finite
+        )
 
     def save(self, directory: Path) -> None:
         save_sharded(directory, self.module, self.optimizer, {"scaler": self.scaler.state_dict()})

@@ -242,7 +242,8 @@ class DeepSpeedEngine:
         announce_op_builds(offload)
         os.environ.setdefault("LOCAL_RANK", "0")  # a single process started without a launcher
         with contextlib.redirect_stdout(io.StringIO()):  # "op built successfully", on every rank, at every start
-            deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
+            backend = "nccl" if device.type == "cuda" else "gloo"  # the group exists: this only names it
+            deepspeed.init_distributed(dist_backend=backend, dist_init_required=False)
         if zero_stage == 3:  # partitioned as it is built: no rank ever holds the whole model
             # dtype comes from the config (fp32, bf16 or fp16); DeepSpeed ignores an explicit dtype on a CPU accelerator
             with deepspeed.zero.Init(config_dict_or_path=self.config):
@@ -284,14 +285,15 @@ class DeepSpeedEngine:
         # the average, exactly for a power-of-two dp.
         self.ds.backward(loss * self.dims.dp, scale_wrt_gas=False)
 
-    def step(self, lr: float, skip: bool = False) -> tuple[float, bool]:
-        """DeepSpeed's step (unscale, clip, update or skip); `skip` is its overflow check's to decide, since a
-        non-finite loss makes the gradient norm non-finite."""
+    def step(self, lr: float, loss_finite: torch.Tensor | bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """DeepSpeed's step (unscale, clip, update or skip); the skip is its overflow check's to decide, since a
+        non-finite loss makes the gradient norm non-finite. DeepSpeed reads its norm and overflow flag on the host."""
         for group in self.ds.optimizer.param_groups:
             group["lr"] = lr
         self.ds.step()
         norm = self.ds.get_global_grad_norm()  # before clipping; inf when DeepSpeed found an overflow
-        return (float("inf") if norm is None else float(norm)), self.ds.was_step_applied()
+        norm = float("inf") if norm is None else float(norm)
+        return torch.tensor(norm), torch.tensor(bool(self.ds.was_step_applied()))
 
     def save(self, directory: Path) -> None:
         """DeepSpeed's own checkpoint, every rank writing its partitions (each rank fsyncs the files it wrote), and

@@ -84,7 +84,7 @@ def init_distributed(
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        backend = "nccl"
+        backend = "cuda:nccl,cpu:gloo"  # CPU tensors (the stop flag, read by the host every step) go through gloo
     else:
         device = torch.device("cpu")
         backend = "gloo"
@@ -96,7 +96,7 @@ def init_distributed(
                 store = dist.HashStore()
                 dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
             else:
-                device_id = device if backend == "nccl" else None
+                device_id = device if device.type == "cuda" else None
                 dist.init_process_group(backend=backend, device_id=device_id, timeout=timeout)
             JOINED["group"] = True
         mesh = init_device_mesh(device.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
