@@ -3,8 +3,8 @@ reference run's losses and weights."""
 
 from __future__ import annotations
 
-import json
 import copy
+import json
 import math
 import os
 import shutil
@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, read_metrics, run_cli, step_losses, tiny_config, write_config
+from torch.overrides import TorchFunctionMode
 
 from trainer.checkpoint import latest_checkpoint, load_model
 from trainer.config import load_config
@@ -279,6 +280,41 @@ def test_the_update_sees_the_unscaled_clipped_gradient(fused, scale):
     assert bool(applied) and torch.allclose(norm, norm_ref, rtol=1e-5)
     for p, r in zip(params, reference.parameters()):
         torch.testing.assert_close(optimizer.state[p]["exp_avg"], 0.1 * r.grad, rtol=1e-4, atol=1e-9)
+
+
+class NoHostReads(TorchFunctionMode):
+    """Fails on any read of a tensor's value by the host (each one a device synchronisation on a GPU)."""
+
+    READS = frozenset(
+        {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__, torch.Tensor.__int__}
+    )
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            raise AssertionError(f"the host read a tensor's value: {func.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("finite", [True, False], ids=["applied", "skipped"])
+def test_the_optimizer_step_never_reads_a_device_value(finite):
+    """The end of the step (norm, fp16 unscale, clip, skip verdict, fused AdamW, loss-scale update) runs without the
+    host reading any tensor: on a GPU nothing there waits for the device. The loop reads norm and verdict when it
+    logs."""
+    torch.manual_seed(0)
+    model = build_model("gpt", n_layer=1, n_head=2, d_model=32, vocab_size=64, max_seq_len=16)
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    scaler = LossScaler(enabled=True, init_scale=2.0**8)
+    ids = torch.randint(0, 64, (2, 16))
+    scaler.scale_loss(token_loss_sum(model(ids), ids)).backward()
+    before = [p.detach().clone() for p in params]
+    with NoHostReads():
+        norm, applied = optimizer_step(
+            params, optimizer, scaler, grad_clip=1.0, lr=1e-3, loss_finite=torch.tensor(finite)
+        )
+    assert bool(applied) == finite and math.isfinite(norm)
+    assert scaler.scale == (2.0**8 if finite else 2.0**7)
+    assert any(not torch.equal(a, b) for a, b in zip(before, params)) == finite
 
 
 def test_fp16_loss_scale_survives_a_resume(tmp_path, corpus, gpt_tok):

@@ -77,7 +77,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     eval_every: int = 100  # steps between evaluations (and at the last step); 0 disables
     eval_steps: int = 10  # validation batches (global batch size, so any layout sees the same samples) per evaluation
-    max_bad_steps: int = 5  # consecutive non-finite steps (skipped) before the run stops
+    max_bad_steps: int = 5  # consecutive non-finite (skipped) steps that stop the run; checked when it logs
     sample_tokens: int = 48  # GPT: tokens generated as a sample at each evaluation; 0 disables
 
 
