@@ -17,8 +17,9 @@ import torch.distributed as dist
 
 from trainer.checkpoint import Checkpointer, set_rng_state
 from trainer.config import Config, save_config
-from trainer.data import Source, build_stream, merge_states, parse_sources
+from trainer.data import SampleStream, Source, build_stream, merge_states, parse_sources
 from trainer.engines import Engine, build_engine
+from trainer.engines.base import DTYPES
 from trainer.engines.deepspeed import deepspeed_config
 from trainer.errors import UserError
 from trainer.evaluate import evaluate, generate_sample
@@ -92,6 +93,7 @@ class Run:
     valid_sources: list[Source]  # empty: no evaluation
     flops_per_token: float
     peak_flops: float  # of all ranks together
+    stream: SampleStream  # this rank's training batches (workers started before the model was built)
 
     @property
     def global_batch(self) -> int:
@@ -391,89 +393,109 @@ def build_run(
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, cfg.run_dir / "config.yaml")
 
-    t = cfg.train
-    engine, counts = build_model(cfg, dims, device, model_cfg, ds_config)
-    if resume_from is not None:
-        rng = ckpt.load(resume_from, engine)
+    # measured on an idle process: before the data workers start tokenizing beside it
+    peak, peak_source = peak_flops(device, DTYPES[cfg.train.precision])
+    # The data workers start next: they fork before the model and optimizer exist (no memory of theirs to share)
+    # and tokenize the first block of every stream while the model is built and compiled.
+    stream = build_data_stream(
+        cfg,
+        dims,
+        train_sources,
+        training=True,
+        state=state.data,
+        num_workers=cfg.data.num_workers,
+        micro_batch=cfg.train.micro_batch,
+    )
+    stream.start()
+    try:
+        t = cfg.train
+        engine, counts = build_model(cfg, dims, device, model_cfg, ds_config)
+        if resume_from is not None:
+            rng = ckpt.load(resume_from, engine)
 
-    fpt = flops_per_token(
-        counts["n_params_non_embedding"],
-        model_cfg.n_layer,
-        model_cfg.d_model,
-        cfg.data.seq_len,
-        causal=model_cfg.arch == "gpt",
-        vocab_size=model_cfg.vocab_size,
-    )
-    peak, peak_source = peak_flops(device, engine.dtype)
-    wb = cfg.log.wandb
-    logger = MetricsLogger(
-        cfg.run_dir,
-        is_main=dims.is_main,
-        total_steps=t.steps,
-        start_step=state.step,
-        wandb_mode=wb.mode,
-        wandb_project=wb.project,
-        wandb_entity=wb.entity,
-        run_name=cfg.run.name,
-        config=cfg.to_dict(),
-        wandb_run_id=state.wandb_run_id,
-    )
-    state.wandb_run_id = logger.wandb_run_id
-    run = Run(
-        cfg=cfg,
-        dims=dims,
-        device=device,
-        tok=tok,
-        model_cfg=model_cfg,
-        engine=engine,
-        ckpt=ckpt,
-        logger=logger,
-        state=state,
-        rng=rng,
-        train_sources=train_sources,
-        valid_sources=valid_sources,
-        flops_per_token=fpt,
-        peak_flops=peak * dims.world_size,
-    )
-    layout = engine.layout()
-    logger.start(
-        {
-            **counts,
-            "world_size": dims.world_size,
-            "dp": dims.dp,
-            "tp": dims.tp,
-            **layout,
-            "global_batch": run.global_batch,
-            "global_batch_tokens": run.global_batch * cfg.data.seq_len,
-            "flops_per_token": fpt,
-            "resumed_from_step": state.step if resume_from else None,
-            "resumed_from": str(resume_from) if resume_from else None,
-            "arch": model_cfg.arch,
-            "preset": cfg.model.preset,
-            "device": str(device),
-            "precision": t.precision,
-            "peak_flops": run.peak_flops,
-            "peak_flops_source": peak_source,
-            "data_sources": {src.name: src.weight for src in train_sources},
-            "data_shuffle": cfg.data.shuffle,
-            "data_streams": cfg.data.streams,
-        }
-    )
-    name = model_cfg.arch.upper() + (f" {cfg.model.preset}" if cfg.model.preset else "")
-    zero = f" ZeRO-{layout['zero_stage']}" if layout["zero_stage"] else ""
-    offloaded = f" (+{layout['offload_bytes'] / 2**20:,.1f} MiB in CPU memory)" if layout.get("offload_bytes") else ""
-    logger.print(
-        f"{name}: {counts['n_params']:,} parameters | {layout['engine']}{zero}, dp {dims.dp} x tp {dims.tp} on "
-        f"{device.type}, offload {layout['offload']}, model state {layout['model_state_bytes'] / 2**20:,.1f} MiB "
-        f"per rank{offloaded} | {run.global_batch} x {cfg.data.seq_len} = {run.global_batch * cfg.data.seq_len:,} tokens "
-        f"per step | {t.steps:,} steps, {t.precision} | run dir {cfg.run_dir}"
-    )
-    logger.print(describe_data(cfg, train_sources, dims.dp))
-    if resume_from:
-        logger.print(f"resumed from {resume_from} at step {state.step}")
-    if state.step >= t.steps:
-        logger.print(f"the run is complete at step {state.step}: raise train.steps to train further")
-    return run
+        fpt = flops_per_token(
+            counts["n_params_non_embedding"],
+            model_cfg.n_layer,
+            model_cfg.d_model,
+            cfg.data.seq_len,
+            causal=model_cfg.arch == "gpt",
+            vocab_size=model_cfg.vocab_size,
+        )
+        wb = cfg.log.wandb
+        logger = MetricsLogger(
+            cfg.run_dir,
+            is_main=dims.is_main,
+            total_steps=t.steps,
+            start_step=state.step,
+            wandb_mode=wb.mode,
+            wandb_project=wb.project,
+            wandb_entity=wb.entity,
+            run_name=cfg.run.name,
+            config=cfg.to_dict(),
+            wandb_run_id=state.wandb_run_id,
+        )
+        state.wandb_run_id = logger.wandb_run_id
+        run = Run(
+            cfg=cfg,
+            dims=dims,
+            device=device,
+            tok=tok,
+            model_cfg=model_cfg,
+            engine=engine,
+            ckpt=ckpt,
+            logger=logger,
+            state=state,
+            rng=rng,
+            train_sources=train_sources,
+            valid_sources=valid_sources,
+            flops_per_token=fpt,
+            peak_flops=peak * dims.world_size,
+            stream=stream,
+        )
+        layout = engine.layout()
+        logger.start(
+            {
+                **counts,
+                "world_size": dims.world_size,
+                "dp": dims.dp,
+                "tp": dims.tp,
+                **layout,
+                "global_batch": run.global_batch,
+                "global_batch_tokens": run.global_batch * cfg.data.seq_len,
+                "flops_per_token": fpt,
+                "resumed_from_step": state.step if resume_from else None,
+                "resumed_from": str(resume_from) if resume_from else None,
+                "arch": model_cfg.arch,
+                "preset": cfg.model.preset,
+                "device": str(device),
+                "precision": t.precision,
+                "peak_flops": run.peak_flops,
+                "peak_flops_source": peak_source,
+                "data_sources": {src.name: src.weight for src in train_sources},
+                "data_shuffle": cfg.data.shuffle,
+                "data_streams": cfg.data.streams,
+            }
+        )
+        name = model_cfg.arch.upper() + (f" {cfg.model.preset}" if cfg.model.preset else "")
+        zero = f" ZeRO-{layout['zero_stage']}" if layout["zero_stage"] else ""
+        offloaded = (
+            f" (+{layout['offload_bytes'] / 2**20:,.1f} MiB in CPU memory)" if layout.get("offload_bytes") else ""
+        )
+        logger.print(
+            f"{name}: {counts['n_params']:,} parameters | {layout['engine']}{zero}, dp {dims.dp} x tp {dims.tp} on "
+            f"{device.type}, offload {layout['offload']}, model state {layout['model_state_bytes'] / 2**20:,.1f} MiB "
+            f"per rank{offloaded} | {run.global_batch} x {cfg.data.seq_len} = {run.global_batch * cfg.data.seq_len:,} tokens "
+            f"per step | {t.steps:,} steps, {t.precision} | run dir {cfg.run_dir}"
+        )
+        logger.print(describe_data(cfg, train_sources, dims.dp))
+        if resume_from:
+            logger.print(f"resumed from {resume_from} at step {state.step}")
+        if state.step >= t.steps:
+            logger.print(f"the run is complete at step {state.step}: raise train.steps to train further")
+        return run
+    except BaseException:
+        stream.close()  # the workers must not outlive a failed start
+        raise
 
 
 def save_checkpoint(run: Run, stream) -> None:
@@ -491,15 +513,7 @@ def train_loop(run: Run, stop: StopSignal, heartbeat: Heartbeat) -> dict:
     """Steps until train.steps (or a stop signal): log, evaluate, checkpoint."""
     cfg, t, state, engine, logger = run.cfg, run.cfg.train, run.state, run.engine, run.logger
     step_tokens = run.global_batch * cfg.data.seq_len
-    stream = build_data_stream(
-        cfg,
-        run.dims,
-        run.train_sources,
-        training=True,
-        state=state.data,
-        num_workers=cfg.data.num_workers,
-        micro_batch=t.micro_batch,
-    )
+    stream = run.stream
     batches_iter = iter(stream)
     # The RNG (dropout) is set last, so nothing in start-up draws from it and a resumed run continues its stream.
     if run.rng is not None:

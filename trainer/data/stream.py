@@ -188,6 +188,12 @@ class SampleStream:
             "sources": sources,
         }
 
+    def start(self) -> None:
+        """Start the tokenizing workers (if any) now rather than at the first batch: the first blocks are read while
+        the caller builds and compiles the model."""
+        if self.feed is not None:
+            self.feed.start()
+
     def close(self) -> None:
         """Release worker processes, if any."""
         if self.feed is not None:

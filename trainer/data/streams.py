@@ -288,25 +288,14 @@ class BlockSource:
             raise RuntimeError(f"data feed sent block {block.key}/{block.index}, expected {key}/{index}")
         return block
 
+    def start(self) -> None:
+        """Start the workers now (otherwise at the first block): they tokenize while the caller does other work."""
+        if self._items is None and self._num_workers > 0 and not self._closed:
+            self._open()
+
     def _next(self) -> Block:
         if self._items is None:
-            if self._num_workers == 0:
-                self._items = iter(self._feed)
-            else:
-                loader = DataLoader(
-                    self._feed,
-                    batch_size=None,
-                    num_workers=self._num_workers,
-                    collate_fn=_keep,
-                    # a worker builds the next block of each of its streams while the current ones are in use:
-                    # blocks of all streams fall due together, and would otherwise stall the step when they do
-                    prefetch_factor=PREFETCH + -(-len(self._feed.keys) // self._num_workers),
-                    # Its own generator: starting workers must not draw from the global RNG (dropout), or a resumed
-                    # run, whose workers start at another step, would continue on a different random stream.
-                    generator=torch.Generator().manual_seed(0),
-                    worker_init_fn=_init_worker,
-                )
-                self._items = iter(loader)
+            self._open()
         while True:
             try:
                 item = next(self._items)
@@ -322,6 +311,25 @@ class BlockSource:
                 raise UserError(item.message)
             if not isinstance(item, Filler):
                 return item
+
+    def _open(self) -> None:
+        if self._num_workers == 0:
+            self._items = iter(self._feed)
+        else:
+            loader = DataLoader(
+                self._feed,
+                batch_size=None,
+                num_workers=self._num_workers,
+                collate_fn=_keep,
+                # a worker builds the next block of each of its streams while the current ones are in use:
+                # blocks of all streams fall due together, and would otherwise stall the step when they do
+                prefetch_factor=PREFETCH + -(-len(self._feed.keys) // self._num_workers),
+                # Its own generator: starting workers must not draw from the global RNG (dropout), or a resumed
+                # run, whose workers start at another step, would continue on a different random stream.
+                generator=torch.Generator().manual_seed(0),
+                worker_init_fn=_init_worker,
+            )
+            self._items = iter(loader)
 
     def close(self) -> None:
         """Stop the worker processes for good (they would also stop when this object is garbage collected)."""
