@@ -11,12 +11,14 @@ For each case (a ~16M-parameter GPT at seq 256 x batch 8, and gpt2-small dims at
   ids in memory (what the trainer adds on top of it is its overhead).
 
 Figures are ratios of tokens/s measured side by side (medians over rounds): this machine's absolute speed drifts by
-10% or more between runs. It also checks the MFU the trainer logs against one computed here independently (tokens/s
+10% or more between runs. Each trainer run is compared with the mean of each loop measured just before and just
+after it (the loops alternate their order: P B T B P T P B T ...), which cancels a steady drift over the round; a
+first trainer run on a cold inductor cache gives the compile start-up and is not compared. It also checks the MFU the trainer logs against one computed here independently (tokens/s
 from the step records' wall-clock stamps, 6N + 12 L d T FLOPs per token counted on transformers' model, and a peak
 measured here), the data-loader wait, compile start-up (cold inductor cache, then warm), and data-parallel scaling:
 2 ranks x 1 thread against 1 rank x 1 thread, each a `trainer train` under torchrun.
 
-    python bench/throughput.py                     # everything (about 9 minutes on 2 cores)
+    python bench/throughput.py                     # everything (about 14 minutes on 2 cores)
     python bench/throughput.py --only 16M --rounds 2 --no-scaling
     python bench/throughput.py --profile 16M      # torch.profiler table of the step
 
