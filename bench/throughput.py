@@ -10,9 +10,8 @@ For each case (a ~16M-parameter GPT at seq 256 x batch 8, and gpt2-small dims at
 - the bare loop: the project's own model with the same compile setting, forward + loss + backward + clip + AdamW on
   ids in memory (what the trainer adds on top of it is its overhead).
 
-Figures are ratios of tokens/s measured side by side (medians over rounds; within a round, every loop's tokens/s is
-taken at its median step time, so that one step slowed by another tenant of this shared machine does not decide a
-round): this machine's absolute speed drifts by 10% or more between runs. Each trainer run is compared with the mean of each loop measured just before and just
+Figures are ratios of tokens/s measured side by side (medians over rounds): this machine's absolute speed drifts by
+10% or more between runs. Each trainer run is compared with the mean of each loop measured just before and just
 after it (the loops alternate their order: P B T B P T P B T ...), which cancels a steady drift over the round; a
 first trainer run on a cold inductor cache gives the compile start-up and is not compared. It also checks the MFU the trainer logs against one computed here independently (tokens/s
 from the step records' wall-clock stamps, 6N + 12 L d T FLOPs per token counted on transformers' model, and a peak
@@ -150,13 +149,11 @@ class BareLoop:
 
 
 def timed(loop, steps: int) -> float:
-    """Tokens/s of a loop at its median step time over `steps` steps."""
-    times = []
+    """Tokens/s of `steps` steps of a loop."""
+    t0 = time.perf_counter()
     for _ in range(steps):
-        t0 = time.perf_counter()
         loop.step()
-        times.append(time.perf_counter() - t0)
-    return loop.ids[:, 1:].numel() / statistics.median(times)
+    return steps * loop.ids[:, 1:].numel() / (time.perf_counter() - t0)
 
 
 def trainer_config(work: Path, tokenizer: Path, dims: dict, seq_len: int, batch: int, steps: int) -> dict:
@@ -171,18 +168,18 @@ def trainer_config(work: Path, tokenizer: Path, dims: dict, seq_len: int, batch:
 
 
 def read_run(work: Path, t_call: float, warmup: int) -> dict:
-    """The trainer's figures after `warmup` steps: tokens/s at the median step time, a step being the time between
-    two step records' wall-clock stamps (everything the loop does, independent of what it logs), the MFU (median
-    of the steps') and data wait it logged, and its start-up (call to the end of step 1)."""
+    """The trainer's figures after `warmup` steps: tokens/s from the step records' wall-clock stamps (independent of
+    what it logs), the MFU and data wait it logged, and its start-up (call to the end of step 1)."""
     lines = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
     start = lines[0]
     steps = [m for m in lines if "tokens_per_s" in m]
+    a, b = steps[warmup - 1], steps[-1]
     measured = steps[warmup:]
-    step_tokens = measured[-1]["tokens"] - measured[-2]["tokens"]
-    stamps = [b["time"] - a["time"] for a, b in zip(steps[warmup - 1 : -1], measured)]
+    tokens = b["tokens"] - a["tokens"]
     return {
-        "tokens_per_s": step_tokens / statistics.median(stamps),
-        "logged_mfu": statistics.median(m["mfu"] for m in measured),
+        "tokens_per_s": tokens / (b["time"] - a["time"]),
+        # the rate over the whole window (each step's MFU weighted by its time), as the stamps measure it
+        "logged_mfu": sum(m["mfu"] * m["step_time_s"] for m in measured) / sum(m["step_time_s"] for m in measured),
         "data_wait": sum(m["data_wait_s"] for m in measured) / sum(m["step_time_s"] for m in measured),
         "startup_s": steps[0]["time"] - t_call,
         "warmup_data_wait": sum(m["data_wait_s"] for m in steps[1:warmup]),
