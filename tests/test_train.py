@@ -493,3 +493,34 @@ def test_mixture_logs_samples_per_source_and_resumes_with_new_weights(tmp_path, 
     train_in_process(tiny_config(tmp_path / "held", corpus, gpt_tok, **held), tmp_path, "held.yaml")
     evals = [m for m in read_metrics(tmp_path / "held") if "val_loss" in m]
     assert len(evals) == 2 and all(math.isfinite(m["val_loss"]) for m in evals)
+
+
+def test_data_workers_start_before_the_model_and_stop_when_the_start_fails(tmp_path, corpus, gpt_tok, monkeypatch):
+    """The tokenizing workers are running while the model is built (they read the first blocks meanwhile, and fork
+    before the model's memory exists); when building fails after they started, they are stopped with the error."""
+    import multiprocessing
+
+    import trainer.train as train_module
+
+    seen = []
+    build = train_module.build_model
+
+    def watching_build(*args, **kwargs):
+        seen.append(len(multiprocessing.active_children()))
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "build_model", watching_build)
+    train_in_process(tiny_config(tmp_path / "run", corpus, gpt_tok, **{"train.steps": 1}), tmp_path)
+    assert seen == [1]
+
+    def failing_build(*args, **kwargs):
+        raise RuntimeError("model build failed")
+
+    monkeypatch.setattr(train_module, "build_model", failing_build)
+    with pytest.raises(RuntimeError, match="model build failed") as failure:
+        train_in_process(tiny_config(tmp_path / "run2", corpus, gpt_tok), tmp_path, "c2.yaml")
+    # `failure` keeps the traceback, and with it the half-built run's frames, alive: only an explicit close stops them
+    deadline = time.monotonic() + 10
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not multiprocessing.active_children() and failure.tb is not None
