@@ -95,10 +95,6 @@ class LossScaler:
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self._scale if self.enabled else loss
 
-    def unscale_(self, grads: list[torch.Tensor]) -> None:
-        if self.enabled:
-            torch._foreach_mul_(grads, self._scale.reciprocal())
-
     def update(self, finite: torch.Tensor) -> None:
         """`finite`: a bool tensor, this step's verdict on the gradients."""
         if self.enabled:
