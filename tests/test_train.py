@@ -224,17 +224,22 @@ def test_bf16_and_fp16_follow_the_fp32_curve(tmp_path, corpus, gpt_tok):
         assert got[24]["skipped_steps"] == 0
 
 
+def tiny_step_setup(*, fused: bool, init_scale: float, lr: float):
+    """A one-layer GPT with AdamW, an fp16 loss scaler (enabled unless the scale is 1) and a batch of ids."""
+    torch.manual_seed(0)
+    model = build_model("gpt", n_layer=1, n_head=2, d_model=32, vocab_size=64, max_seq_len=16)
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, fused=fused)
+    scaler = LossScaler(enabled=init_scale != 1.0, init_scale=init_scale)
+    return model, params, optimizer, scaler, torch.randint(0, 64, (2, 16))
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 def test_fp16_overflow_backs_off_and_leaves_the_weights_untouched(fused):
     """A loss scale too large for fp16: the gradients overflow, the step is skipped (weights and AdamW state as they
     were) and the scale halves, until a step fits and applies. Fused AdamW skips inside its kernel (found_inf, no
     host read); the unfused fallback on the host."""
-    torch.manual_seed(0)
-    model = build_model("gpt", n_layer=1, n_head=2, d_model=32, vocab_size=64, max_seq_len=16)
-    params = list(model.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-2, fused=fused)
-    scaler = LossScaler(enabled=True, init_scale=2.0**40)
-    ids = torch.randint(0, 64, (2, 16))
+    model, params, optimizer, scaler, ids = tiny_step_setup(fused=fused, init_scale=2.0**40, lr=1e-2)
 
     def step() -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast("cpu", dtype=torch.float16):
@@ -264,22 +269,17 @@ def test_the_update_sees_the_unscaled_clipped_gradient(fused, scale):
     """AdamW's first moment after one step is (1 - beta1) x the gradient it was given: it must be the gradient
     unscaled and clipped by the global norm, as torch's clip_grad_norm_ clips it (Adam's update alone would hide a
     wrong factor). Fused AdamW gets both factors through its grad_scale, the fallback as a multiply first."""
-    torch.manual_seed(0)
-    model = build_model("gpt", n_layer=1, n_head=2, d_model=32, vocab_size=64, max_seq_len=16)
+    model, params, optimizer, scaler, ids = tiny_step_setup(fused=fused, init_scale=scale, lr=1e-3)
     reference = copy.deepcopy(model)
-    ids = torch.randint(0, 64, (2, 16))
     token_loss_sum(reference(ids), ids).backward()
     norm_ref = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
     assert norm_ref > 1.0  # the clip is active
 
-    params = list(model.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), fused=fused)
-    scaler = LossScaler(enabled=scale != 1.0, init_scale=scale)
     scaler.scale_loss(token_loss_sum(model(ids), ids)).backward()
     norm, applied = optimizer_step(params, optimizer, scaler, grad_clip=0.5, lr=1e-3)
     assert bool(applied) and torch.allclose(norm, norm_ref, rtol=1e-5)
     for p, r in zip(params, reference.parameters()):
-        torch.testing.assert_close(optimizer.state[p]["exp_avg"], 0.1 * r.grad, rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(optimizer.state[p]["exp_avg"], 0.1 * r.grad, rtol=1e-4, atol=1e-9)  # beta1 0.9
 
 
 class NoHostReads(TorchFunctionMode):
@@ -300,12 +300,7 @@ def test_the_optimizer_step_never_reads_a_device_value(finite):
     """The end of the step (norm, fp16 unscale, clip, skip verdict, fused AdamW, loss-scale update) runs without the
     host reading any tensor: on a GPU nothing there waits for the device. The loop reads norm and verdict when it
     logs."""
-    torch.manual_seed(0)
-    model = build_model("gpt", n_layer=1, n_head=2, d_model=32, vocab_size=64, max_seq_len=16)
-    params = list(model.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)
-    scaler = LossScaler(enabled=True, init_scale=2.0**8)
-    ids = torch.randint(0, 64, (2, 16))
+    model, params, optimizer, scaler, ids = tiny_step_setup(fused=True, init_scale=2.0**8, lr=1e-3)
     scaler.scale_loss(token_loss_sum(model(ids), ids)).backward()
     before = [p.detach().clone() for p in params]
     with NoHostReads():
