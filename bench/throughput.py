@@ -230,9 +230,11 @@ def run_case(name: str, tmp: Path, tokenizer: Path, rounds: int) -> dict:
             flush=True,
         )
     tr = results["trainer"]
+    vs_peer = [t["tokens_per_s"] / p for t, p in zip(tr, results["peer"])]
+    vs_bare = [t["tokens_per_s"] / b for t, b in zip(tr, results["bare"])]
     return {
-        "vs_peer": statistics.median(t["tokens_per_s"] / p for t, p in zip(tr, results["peer"])),
-        "vs_bare": statistics.median(t["tokens_per_s"] / b for t, b in zip(tr, results["bare"])),
+        "vs_peer": statistics.median(vs_peer),
+        "vs_bare": statistics.median(vs_bare),
         "trainer_tokens_per_s": statistics.median(t["tokens_per_s"] for t in tr),
         "peer_tokens_per_s": statistics.median(results["peer"]),
         "flops_per_token": peer_flops,
@@ -241,8 +243,8 @@ def run_case(name: str, tmp: Path, tokenizer: Path, rounds: int) -> dict:
         "startup_cold_s": cold["startup_s"],
         "warmup_data_wait": statistics.median(t["warmup_data_wait"] for t in tr),
         "startup_warm_s": statistics.median(t["startup_s"] for t in tr),
-        "vs_bare_rounds": [t["tokens_per_s"] / b for t, b in zip(tr, results["bare"])],
-        "vs_peer_rounds": [t["tokens_per_s"] / p for t, p in zip(tr, results["peer"])],
+        "vs_bare_rounds": vs_bare,
+        "vs_peer_rounds": vs_peer,
         "step_s": statistics.median(t["step_s"] for t in tr),
         "trainer_peak": statistics.median(t["peak"] for t in tr),
         "peak": statistics.median(t["bench_peak"] for t in tr),
