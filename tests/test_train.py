@@ -497,11 +497,15 @@ def test_data_workers_start_before_the_model_and_stop_when_the_start_fails(tmp_p
 
     import trainer.train as train_module
 
+    def new_children() -> set[int]:  # other tests in this process may have left children of their own
+        return {c.pid for c in multiprocessing.active_children()} - before
+
+    before = {c.pid for c in multiprocessing.active_children()}
     seen = []
     build = train_module.build_model
 
     def watching_build(*args, **kwargs):
-        seen.append(len(multiprocessing.active_children()))
+        seen.append(len(new_children()))
         return build(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "build_model", watching_build)
@@ -516,6 +520,6 @@ def test_data_workers_start_before_the_model_and_stop_when_the_start_fails(tmp_p
         train_in_process(tiny_config(tmp_path / "run2", corpus, gpt_tok), tmp_path, "c2.yaml")
     # `failure` keeps the traceback, and with it the half-built run's frames, alive: only an explicit close stops them
     deadline = time.monotonic() + 10
-    while multiprocessing.active_children() and time.monotonic() < deadline:
+    while new_children() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not multiprocessing.active_children() and failure.tb is not None
+    assert not new_children() and failure.tb is not None
