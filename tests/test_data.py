@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import datasets
@@ -535,3 +536,41 @@ def test_a_script_that_never_closes_its_stream_still_exits(env):
         check=False,
     )
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_workers_pace_their_read_ahead_and_stop_waiting_when_closed(env):
+    """All streams' blocks fall due together; a worker builds the first block of every stream at once, and a stream's
+    next block only once the training process is a share of the way through the current one (staggered over the
+    worker's streams); a worker waiting for that stops at once when the stream is closed."""
+    streams, block = 4, 16
+    span = streams * block  # global samples between two blocks of one stream
+    s = stream(env, shuffle=True, streams=streams, block=block, micro_batch=1, num_workers=1)
+    received, fetch = [], s.feed.next_block
+
+    def record(key, index, position):
+        b = fetch(key, index, position)
+        received.append((key[1], index, position, b.built_at))
+        return b
+
+    s.feed.next_block = record
+    s.start()
+    time.sleep(1)  # the workers read the first block of every stream at once, before any is needed
+    batches = []
+    for _ in range(3 * span):
+        batches.append(next(s))
+        time.sleep(0.005)  # slower than the worker: built unpaced, a round's blocks would be built at once
+    assert [(st, i) for st, i, _, _ in received] == [(st, i) for i in range(3) for st in range(streams)]
+    for st, index, due, built_at in received:
+        if index == 0:
+            assert built_at == 0, f"stream {st}: the first block waited for sample {built_at}"
+            continue
+        release = due - span + int(span * (st + 1) / (2 * (streams + 1)))
+        assert built_at >= release, f"stream {st} block {index}: built at sample {built_at}, before {release}"
+    assert_same_batches(batches, take(stream(env, shuffle=True, streams=streams, block=block, micro_batch=1), 3 * span))
+
+    # the worker now waits to build round 3; closing the stream ends that wait
+    (worker,) = s.feed._items._workers
+    began = time.monotonic()
+    s.close()
+    worker.join(timeout=10)
+    assert not worker.is_alive() and time.monotonic() - began < 3

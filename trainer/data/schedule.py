@@ -57,8 +57,8 @@ def rank_samples(cursor: ScheduleCursor, dp_rank: int, dp_size: int) -> Iterator
 
 @dataclass(frozen=True)
 class BlockNeeds:
-    """The blocks of raw streams rank `dp_rank` needs, in the order it first needs them (picklable: DataLoader
-    workers each compute it)."""
+    """The blocks of raw streams rank `dp_rank` needs, in the order it first needs them, each with the global sample
+    that first needs it (picklable: DataLoader workers each compute it)."""
 
     layout: Layout
     next_sample: int
@@ -68,13 +68,13 @@ class BlockNeeds:
     dp_size: int
     block: int
 
-    def __call__(self) -> Iterator[tuple[tuple[int, int], int]]:
+    def __call__(self) -> Iterator[tuple[tuple[int, int], int, int]]:
         cursor = ScheduleCursor(self.layout, self.next_sample, self.mixture, self.stream_counts)
         current: dict[tuple[int, int], int] = {}  # the block each stream is at
-        for _, s, stream, index in rank_samples(cursor, self.dp_rank, self.dp_size):
+        for g, s, stream, index in rank_samples(cursor, self.dp_rank, self.dp_size):
             if stream < 0:
                 continue
             key, block = (s, stream), index // self.block
             if current.get(key) != block:  # (a rank may skip blocks when dp does not divide the streams)
                 current[key] = block
-                yield key, block
+                yield key, block, g

@@ -115,7 +115,7 @@ class SampleStream:
         if state.block is None or state.block.index != b:
             if self.feed is None:
                 raise RuntimeError("raw source without a feed")
-            state.block = self.feed.next_block((s, stream), b)
+            state.block = self.feed.next_block((s, stream), b, g)
         window = state.block.windows[index % self.block]
         origin = None
         if describe:
@@ -130,6 +130,8 @@ class SampleStream:
         return g, window, origin
 
     def __next__(self) -> dict[str, torch.Tensor]:
+        if self.feed is not None:
+            self.feed.at(self.cursor.next_sample)
         indices, rows = [], []
         for _ in range(self.micro_batch):
             g, window, _ = self._next_sample()

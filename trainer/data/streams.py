@@ -12,12 +12,19 @@ needs only streams l = r (mod dp); DataLoader workers split those streams again.
 point of the rank's sample sequence (schedule.py computes it on every process alike), and every worker sends its
 blocks in that order, with small fillers in the round-robin turns it has nothing for: the training process receives
 exactly the blocks it needs, in order, and holds one block per stream.
+
+All streams are at the same place in their blocks, so their blocks fall due together: at batch 1, the 64 blocks of a
+round within 64 samples. A worker paces its read-ahead: it builds a stream's next block once the training process
+has gone a share of the way through that stream's current block (the training process publishes its position), the
+shares staggered over the worker's streams within the first half. Its tokenizing is then spread over the round, at
+least half a block's span ahead of need, instead of a burst of a whole round's blocks whenever a round begins.
 """
 
 from __future__ import annotations
 
 import atexit
 import ctypes
+import multiprocessing
 import os
 import signal
 import sys
@@ -38,6 +45,7 @@ from trainer.data.sources import Source, Unit, held_out, read_unit
 from trainer.errors import UserError
 
 PREFETCH = 2  # rounds of blocks each DataLoader worker keeps ready beyond the current one
+PACE_POLL_S = 0.05  # how often a worker waiting to build a block looks at the training process's position
 ENCODE_BATCH = 64  # documents tokenized per encode_batch call
 
 
@@ -72,6 +80,7 @@ class Block:
     origins: list[tuple[int, int, int]]  # (unit, doc, offset) of each window's first token
     start: dict  # cursor of the block's first content position
     end: dict  # cursor of the next block's first content position
+    built_at: int | None = None  # the training process's sample position when a worker began it (None: built there)
 
 
 class StreamReader:
@@ -165,14 +174,51 @@ class WorkerFailure:
     message: str
 
 
+class Pace:
+    """The training process's sample position, shared with its DataLoader workers, and a wake-up call per worker."""
+
+    def __init__(self, workers: int) -> None:
+        self._state = multiprocessing.RawArray("q", 2)  # [position, closed]
+        self._wake = [multiprocessing.Event() for _ in range(workers)]
+
+    def at(self, position: int) -> None:
+        """(training process) It is at global sample `position`."""
+        self._state[0] = position
+
+    def wake(self) -> None:
+        """(training process) It waits for a block: workers look at the position now, not at their next poll."""
+        for event in self._wake:
+            event.set()
+
+    def close(self) -> None:
+        self._state[1] = 1
+        self.wake()
+
+    def position(self) -> int:
+        return self._state[0]
+
+    def wait_until(self, worker: int, position: int) -> bool:
+        """(worker) Wait until the training process reaches `position`; False if the feed was closed meanwhile."""
+        event = self._wake[worker]
+        while True:
+            event.clear()  # before the check: a wake-up after it is not lost
+            if self._state[1]:
+                return False
+            if self._state[0] >= position:
+                return True
+            event.wait(PACE_POLL_S)
+
+
 class BlockFeed(IterableDataset):
     """The blocks this rank needs, in the order it needs them; in DataLoader workers each worker builds the blocks of
-    its own streams and takes its turns in the round-robin order the DataLoader serves them in."""
+    its own streams and takes its turns in the round-robin order the DataLoader serves them in, pacing its builds by
+    the training process's position (see the module's docstring)."""
 
     def __init__(self, plans: dict[int, StreamPlan], needs, readers_args: dict, cursors: dict, keys: list) -> None:
         self.plans, self.needs, self.readers_args = plans, needs, readers_args
         self.cursors = cursors  # {(source, stream): cursor of the block the stream starts at}
         self.keys = keys  # the rank's streams, sorted
+        self.pace: Pace | None = None  # set when DataLoader workers build the blocks
 
     def __iter__(self) -> Iterator[Block | Filler | WorkerFailure]:
         info = get_worker_info()
@@ -190,11 +236,15 @@ class BlockFeed(IterableDataset):
 
     def _blocks(self, worker: int, workers: int) -> Iterator[Block | Filler]:
         owner = {key: i % workers for i, key in enumerate(self.keys)}
+        own = self.keys[worker::workers]
+        share = {key: (j + 1) / (2 * (len(own) + 1)) for j, key in enumerate(own)}  # of a block's span, see above
         tokenizer = Tokenizer.from_file(self.readers_args["tokenizer_path"])
         args = {k: v for k, v in self.readers_args.items() if k != "tokenizer_path"}
         readers: dict[tuple[int, int], StreamReader] = {}
+        last_due: dict[tuple[int, int], int] = {}  # where each of this worker's streams needed its previous block
+        niced = False
         slot, next_turn = -1, 0  # last assigned slot (turn * workers + worker), this worker's next turn
-        for key, index in self.needs():
+        for key, index, due in self.needs():
             slot += 1 + (owner[key] - slot - 1) % workers
             mine = slot // workers if owner[key] == worker else None
             last_turn = (slot - 1 - worker) // workers  # this worker's turns before this slot
@@ -212,7 +262,19 @@ class BlockFeed(IterableDataset):
                 reader.skip_to(index)
             if reader.next_block != index:
                 raise RuntimeError(f"stream {key} asked for block {index}, at block {reader.next_block}")
-            yield reader.read_block(key)
+            built_at = None
+            if self.pace is not None:
+                previous, last_due[key] = last_due.get(key), due
+                release = -1 if previous is None else previous + int((due - previous) * share[key])
+                if previous is not None and not niced:  # the first blocks are read; the rest is read-ahead
+                    os.nice(WORKER_NICE)
+                    niced = True
+                if not self.pace.wait_until(worker, release):  # (-1: a stream's first block, needed at once)
+                    return  # the training process closed the feed
+                built_at = self.pace.position()
+            block = reader.read_block(key)
+            block.built_at = built_at
+            yield block
             next_turn = mine + 1
 
 
@@ -233,13 +295,13 @@ def _init_worker(worker_id: int) -> None:
     Ignoring them, a worker must still die with its rank: on Linux the kernel kills it when the rank exits (a rank
     killed with SIGKILL would otherwise leave it running, holding copies of the rank's sockets, and an elastic
     restart of the job would wait on them).
-    Workers run at a lower CPU priority (nice +WORKER_NICE): they read ahead a whole round of blocks, and a burst of
-    tokenizing (64 streams' first blocks) would otherwise take cores from the training threads for seconds; niced,
-    they take what training leaves idle, which is far more than steady-state tokenizing needs."""
+    A worker reads the first block of each of its streams at normal priority: the run needs them at once, and
+    reading them takes seconds (64 x 128 windows), best spent while the model is built and compiled. From its first
+    read-ahead block on it runs at a lower CPU priority (nice +WORKER_NICE) and takes what training leaves idle,
+    which is far more than steady-state tokenizing needs."""
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
     die_with_parent()
-    os.nice(WORKER_NICE)
 
 
 def die_with_parent() -> None:
@@ -276,9 +338,18 @@ class BlockSource:
         self._closed = False
         _OPEN.add(self)
 
-    def next_block(self, key: tuple[int, int], index: int) -> Block:
+    def at(self, position: int) -> None:
+        """The training process is at global sample `position` (workers pace their read-ahead by it)."""
+        if self._feed.pace is not None:
+            self._feed.pace.at(position)
+
+    def next_block(self, key: tuple[int, int], index: int, position: int) -> Block:
+        """Block `index` of stream `key`, which global sample `position` is the first to need."""
         if self._closed:
             raise UserError("this data stream was closed (or failed before); build a new stream with build_stream")
+        if self._feed.pace is not None:
+            self._feed.pace.at(position)
+            self._feed.pace.wake()
         try:
             block = self._next()
         except UserError:
@@ -316,6 +387,7 @@ class BlockSource:
         if self._num_workers == 0:
             self._items = iter(self._feed)
         else:
+            self._feed.pace = Pace(self._num_workers)  # before the workers fork: they share it
             loader = DataLoader(
                 self._feed,
                 batch_size=None,
@@ -334,6 +406,8 @@ class BlockSource:
     def close(self) -> None:
         """Stop the worker processes for good (they would also stop when this object is garbage collected)."""
         self._closed = True
+        if self._feed.pace is not None:
+            self._feed.pace.close()  # a worker waiting to build a block returns at once
         items, self._items = self._items, None
         shutdown = getattr(items, "_shutdown_workers", None)  # the DataLoader's own shutdown, at once
         if shutdown is not None:
