@@ -4,6 +4,7 @@ wrap-around, hold-out, `trainer data` and input errors.
 Everything is real: files in tmp dirs, trained tokenizers, `datasets` sources, DataLoader worker processes.
 """
 
+import gc
 import hashlib
 import itertools
 import json
@@ -568,9 +569,18 @@ def test_workers_pace_their_read_ahead_and_stop_waiting_when_closed(env):
         assert built_at >= release, f"stream {st} block {index}: built at sample {built_at}, before {release}"
     assert_same_batches(batches, take(stream(env, shuffle=True, streams=streams, block=block, micro_batch=1), 3 * span))
 
-    # the worker now waits to build round 3; closing the stream ends that wait
+    # the worker now waits to build round 3; closing the stream ends that wait, and so does dropping it unclosed
     (worker,) = s.feed._items._workers
     began = time.monotonic()
     s.close()
+    worker.join(timeout=10)
+    assert not worker.is_alive() and time.monotonic() - began < 3
+    s = stream(env, shuffle=True, streams=streams, block=block, micro_batch=1, num_workers=1)
+    take(s, span + 1)
+    time.sleep(0.5)  # the worker catches up and waits to build the first block of the next round
+    (worker,) = s.feed._items._workers
+    began = time.monotonic()
+    del s
+    gc.collect()
     worker.join(timeout=10)
     assert not worker.is_alive() and time.monotonic() - began < 3

@@ -106,6 +106,8 @@ class SampleStream:
             g, s, stream, index = self.cursor.advance()
             if g % self.dp_size == self.dp_rank:
                 break
+        if self.feed is not None:
+            self.feed.at(g)  # the workers pace their read-ahead by it
         if stream < 0:
             sampler = self.samplers[s]
             origin = {"source": self.sources[s].name, **sampler.origin(index)} if describe else None
@@ -130,8 +132,6 @@ class SampleStream:
         return g, window, origin
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        if self.feed is not None:
-            self.feed.at(self.cursor.next_sample)
         indices, rows = [], []
         for _ in range(self.micro_batch):
             g, window, _ = self._next_sample()

@@ -349,7 +349,7 @@ class BlockSource:
             raise UserError("this data stream was closed (or failed before); build a new stream with build_stream")
         if self._feed.pace is not None:
             self._feed.pace.at(position)
-            self._feed.pace.wake()
+            self._feed.pace.wake()  # a worker may wait for this position to build it
         try:
             block = self._next()
         except UserError:
@@ -403,8 +403,11 @@ class BlockSource:
             )
             self._items = iter(loader)
 
+    def __del__(self) -> None:
+        self.close()  # a worker waiting to build a block would keep the DataLoader's own shutdown waiting
+
     def close(self) -> None:
-        """Stop the worker processes for good (they would also stop when this object is garbage collected)."""
+        """Stop the worker processes for good (they also stop when this object is garbage collected)."""
         self._closed = True
         if self._feed.pace is not None:
             self._feed.pace.close()  # a worker waiting to build a block returns at once
