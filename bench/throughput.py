@@ -156,6 +156,13 @@ def timed(loop, steps: int) -> float:
     return steps * loop.ids[:, 1:].numel() / (time.perf_counter() - t0)
 
 
+def settled(loop, steps: int) -> float:
+    """Tokens/s of `steps` steps of a loop after one unmeasured step: the first step after another loop or a trainer
+    run meets caches and memory the other one used, and the trainer's own window leaves out its first steps too."""
+    loop.step()
+    return timed(loop, steps)
+
+
 def trainer_config(work: Path, tokenizer: Path, dims: dict, seq_len: int, batch: int, steps: int) -> dict:
     return {
         "run": {"name": "bench", "dir": str(work), "seed": 0},
@@ -210,7 +217,7 @@ def run_case(name: str, tmp: Path, tokenizer: Path, rounds: int) -> dict:
     cold = run_trainer("cold")
     for loop in (peer, bare):  # the loops compile (and warm up) once
         timed(loop, 2)
-    measured = {"peer": [timed(peer, loop_steps)], "bare": [timed(bare, loop_steps)]}
+    measured = {"peer": [settled(peer, loop_steps)], "bare": [settled(bare, loop_steps)]}
     for r in range(rounds):
         # measured just before the trainer measures its own, seconds apart: the machine's speed drifts by 10-25%
         # within a run, so a peak taken at another time would compare two different machines
@@ -220,7 +227,7 @@ def run_case(name: str, tmp: Path, tokenizer: Path, rounds: int) -> dict:
         results["trainer"][-1]["independent_mfu"] = results["trainer"][-1]["tokens_per_s"] * peer_flops / peak
         results["trainer"][-1]["bench_peak"] = peak
         for key, loop in [("bare", bare), ("peer", peer)][:: 1 if r % 2 == 0 else -1]:
-            measured[key].append(timed(loop, loop_steps))
+            measured[key].append(settled(loop, loop_steps))
         for key in ("peer", "bare"):
             results[key].append(statistics.fmean(measured[key][-2:]))
         print(
