@@ -546,14 +546,15 @@ def test_workers_pace_their_read_ahead_and_stop_waiting_when_closed(env):
     streams, block = 4, 16
     span = streams * block  # global samples between two blocks of one stream
     s = stream(env, shuffle=True, streams=streams, block=block, micro_batch=1, num_workers=1)
-    received, fetch = [], s.feed.next_block
+    feed = s.feed
+    received, fetch = [], feed.next_block
 
-    def record(key, index, position):
-        b = fetch(key, index, position)
-        received.append((key[1], index, position, b.built_at))
+    def record(key, index):
+        b = fetch(key, index)
+        received.append((key[1], index, feed._feed.pace.position(), b.built_at))  # (the sample that needs it)
         return b
 
-    s.feed.next_block = record
+    feed.next_block = record
     s.start()
     time.sleep(1)  # the workers read the first block of every stream at once, before any is needed
     batches = []

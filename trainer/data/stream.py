@@ -117,7 +117,7 @@ class SampleStream:
         if state.block is None or state.block.index != b:
             if self.feed is None:
                 raise RuntimeError("raw source without a feed")
-            state.block = self.feed.next_block((s, stream), b, g)
+            state.block = self.feed.next_block((s, stream), b)
         window = state.block.windows[index % self.block]
         origin = None
         if describe:

@@ -343,12 +343,11 @@ class BlockSource:
         if self._feed.pace is not None:
             self._feed.pace.at(position)
 
-    def next_block(self, key: tuple[int, int], index: int, position: int) -> Block:
-        """Block `index` of stream `key`, which global sample `position` is the first to need."""
+    def next_block(self, key: tuple[int, int], index: int) -> Block:
+        """Block `index` of stream `key`, which the position last given to at() is the first to need."""
         if self._closed:
             raise UserError("this data stream was closed (or failed before); build a new stream with build_stream")
         if self._feed.pace is not None:
-            self._feed.pace.at(position)
             self._feed.pace.wake()  # a worker may wait for this position to build it
         try:
             block = self._next()
