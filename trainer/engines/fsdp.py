@@ -19,6 +19,17 @@ from trainer.optim import OptimizerSettings
 from trainer.parallel import ParallelDims, loss_context, materialize
 
 
+def prefetch_forward(root: FSDPModule, blocks: list[FSDPModule]) -> None:
+    """Each group's forward starts the all-gather of the next block's parameters before it computes: the root (whose
+    forward begins with the embeddings) gathers block 0, block i gathers block i+1, so each gather overlaps the
+    compute before it. FSDP2's implicit forward prefetch needs a CUDA stream and a CPU running ahead of the GPU; this
+    one holds on any device, including gloo on CPU. Backward keeps FSDP2's default: one block ahead in reverse forward
+    order, which this sequential model's blocks already are."""
+    order = [root, *blocks]
+    for module, nxt in zip(order, blocks):
+        module.set_modules_to_forward_prefetch([nxt])
+
+
 class FSDPEngine(TorchEngine):
     name = "fsdp"
 
@@ -44,6 +55,7 @@ class FSDPEngine(TorchEngine):
         # The root group (embeddings, tied head, final norm) follows the stage too: at ZeRO-3 the tied vocabulary matrix,
         # often the largest single tensor, is not held whole between forward and backward.
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
+        prefetch_forward(model, list(model.blocks))
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 module.set_gradient_divide_factor(1.0)  # a plain sum over dp ranks (FSDP averages by default)
