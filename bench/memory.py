@@ -9,7 +9,8 @@ checkpointing saves, each measured beside its alternatives in one run.
 2. Activation checkpointing (one process, fp32) at a long sequence: the bytes of the tensors autograd saves for
    backward during the forward and the loss (recorded by `torch.autograd.graph.saved_tensors_hooks`, parameters
    left out, each storage counted once), split into those saved inside the transformer blocks and outside them
-   (embeddings, final norm, LM head, loss); peak RSS and median step time, each mode in a fresh process.
+   (embeddings, final norm, LM head, loss; under full checkpointing the head and loss run in checkpointed chunks,
+   so only their inputs are saved); peak RSS and median step time, each mode in a fresh process.
 
     python bench/memory.py            # the sizes below; a few minutes on 2 cores
     python bench/memory.py --quick    # tiny dims: checks the script works in well under a minute
@@ -43,7 +44,6 @@ sys.path.insert(0, str(REPO))
 from trainer.config import load_config
 from trainer.engines.deepspeed import import_deepspeed
 from trainer.models import count_params, model_from_config, resolve_model_config
-from trainer.models.layers import token_loss_sum
 from trainer.parallel import init_distributed, shutdown_distributed
 from trainer.train import build_model, check_layout, engine_config, resolve_model
 
@@ -142,12 +142,11 @@ def run_steps(
         t0 = time.perf_counter()
         with engine.micro_batch(last=True):
             with forward_ctx() if i == 0 else nullcontext():
-                logits = engine.forward(ids[:, :-1])
-                loss = token_loss_sum(logits, ids[:, 1:])
+                loss = engine.forward(ids[:, :-1], ids[:, 1:])  # the model's own loss, as the trainer computes it
             if i == 0 and after_forward:
                 after_forward()
             engine.backward(loss / (mb * seq * dp))
-            del logits, loss
+            del loss
         if i == 0 and after_backward:
             after_backward()
         engine.step(1e-4)
@@ -290,7 +289,11 @@ def main() -> None:
     sys.stdout.reconfigure(line_buffering=True)
     sizes = SIZES["quick" if args.quick else "full"]
     if args.worker:
-        return state_worker(args.worker, sizes["state"], args.steps)
+        state_worker(args.worker, sizes["state"], args.steps)
+        # Its figures are printed. Skip interpreter shutdown: the sharded modules keep the gloo group (and its
+        # threads) alive past destroy_process_group, and a thread still releasing the last collective's tensors
+        # aborts the process when shutdown takes the GIL from it (a quarter of the runs with torch 2.13).
+        os._exit(0)
     if args.act_worker:
         return act_worker(args.act_worker, sizes["act"], args.steps)
 
@@ -389,8 +392,9 @@ def main() -> None:
             )
         print(
             "MiB. saved = activations autograd keeps for backward (parameters excluded, each storage once); outside "
-            "=\nembeddings, final norm, LM head and loss (the log-softmax of the logits). RSS before = after the "
-            "model is built,\nbefore the first step."
+            "=\nembeddings, final norm, LM head and loss (the log-softmax of the logits; under full checkpointing "
+            "the head\nand loss run in checkpointed chunks of tokens). RSS before = after the model is built, before "
+            "the first step."
         )
         none, full = results["none"], results["full"]
         ratio = (none["blocks"] + none["outside"]) / (full["blocks"] + full["outside"])

@@ -58,14 +58,15 @@ LAYOUTS = {
         {"parallel.engine": "deepspeed", "parallel.zero_stage": 2, "train.micro_batch": 1, "train.grad_accum": 2},
     ),
     "ds_zero3": (2, {"parallel.engine": "deepspeed", "parallel.zero_stage": 3, "train.micro_batch": 2}),
-    # the checkpoint wrappers and compile applied to a model partitioned as it was built (zero.Init)
+    # the checkpoint wrappers and compile applied to a model partitioned as it was built (zero.Init); full
+    # checkpointing also chunks the tied head and loss, which ZeRO-3 gathers again as each chunk is recomputed
     "ds_zero3_ac_compile": (
         2,
         {
             "parallel.engine": "deepspeed",
             "parallel.zero_stage": 3,
             "train.micro_batch": 2,
-            "train.activation_checkpointing": "selective",
+            "train.activation_checkpointing": "full",
             "train.compile": True,
         },
     ),

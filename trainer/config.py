@@ -73,7 +73,7 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds dynamic loss scaling)
-    activation_checkpointing: str = "none"  # none | full (every block) | selective (every other block)
+    activation_checkpointing: str = "none"  # none | full (blocks; head + loss in chunks) | selective (every other)
     compile: bool = False  # torch.compile the model
     eval_every: int = 100  # steps between evaluations (and at the last step); 0 disables
     eval_steps: int = 10  # validation batches (global batch size, so any layout sees the same samples) per evaluation

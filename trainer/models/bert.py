@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.errors import UserError
-from trainer.models.layers import MLP, SelfAttention, check_seq_len, init_weights_, token_loss_sum
+from trainer.models.layers import MLP, SelfAttention, check_seq_len, head_loss_sum, init_weights_
 from trainer.models.presets import ModelConfig
 
 
@@ -63,6 +63,7 @@ class BERT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.head = MLMHead(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=True)
+        self.loss_chunk_rows = 0  # > 0: the MLM head and loss in checkpointed chunks of this many tokens
         self.tie_weights()
         self.init_weights()
 
@@ -107,5 +108,6 @@ class BERT(nn.Module):
 
     def output(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """MLM transform and tied decoder, then the loss when `labels` are given (one unit to compile, as GPT's)."""
-        logits = self.lm_head(self.head(x))
-        return logits if labels is None else token_loss_sum(logits, labels)
+        if labels is None:
+            return self.lm_head(self.head(x))
+        return head_loss_sum(lambda h: self.lm_head(self.head(h)), x, labels, self.loss_chunk_rows)

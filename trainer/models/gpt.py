@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from trainer.errors import UserError
-from trainer.models.layers import INIT_STD, MLP, SelfAttention, check_seq_len, init_weights_, token_loss_sum
+from trainer.models.layers import INIT_STD, MLP, SelfAttention, check_seq_len, head_loss_sum, init_weights_
 from trainer.models.presets import ModelConfig
 
 
@@ -48,6 +48,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.loss_chunk_rows = 0  # > 0: the head and loss in checkpointed chunks of this many tokens (head_loss_sum)
         self.tie_weights()
         self.init_weights()
 
@@ -82,8 +83,8 @@ class GPT(nn.Module):
     def output(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Final norm and LM head, then the loss when `labels` are given: one unit, so that compiling it fuses the
         (tokens x vocab) log-softmax and its gradient with the head instead of writing them out between kernels."""
-        logits = self.lm_head(self.ln_f(x))
-        return logits if labels is None else token_loss_sum(logits, labels)
+        x = self.ln_f(x)
+        return self.lm_head(x) if labels is None else head_loss_sum(self.lm_head, x, labels, self.loss_chunk_rows)
 
     @torch.no_grad()
     def generate(

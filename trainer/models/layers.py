@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from trainer.errors import UserError
 from trainer.models.presets import ModelConfig
@@ -49,7 +50,32 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy (in fp32) over the target tokens (labels != -100). Under tensor parallelism `logits` is
     sharded over the vocabulary and this runs inside `loss_parallel` (the engine's micro-batch context), never
     gathering them."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    return F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), ignore_index=-100, reduction="sum")
+
+
+def head_loss_sum(
+    head: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, labels: torch.Tensor, chunk_rows: int = 0
+) -> torch.Tensor:
+    """`token_loss_sum(head(x), labels)`. With `chunk_rows`, computed that many tokens at a time, each chunk
+    checkpointed: a chunk's logits are dropped once its loss is taken and made again, one chunk at a time, in
+    backward. The (tokens x vocab) logits, their fp32 log-softmax and its gradient are then never whole in memory,
+    for one more forward product of the head per token."""
+    if not chunk_rows:
+        return token_loss_sum(head(x), labels)
+    x, labels = x.flatten(0, -2), labels.flatten()
+
+    def chunk_loss(xc: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
+        return token_loss_sum(head(xc), yc)
+
+    total = torch.zeros((), dtype=torch.float32, device=x.device)
+    for i in range(0, x.shape[0], chunk_rows):
+        total = total + checkpoint(chunk_loss, x[i : i + chunk_rows], labels[i : i + chunk_rows], use_reentrant=False)
+    return total
+
+
+def loss_chunk_rows(vocab_size: int) -> int:
+    """Tokens per chunk of `head_loss_sum`: about 32 MiB of fp32 logits, and never fewer than 128 rows."""
+    return max(128, 2**23 // vocab_size)
 
 
 class MLP(nn.Module):

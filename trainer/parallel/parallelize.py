@@ -12,12 +12,14 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.tensor import DTensor, Replicate
 from torch.overrides import TorchFunctionMode
 
+from trainer.models.layers import loss_chunk_rows
 from trainer.parallel.dims import ParallelDims
 from trainer.parallel.tensor_parallel import apply_tensor_parallel
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
-    """Recompute block activations in backward: `full` wraps every block, `selective` every other block."""
+    """Recompute block activations in backward: `full` wraps every block, `selective` every other block. (`full`
+    also chunks the head and loss: see `parallelize`.)"""
     if mode == "none":
         return
     every = 1 if mode == "full" else 2
@@ -49,6 +51,10 @@ def parallelize(model: nn.Module, dims: ParallelDims, activation_checkpointing: 
     if dims.tp > 1:
         apply_tensor_parallel(model, dims.submesh("tp"))
     apply_activation_checkpointing(model, activation_checkpointing)
+    if activation_checkpointing == "full" and dims.tp == 1:
+        # outside the blocks the (tokens x vocab) logits dominate what is saved: compute head and loss in chunks too
+        # (under tp the logits are vocab-sharded and loss_parallel needs them whole over the tokens)
+        model.loss_chunk_rows = loss_chunk_rows(model.config.vocab_size)
     if compile:
         apply_compile(model, output=dims.tp == 1)
     return model
