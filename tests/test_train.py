@@ -75,6 +75,14 @@ def test_gpt_trains_and_writes_artifacts(tmp_path, corpus, gpt_tok):
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_30"
 
 
+def test_tokenizer_given_as_its_directory_trains_and_checkpoints(tmp_path, corpus, gpt_tok):
+    """data.tokenizer may name the directory `trainer tokenizer --out` wrote: the checkpoint still carries the file."""
+    cfg = tiny_config(tmp_path / "run", corpus, Path(gpt_tok).parent, **{"train.steps": 2})
+    train_in_process(cfg, tmp_path)
+    saved = tmp_path / "run" / "checkpoints" / "step_2" / "tokenizer.json"
+    assert saved.read_bytes() == Path(gpt_tok).read_bytes()
+
+
 def test_bert_micro_batch_reshape_gives_same_update(tmp_path, corpus, bert_tok):
     """8 x 1 and 2 x 4 see the same samples and masks; only the global token normalisation makes them equal."""
     base = {"train.steps": 3, "checkpoint.every": 3}

@@ -505,7 +505,7 @@ def save_checkpoint(run: Run, stream) -> None:
         "model_config": run.model_cfg.to_dict(),
         "config": run.cfg.to_dict(),
     }
-    path = run.ckpt.save(run.state.step, run.engine, saved, run.cfg.data.tokenizer)
+    path = run.ckpt.save(run.state.step, run.engine, saved, str(run.tok.path))  # the file, also when given its dir
     run.logger.print(f"checkpoint saved: {path}")
 
 
