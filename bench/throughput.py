@@ -13,7 +13,7 @@ For each case (a ~16M-parameter GPT at seq 256 x batch 8, and gpt2-small dims at
 The trainer overhead is measured inside one live trainer run: windows of the trainer's own loop (`train_loop`,
 streaming, logging every step) alternate with windows of the bare loop on the same model and optimizer, seconds
 apart. Fresh trainer runs against loops measured before and after them read it only to within several points (their
-rounds spread over 1-9% at gpt2-small dims as the machine drifts), so that figure is printed beside it, not judged.
+rounds spread from -5% to +9% at gpt2-small dims as the machine drifts): that figure is printed too, not judged.
 
 Figures are ratios of tokens/s measured side by side (medians over rounds): this machine's absolute speed drifts by
 10% or more between runs. Each trainer run is compared with the mean of each loop measured just before and just
@@ -293,9 +293,8 @@ def in_run_overhead(name: str, tmp: Path, tokenizer: Path, rounds: int = 6, step
             return (b["tokens"] - a["tokens"]) / (b["time"] - a["time"])
 
         try:
-            trainer_window(
-                max(warmup, steps + 1)
-            )  # compile and the first blocks of the streams, as in the rounds above
+            # first the start-up steps (compile, the first blocks of the streams), as the rounds above leave out
+            trainer_window(max(warmup, steps + 1))
             timed(bare, 1)
             for r in range(rounds):
                 for key in ("trainer", "bare")[:: 1 if r % 2 == 0 else -1]:
