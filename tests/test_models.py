@@ -183,8 +183,8 @@ def test_blocks_work_under_checkpoint_wrapper(arch: str) -> None:
     torch.testing.assert_close(wrapped.tok_emb.weight.grad, model.tok_emb.weight.grad)
 
 
-def _saved_bytes(fn) -> int:
-    """Bytes of the tensors autograd saves for backward while `fn` runs its forward."""
+def _saved_bytes(fn) -> tuple[torch.Tensor, int]:
+    """`fn()` and the bytes of the tensors autograd saves for backward while it runs its forward."""
     total = 0
 
     def pack(t: torch.Tensor) -> torch.Tensor:
