@@ -5,14 +5,19 @@ Layout of `checkpoints/step_<N>/`:
   its own shards (plus the engine's small extras such as the fp16 loss scale), so a run saved with one layout (engine,
   world size, tp degree) resumes with another, and `load_model` consolidates it on one CPU process.
 - `rng_dp<R>.pt`: the RNG states of data-parallel rank R (dropout streams differ per dp rank, tp peers share one).
-- `state.json`: step, token counters, data position, W&B run id, model config, the resolved run config.
+- `state.json`: step, token counters, data position, W&B run id, model config, the resolved run config, and the
+  sha256 of the tokenizer file (part of the data contract: a resume with another tokenizer is refused).
 - `tokenizer.json`: a copy, so `trainer export` and `load_model` need nothing but this directory.
-A crash mid-save leaves only a `.tmp_step_<N>` directory, which the next start removes; `latest` names the newest
-complete checkpoint.
+- `manifest.json`: written last, once every rank's files are on disk: every other file with its size.
+A crash mid-save leaves only a `.tmp_step_<N>` directory, which the next start removes (under the run directory's
+lock, so it cannot be a live job's). Nothing is trusted before it is verified (trainer/integrity.py): a damaged
+newest checkpoint is moved aside as `damaged_step_<N>` and the run resumes from the newest complete one.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import random
@@ -20,50 +25,116 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from trainer.engines import check_payload
 from trainer.engines.base import DCP_DIR, Engine, fsync
-from trainer.errors import UserError
+from trainer.errors import SharedError, UserError
+from trainer.integrity import STATE_FILE, checkpoint_bytes, damage, write_manifest
 from trainer.parallel import ParallelDims, barrier, broadcast_object
 
-STATE_FILE = "state.json"
 LATEST = "latest"
+DAMAGED_PREFIX = "damaged_"  # a damaged checkpoint moved aside: kept for inspection, never counted by `keep`
+MiB = 2**20
 
 
 def _step_of(path: Path) -> int:
     return int(path.name.split("_", 1)[1])
 
 
-def complete_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+def step_dirs(ckpt_root: Path) -> list[Path]:
+    """Every `step_<N>` directory, oldest first, complete or not."""
     if not ckpt_root.is_dir():
         return []
-    found = [p for p in ckpt_root.glob("step_*") if p.name[5:].isdigit() and (p / STATE_FILE).is_file()]
-    return sorted(found, key=_step_of)
+    return sorted((p for p in ckpt_root.glob("step_*") if p.name[5:].isdigit() and p.is_dir()), key=_step_of)
+
+
+def complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Checkpoints that a save finished (their state file is there), oldest first: what `checkpoint.keep` counts."""
+    return [p for p in step_dirs(ckpt_root) if (p / STATE_FILE).is_file()]
+
+
+def read_pointer(ckpt_root: Path) -> tuple[Path | None, str | None]:
+    """The checkpoint `latest` names, or (None, why it names none usable); (None, None) when there is no pointer."""
+    pointer = ckpt_root / LATEST
+    if not pointer.exists():
+        return None, None
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None, f"the pointer {LATEST} is unreadable"
+    if not (name.startswith("step_") and name[5:].isdigit()):
+        return None, f"the pointer {LATEST} holds no checkpoint name"
+    if not (ckpt_root / name).is_dir():
+        return None, f"the pointer {LATEST} names {name}, which is missing"
+    return ckpt_root / name, None
+
+
+def candidates(ckpt_root: Path) -> tuple[list[Path], str | None]:
+    """Checkpoints to resume from, newest first: the one `latest` names and those before it (or, when the pointer is
+    unusable, every `step_<N>`); and why the pointer was not used, if it was not."""
+    target, why = read_pointer(ckpt_root)
+    found = step_dirs(ckpt_root)[::-1]
+    if target is not None:
+        found = [p for p in found if _step_of(p) <= _step_of(target)]
+    return found, why
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    pointer = ckpt_root / LATEST
-    if pointer.is_file():
-        target = ckpt_root / pointer.read_text().strip()
-        if (target / STATE_FILE).is_file():
-            return target
-    found = complete_checkpoints(ckpt_root)
-    return found[-1] if found else None
+    """The newest complete checkpoint (verified; nothing is moved)."""
+    found, _ = candidates(ckpt_root)
+    return next((p for p in found if damage(p) is None), None)
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """Accepts a checkpoint directory, a run's `checkpoints/` directory, or a run directory."""
+    """Accepts a checkpoint directory, a run's `checkpoints/` directory, or a run directory; the checkpoint must be
+    complete (a damaged one is refused in one line)."""
     p = Path(path)
-    if (p / STATE_FILE).is_file():
+    if (p / STATE_FILE).is_file() or (p.name.startswith("step_") and p.is_dir()):
+        why = damage(p)
+        if why is not None:
+            raise SharedError(f"checkpoint {p} is damaged ({why}): give another checkpoints/step_<N> directory")
         return p
     for root in (p, p / "checkpoints"):
         found = latest_checkpoint(root)
         if found is not None:
             return found
-    raise UserError(f"no complete checkpoint at {p}: give a checkpoints/step_<N> directory of a run")
+    raise SharedError(f"no complete checkpoint at {p}: give a checkpoints/step_<N> directory of a run")
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """A write that failed for lack of space (or quota), on this rank or, through DCP's report, on any."""
+    seen: list[BaseException] = [exc]
+    while seen:
+        e = seen.pop()
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        failures = getattr(e, "failures", None)  # DCP's CheckpointException: {rank: (exception, traceback)}
+        if isinstance(failures, dict):
+            seen += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+        seen += [c for c in (e.__cause__, e.__context__) if c is not None]
+    return False
+
+
+def agree(error: str | None) -> str | None:
+    """Collective: the first error any rank had (every rank gets the same answer), or None."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return error
+    errors: list = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e), None)
 
 
 def rng_state() -> dict:
@@ -81,7 +152,8 @@ def set_rng_state(state: dict) -> None:
 
 
 class Checkpointer:
-    """Saves and restores everything with state, collectively over all ranks."""
+    """Saves and restores everything with state, collectively over all ranks. Rank 0 decides what is on disk (which
+    checkpoint to resume from, whether there is room) and every rank follows the same decision."""
 
     def __init__(self, root: Path, keep: int, dims: ParallelDims) -> None:
         self.root = root
@@ -89,37 +161,44 @@ class Checkpointer:
         self.dims = dims
 
     def clean_partial(self) -> None:
-        """Removes half-written checkpoints a crash left behind."""
+        """Removes half-written checkpoints a crash left behind. Call it only under the run directory's lock: then no
+        live job can be writing them."""
         if self.dims.is_main and self.root.is_dir():
             for tmp in self.root.glob(".tmp_step_*"):
                 shutil.rmtree(tmp, ignore_errors=True)
         barrier()
 
     def save(self, step: int, engine: Engine, state: dict, tokenizer_path: str | None) -> Path:
-        """Every rank writes its part into `.tmp_step_<N>` and fsyncs it; after a barrier rank 0 renames the
-        directory into place and moves `latest`."""
+        """Every rank writes its part into `.tmp_step_<N>` and fsyncs it; after a barrier rank 0 lists every file
+        in `manifest.json`, renames the directory into place and moves `latest`. A disk too full for it is a
+        UserError (one line; the temporary directory removed, the previous checkpoints intact)."""
         final = self.root / f"step_{step}"
         tmp = self.root / f".tmp_step_{step}"
+        short = self.make_room(final.name) if self.dims.is_main else None
+        if short := broadcast_object(short):
+            raise SharedError(short)
+        error = None
         if self.dims.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        barrier()
-        engine.save(tmp)  # collective; DCP fsyncs every file it writes
-        written = []
-        if self.dims.tp_rank == 0:  # tp peers share one RNG stream (same dropout masks)
-            written.append(tmp / f"rng_dp{self.dims.dp_rank}.pt")
-            torch.save(rng_state(), written[-1])
+            try:
+                tmp.mkdir(parents=True)
+            except OSError as e:
+                error = self._disk_error(e, final.name)
+        if error := agree(error):
+            raise SharedError(error)
+        try:
+            self._write(tmp, engine, state, tokenizer_path)
+        except BaseException as e:  # DCP reports a failed write on any rank as a CheckpointException on every rank
+            if not is_disk_full(e):
+                raise
+            error = self._disk_error(e, final.name)
+        if error := agree(error):
+            if self.dims.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            barrier()
+            raise SharedError(error)
         if self.dims.is_main:
-            if tokenizer_path:
-                shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-                written.append(tmp / "tokenizer.json")
-            layout = {"world_size": self.dims.world_size, "dp": self.dims.dp, "tp": self.dims.tp}
-            (tmp / STATE_FILE).write_text(json.dumps({**state, **layout}, indent=1))
-            written.append(tmp / STATE_FILE)
-        for path in written:  # each rank flushes its own files before the rename can make them visible
-            fsync(path)
-        barrier()
-        if self.dims.is_main:
+            fsync(write_manifest(tmp))
             fsync(tmp)
             if final.exists():
                 shutil.rmtree(final)
@@ -134,21 +213,124 @@ class Checkpointer:
         barrier()
         return final
 
+    def _write(self, tmp: Path, engine: Engine, state: dict, tokenizer_path: str | None) -> None:
+        """Every rank's files of the checkpoint, each fsynced; errors of one rank's own files reach every rank."""
+        barrier()
+        engine.save(tmp)  # collective; DCP fsyncs every file it writes
+        error: BaseException | None = None
+        try:
+            written = []
+            if self.dims.tp_rank == 0:  # tp peers share one RNG stream (same dropout masks)
+                written.append(tmp / f"rng_dp{self.dims.dp_rank}.pt")
+                torch.save(rng_state(), written[-1])
+            if self.dims.is_main:
+                if tokenizer_path:
+                    shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+                    written.append(tmp / "tokenizer.json")
+                layout = {"world_size": self.dims.world_size, "dp": self.dims.dp, "tp": self.dims.tp}
+                (tmp / STATE_FILE).write_text(json.dumps({**state, **layout}, indent=1))
+                written.append(tmp / STATE_FILE)
+            for path in written:  # each rank flushes its own files before the rename can make them visible
+                fsync(path)
+        except OSError as e:
+            error = e
+        failed = agree(f"{type(error).__name__}: {error}" if error else None)
+        if error is not None:
+            raise error
+        if failed:
+            raise OSError(errno.EIO, f"another rank failed to write its files ({failed})")
+        barrier()
+
+    def make_room(self, name: str) -> str | None:
+        """Rank 0, before a save: None when the disk has room for one more checkpoint of the last one's size (first
+        deleting, when it has not, the oldest checkpoints that `checkpoint.keep` would delete after this save, never
+        the newest complete one); else the one-line message."""
+        done = complete_checkpoints(self.root)
+        if not done:
+            return None  # nothing to size it by: a write that runs out of space is caught as it happens
+        needed = checkpoint_bytes(done[-1])
+        free = shutil.disk_usage(self.root).free
+        if free >= needed:
+            return None
+        for old in done[: len(done) - max(self.keep - 1, 1)]:
+            print(
+                f"checkpoint: {free / MiB:,.1f} MiB free in {self.root}, {name} needs about {needed / MiB:,.1f} MiB: "
+                f"deleting {old.name} now (checkpoint.keep={self.keep} would delete it after this save)",
+                flush=True,
+            )
+            shutil.rmtree(old, ignore_errors=True)
+            free = shutil.disk_usage(self.root).free
+            if free >= needed:
+                return None
+        return (
+            f"not enough disk space for checkpoint {name} in {self.root}: it needs about {needed / MiB:,.1f} MiB (the "
+            f"size of {done[-1].name}) and {free / MiB:,.1f} MiB are free; checkpoint.keep={self.keep} holds "
+            f"{self.keep} checkpoint(s) of that size on disk plus the one being written. Free space there or lower "
+            f"checkpoint.keep, then run the same command: it resumes from {done[-1].name}, which is intact"
+        )
+
+    def _disk_error(self, exc: BaseException, name: str) -> str:
+        last = complete_checkpoints(self.root)
+        kept = f"resumes from {last[-1].name}, which is intact" if last else "starts again (no checkpoint was written)"
+        return (
+            f"the disk holding {self.root} is full: checkpoint {name} could not be written and was removed "
+            f"({shutil.disk_usage(self.root).free / MiB:,.1f} MiB free); free space there or lower checkpoint.keep "
+            f"(now {self.keep}), then run the same command: it {kept}"
+        )
+
     def find_resume(self, resume: str) -> Path | None:
+        """The checkpoint to resume from, verified (trainer/integrity.py), the same on every rank. With `auto`, a
+        damaged checkpoint is reported in one line, moved aside and the next older complete one taken."""
         if resume == "never":
             return None
         if resume == "auto":
-            found = latest_checkpoint(self.root) if self.dims.is_main else None
-            found = broadcast_object(str(found) if found else None)
-            return Path(found) if found else None
+            decision = self._newest_complete() if self.dims.is_main else None
+            kind, value = broadcast_object(decision)
+            if kind == "error":
+                raise SharedError(value)
+            return Path(value) if value else None
         path = Path(resume)
         if not path.exists():
             raise UserError(f"checkpoint.resume={resume} does not exist: give a checkpoint directory, auto or never")
         return resolve_checkpoint_dir(path)
 
-    def check_resume(self, path: Path, model_config: dict, engine: str, zero_stage: int) -> dict:
-        """The checkpoint's state, once it is known that this run can continue it (same model shape, an engine that
-        reads its payload); raised before anything is built or written."""
+    def _newest_complete(self) -> tuple[str, str | None]:
+        """Rank 0's resume decision: ("path", newest complete checkpoint or None) or ("error", message)."""
+        found, pointer_problem = candidates(self.root)
+        if pointer_problem:
+            print(f"checkpoint: {pointer_problem}; looking for the newest complete step_<N> instead", flush=True)
+        damaged = []
+        for path in found:
+            why = damage(path)
+            if why is None:
+                for name, reason, aside in damaged:
+                    print(
+                        f"checkpoint {name} is damaged ({reason}); moved aside to {aside}; resuming from {path.name}",
+                        flush=True,
+                    )
+                return "path", str(path)
+            damaged.append((path.name, why, self._move_aside(path).name))
+        if damaged:
+            said = "; ".join(f"{name} ({reason}) moved aside to {aside}" for name, reason, aside in damaged)
+            return "error", (
+                f"no complete checkpoint left in {self.root}: {said}. Start a fresh run with "
+                f"checkpoint.resume=never (or another run.dir), or give checkpoint.resume=PATH"
+            )
+        return "path", None
+
+    def _move_aside(self, path: Path) -> Path:
+        """Renames a damaged checkpoint out of the way (never deleted: there may be something to recover)."""
+        aside, n = self.root / f"{DAMAGED_PREFIX}{path.name}", 1
+        while aside.exists():
+            aside, n = self.root / f"{DAMAGED_PREFIX}{path.name}.{n}", n + 1
+        os.replace(path, aside)
+        return aside
+
+    def check_resume(
+        self, path: Path, model_config: dict, engine: str, zero_stage: int, tokenizer_path: str | Path
+    ) -> dict:
+        """The checkpoint's state, once it is known that this run can continue it (same model shape, same
+        tokenizer, an engine that reads its payload); raised before anything is built or written."""
         state = read_state(path)
         if state.get("model_config") != model_config:
             saved, now = state.get("model_config", {}), model_config
@@ -160,6 +342,16 @@ class Checkpointer:
             raise UserError(
                 f"checkpoint {path} holds another model shape ({diff}); match model.* to it or start "
                 f"a fresh run (checkpoint.resume=never or another run.dir)"
+            )
+        saved_tok = state.get("tokenizer_sha256")
+        if saved_tok is None and (path / "tokenizer.json").is_file():  # written before the hash was saved
+            saved_tok = file_sha256(path / "tokenizer.json")
+        if saved_tok is not None and saved_tok != file_sha256(tokenizer_path):
+            raise SharedError(
+                f"data.tokenizer {tokenizer_path} is not the tokenizer checkpoint {path.name} was trained with "
+                f"(sha256 {file_sha256(tokenizer_path)[:12]} vs {saved_tok[:12]}); the saved data position and the "
+                f"embeddings are in that one's tokens: set data.tokenizer={path / 'tokenizer.json'} to resume, or "
+                f"start a fresh run (checkpoint.resume=never or another run.dir)"
             )
         check_payload(path, engine, zero_stage)
         return state
@@ -183,7 +375,7 @@ def load_model(checkpoint_dir: str | Path) -> nn.Module:
     from trainer.engines.deepspeed import consolidate as consolidate_deepspeed
     from trainer.models import ModelConfig, model_from_config
 
-    path = resolve_checkpoint_dir(checkpoint_dir)
+    path = resolve_checkpoint_dir(checkpoint_dir)  # verified: a damaged checkpoint is one line, not a traceback
     model = model_from_config(ModelConfig(**read_state(path)["model_config"]))
     if (path / DS_PAYLOAD_DIR).is_dir():  # DeepSpeed's zero_to_fp32 gathers any ZeRO stage's partitions
         model.load_state_dict(consolidate_deepspeed(path))

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
 import sys
 from pathlib import Path
 
 import yaml
 
-from trainer.errors import PeerFailure, UserError
+from trainer.errors import PeerFailure, SharedError, UserError
 from trainer.parallel.dims import JOINED
 
 
@@ -204,9 +205,20 @@ def main(argv: list[str] | None = None) -> None:
         rank = os.environ.get("RANK")
         # Before the ranks join a process group every rank checks the same config and fails the same way: rank 0
         # says it once. After, an error may be one rank's own (its data, its files): that rank says it, prefixed.
-        if rank in (None, "0") or JOINED["group"]:
+        if rank in (None, "0") or (JOINED["group"] and not isinstance(e, SharedError)):
             prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
             print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(
+            f"error: the disk is full{where} ({e.strerror}): free space there and run the same command; complete "
+            f"checkpoints are never touched by a failed write",
+            file=sys.stderr,
+            flush=True,
+        )
         sys.exit(2)
     except PeerFailure as e:  # another rank died or hung: this rank says which, once, and fails the job
         print(f"[rank {os.environ.get('RANK', '0')}] error: {e}", file=sys.stderr, flush=True)

@@ -5,5 +5,9 @@ class UserError(Exception):
     """Bad input (config, files, shapes). The message names the problem and the fix, in one line."""
 
 
+class SharedError(UserError):
+    """A UserError every rank of the job raises from one decision (rank 0's, broadcast): only rank 0 prints it."""
+
+
 class PeerFailure(Exception):
     """Another rank of the job died or stopped answering; the message names it (rank, host, pid, last step)."""

@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from trainer.checkpoint import Checkpointer, set_rng_state
+from trainer.checkpoint import Checkpointer, file_sha256, set_rng_state
 from trainer.config import Config, save_config
 from trainer.data import SampleStream, Source, build_stream, merge_states, parse_sources
 from trainer.engines import Engine, build_engine
 from trainer.engines.base import DTYPES
 from trainer.engines.deepspeed import deepspeed_config
-from trainer.errors import UserError
+from trainer.errors import SharedError, UserError
 from trainer.evaluate import evaluate, generate_sample
 from trainer.metrics import flops_per_token, mem_peak_gb, mfu, peak_flops
 from trainer.models import ModelConfig, count_params, model_from_config, resolve_model_config
@@ -30,6 +30,7 @@ from trainer.optim import OptimizerSettings, lr_at
 from trainer.parallel import (
     ParallelDims,
     all_reduce_sum,
+    broadcast_object,
     check_tp_degree,
     full_value,
     init_distributed,
@@ -37,6 +38,7 @@ from trainer.parallel import (
     shutdown_distributed,
 )
 from trainer.parallel.health import Heartbeat, is_collective_failure
+from trainer.run_lock import RunLock
 from trainer.tokenizer import TokenizerInfo, load_tokenizer
 
 
@@ -292,6 +294,14 @@ def run_evaluation(run: Run, step: int) -> dict:
 
 def train(cfg: Config) -> dict:
     """Runs (or resumes) the configured run on this rank; returns the last logged metrics."""
+    stop = StopSignal()  # from the start: a stop signal during start-up ends the run before its first step
+    try:
+        return _train(cfg, stop)
+    finally:
+        stop.restore()
+
+
+def _train(cfg: Config, stop: StopSignal) -> dict:
     p = cfg.parallel
     tok = load_tokenizer(cfg.data.tokenizer)
     model_cfg = resolve_model(cfg, tok)
@@ -302,16 +312,15 @@ def train(cfg: Config) -> dict:
     if device.type == "cuda":  # fp32 matmuls (precision=fp32, and what autocast leaves in fp32) on TF32 tensor cores
         torch.set_float32_matmul_precision("high")
     heartbeat = Heartbeat(dims, p.timeout_s).start()
+    lock = RunLock(cfg.run_dir)
     try:
-        run = build_run(cfg, dims, device, tok, model_cfg, ds_config)
-        stop = StopSignal()
+        run = build_run(cfg, dims, device, tok, model_cfg, ds_config, lock)
         failed = True
         try:
             result = train_loop(run, stop, heartbeat)
             failed = False
             return result
         finally:
-            stop.restore()
             run.logger.close(exit_code=1 if failed else 0)  # a crashed run is marked failed in W&B
     except Exception as e:
         if is_collective_failure(e):  # name the rank that died or hung, not the socket that noticed
@@ -320,6 +329,19 @@ def train(cfg: Config) -> dict:
     finally:
         heartbeat.stop()
         shutdown_distributed()
+        lock.release()
+
+
+def lock_run_dir(lock: RunLock, dims: ParallelDims) -> None:
+    """Rank 0 takes the run directory's lock for the job; a refusal (another job holds it) reaches every rank."""
+    refusal = None
+    if dims.is_main:
+        try:
+            lock.acquire()
+        except UserError as e:
+            refusal = str(e)
+    if refusal := broadcast_object(refusal):
+        raise SharedError(refusal)
 
 
 def engine_config(cfg: Config, model_cfg: ModelConfig) -> dict | None:
@@ -378,16 +400,22 @@ def build_run(
     tok: TokenizerInfo,
     model_cfg: ModelConfig,
     ds_config: dict | None = None,
+    lock: RunLock | None = None,
 ) -> Run:
-    """Model, engine, checkpoint state and loggers; resumes from a checkpoint when there is one."""
+    """Model, engine, checkpoint state and loggers; resumes from a checkpoint when there is one. `lock` (the run
+    directory's) is taken before anything is written there."""
     check_layout(cfg, dims, model_cfg)
     train_sources, valid_sources = data_sources(cfg)
+    if lock is not None:
+        lock_run_dir(lock, dims)
     ckpt = Checkpointer(cfg.run_dir / "checkpoints", cfg.checkpoint.keep, dims)
-    ckpt.clean_partial()
+    ckpt.clean_partial()  # under the lock: no live job can be writing them
     resume_from = ckpt.find_resume(cfg.checkpoint.resume)
     state, rng = TrainState(), None
     if resume_from is not None:  # refused here, before anything is built or written, if this run cannot continue it
-        saved = ckpt.check_resume(resume_from, model_cfg.to_dict(), cfg.parallel.engine, cfg.parallel.zero_stage)
+        saved = ckpt.check_resume(
+            resume_from, model_cfg.to_dict(), cfg.parallel.engine, cfg.parallel.zero_stage, tok.path
+        )
         state = TrainState(**saved["train_state"])
     if dims.is_main:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -504,6 +532,7 @@ def save_checkpoint(run: Run, stream) -> None:
         "train_state": vars(run.state).copy(),
         "model_config": run.model_cfg.to_dict(),
         "config": run.cfg.to_dict(),
+        "tokenizer_sha256": file_sha256(run.tok.path),  # part of the data contract: checked on resume
     }
     path = run.ckpt.save(run.state.step, run.engine, saved, str(run.tok.path))  # the file, also when given its dir
     run.logger.print(f"checkpoint saved: {path}")
@@ -522,6 +551,13 @@ def train_loop(run: Run, stop: StopSignal, heartbeat: Heartbeat) -> dict:
         torch.manual_seed(cfg.run.seed + 1000 * run.dims.dp_rank)
     engine.train()
     try:
+        if stop_requested(stop, run.dims):  # a stop signal came during start-up: nothing trained, nothing to save
+            where = f"the checkpoint of step {state.step} is unchanged" if state.step else "no checkpoint was written"
+            logger.print(
+                f"stop signal received during start-up: stopped before step {state.step + 1}; {where}; the same "
+                f"command resumes"
+            )
+            return {}
         last, window = {}, Throughput()
         # counted on the device, read when the loop reports
         skipped = torch.tensor(state.skipped_steps, dtype=torch.int64, device=run.device)
