@@ -245,13 +245,13 @@ def test_second_job_on_a_run_directory_is_refused_and_the_first_is_unharmed(tmp_
     first = start_trainer(cfg)
     try:
         wait_for_step(tmp_path / "run", 1, first)
-        second = run_cli("trainer", "train", str(cfg))
+        second = run_cli("trainer", "train", str(cfg), timeout=120)
         err = second.stderr.strip().splitlines()
         assert second.returncode == 2 and len(err) == 1, second.stderr[-2000:]
         assert f"is in use by another job (pid {first.pid} on " in err[0] and "since" in err[0], err
         assert first.poll() is None, "the first job should still be training"
     finally:
-        out, errs = first.communicate(timeout=300)
+        _, errs = first.communicate(timeout=300)
     assert first.returncode == 0, errs[-2000:]
     starts = [m for m in read_metrics(tmp_path / "run") if m.get("event") == "start"]
     assert len(starts) == 1
@@ -271,7 +271,9 @@ def mount_tmpfs(path: Path, size: str) -> None:
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs run directory needs root; this test runs as root in CI")
     path.mkdir(parents=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, check=False
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()}); it needs CAP_SYS_ADMIN")
 
@@ -340,3 +342,20 @@ def test_disk_full_during_the_first_write_is_one_line(tmp_path, corpus, gpt_tok,
     assert r.returncode == 2 and len(err) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "is full: checkpoint step_2 could not be written" in err[0], err
     assert not list((disk / "run" / "checkpoints").glob(".tmp_step_*"))
+
+
+def test_stop_signal_during_start_up_is_one_line_and_exit_0(tmp_path, corpus, gpt_tok, base_run):
+    """SIGTERM while the run is still starting (importing, loading the checkpoint): it stops before its next step,
+    says so, and the checkpoint it would resume from is untouched."""
+    shutil.copytree(base_run["dir"], tmp_path / "run")
+    cfg = {**base_run["cfg"], "run": {**base_run["cfg"]["run"], "dir": str(tmp_path / "run")}}
+    cfg["train"] = {**cfg["train"], "steps": STEPS + 4}
+    proc = start_trainer(write_config(cfg, tmp_path / "c.yaml"))
+    time.sleep(1.0)  # inside start-up: importing torch alone takes longer
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in err, err[-2000:]
+    assert f"stop signal received during start-up: stopped before step {STEPS + 1}" in out
+    assert f"the checkpoint of step {STEPS} is unchanged" in out
+    assert step_losses(tmp_path / "run") == base_run["losses"]
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == f"step_{STEPS}"

@@ -14,7 +14,6 @@ from pathlib import Path
 import yaml
 
 from trainer.errors import PeerFailure, SharedError, UserError
-from trainer.parallel.dims import JOINED
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -22,9 +21,16 @@ def cmd_train(args: argparse.Namespace) -> None:
     from trainer.train import train
 
     cfg = load_config(args.config, args.overrides)
-    train(cfg)
+    train(cfg, args.stop)
     if int(os.environ.get("RANK", "0")) == 0:
         print_summary(cfg.run_dir)
+
+
+def _early_stop_signal():
+    """The run's StopSignal, installed before the slow imports of a start-up (torch, the model, the data workers)."""
+    from trainer.stop import StopSignal
+
+    return StopSignal()
 
 
 def print_summary(run_dir: Path) -> None:
@@ -199,9 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    args.stop = None
+    if args.command == "train":  # SIGTERM/SIGUSR1 are remembered from here on (the loop stops at a step boundary)
+        args.stop = _early_stop_signal()
     try:
         args.func(args)
     except UserError as e:
+        from trainer.parallel.dims import JOINED
+
         rank = os.environ.get("RANK")
         # Before the ranks join a process group every rank checks the same config and fails the same way: rank 0
         # says it once. After, an error may be one rank's own (its data, its files): that rank says it, prefixed.

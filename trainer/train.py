@@ -8,7 +8,6 @@ size split of the same global batch gives the same update.
 from __future__ import annotations
 
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 
@@ -39,6 +38,7 @@ from trainer.parallel import (
 )
 from trainer.parallel.health import Heartbeat, is_collective_failure
 from trainer.run_lock import RunLock
+from trainer.stop import StopSignal
 from trainer.tokenizer import TokenizerInfo, load_tokenizer
 
 
@@ -100,24 +100,6 @@ class Run:
     @property
     def global_batch(self) -> int:
         return self.cfg.train.micro_batch * self.cfg.train.grad_accum * self.dims.dp
-
-
-class StopSignal:
-    """Remembers SIGTERM/SIGUSR1 so the loop can checkpoint at the end of the current step and exit."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self) -> None:
-        self.received = False
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-
-    def _handle(self, signum, frame) -> None:
-        self.received = True
-
-    def restore(self) -> None:
-        """Give the signals back to whoever handled them before the run (a script calling train())."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def resolve_model(cfg: Config, tok: TokenizerInfo) -> ModelConfig:
@@ -292,9 +274,11 @@ def run_evaluation(run: Run, step: int) -> dict:
     return result
 
 
-def train(cfg: Config) -> dict:
-    """Runs (or resumes) the configured run on this rank; returns the last logged metrics."""
-    stop = StopSignal()  # from the start: a stop signal during start-up ends the run before its first step
+def train(cfg: Config, stop: StopSignal | None = None) -> dict:
+    """Runs (or resumes) the configured run on this rank; returns the last logged metrics. `stop` is the StopSignal
+    the caller installed as early as it could (the CLI does, before loading the config): a stop signal during
+    start-up then ends the run before its first step, with a line, instead of killing the process silently."""
+    stop = stop or StopSignal()
     try:
         return _train(cfg, stop)
     finally:
