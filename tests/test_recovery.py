@@ -359,3 +359,21 @@ def test_stop_signal_during_start_up_is_one_line_and_exit_0(tmp_path, corpus, gp
     assert f"the checkpoint of step {STEPS} is unchanged" in out
     assert step_losses(tmp_path / "run") == base_run["losses"]
     assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == f"step_{STEPS}"
+
+
+def test_deepspeed_checkpoint_with_a_truncated_partition_is_skipped(tmp_path, corpus, gpt_tok):
+    """DeepSpeed writes its own files; the manifest lists them too: a truncated optimizer partition of the newest
+    checkpoint is found before DeepSpeed reads it, and the run resumes from the one before."""
+    over = {"train.steps": 4, "checkpoint.every": 2, "checkpoint.keep": 10, "parallel.engine": "deepspeed"}
+    cfg = write_config(tiny_config(tmp_path / "run", corpus, gpt_tok, **over), tmp_path / "c.yaml")
+    r = run_cli("trainer", "train", str(cfg))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpts = tmp_path / "run" / "checkpoints"
+    base = step_losses(tmp_path / "run")
+    optim = next((ckpts / "step_4" / "deepspeed" / "state").glob("*optim_states.pt"))
+    truncate(optim)
+    r = run_cli("trainer", "train", str(cfg))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"checkpoint step_4 is damaged (deepspeed/state/{optim.name} has" in r.stdout
+    assert [m["resumed_from_step"] for m in read_metrics(tmp_path / "run") if m.get("event") == "start"][-1] == 2
+    assert step_losses(tmp_path / "run") == pytest.approx(base, rel=1e-6, abs=0)
