@@ -183,7 +183,7 @@ class Checkpointer:
             try:
                 tmp.mkdir(parents=True)
             except OSError as e:
-                error = self._disk_error(e, final.name)
+                error = self._disk_error(e, final.name) if is_disk_full(e) else f"cannot create {tmp}: {e}"
         if error := agree(error):
             raise SharedError(error)
         try:
@@ -198,20 +198,31 @@ class Checkpointer:
             barrier()
             raise SharedError(error)
         if self.dims.is_main:
-            fsync(write_manifest(tmp))
-            fsync(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            pointer_tmp = self.root / f".{LATEST}.tmp"
-            pointer_tmp.write_text(final.name)
-            fsync(pointer_tmp)
-            os.replace(pointer_tmp, self.root / LATEST)
-            fsync(self.root)
-            for old in complete_checkpoints(self.root)[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        barrier()
+            try:
+                self._publish(tmp, final)
+            except OSError as e:
+                if not is_disk_full(e):
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+                error = self._disk_error(e, final.name)
+        if error := agree(error):
+            raise SharedError(error)
         return final
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        """Rank 0, once every rank's files are on disk: the manifest, the rename, the pointer, then `keep`."""
+        fsync(write_manifest(tmp))
+        fsync(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer_tmp = self.root / f".{LATEST}.tmp"
+        pointer_tmp.write_text(final.name)
+        fsync(pointer_tmp)
+        os.replace(pointer_tmp, self.root / LATEST)
+        fsync(self.root)
+        for old in complete_checkpoints(self.root)[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def _write(self, tmp: Path, engine: Engine, state: dict, tokenizer_path: str | None) -> None:
         """Every rank's files of the checkpoint, each fsynced; errors of one rank's own files reach every rank."""
