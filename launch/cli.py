@@ -30,7 +30,8 @@ import sys
 from pathlib import Path
 from types import FrameType
 
-DEFAULT_GRACE_S = 300
+from launch.args import DEFAULT_GRACE_S, _host_port, _non_negative_int, _positive_int
+
 HANDLED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 LAUNCH_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
@@ -40,30 +41,6 @@ def default_nproc_per_node() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 1
-
-
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return value
-
-
-def _host_port(text: str) -> tuple[str, int]:
-    """argparse type: HOST:PORT (IPv6 hosts in brackets, e.g. [::1]:29500)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (e.g. node001:29500)")
-    return host, int(port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,15 +141,34 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _die_with(parent: int):
+    """A Popen preexec_fn that has Linux SIGKILL the child when `parent` (this launcher) dies, however it dies: the
+    agent runs in a session of its own, so nothing else would stop it (and its ranks) after a `kill -9` of the
+    launcher. If the launcher is already gone when the request takes effect, the child exits at once."""
+
+    from trainer.lifetime import _prctl, set_parent_death_signal
+
+    _prctl()  # look libc up here, not in the forked child
+
+    def preexec() -> None:
+        if set_parent_death_signal(signal.SIGKILL) and os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
 def run_forwarding_signals(cmd: list[str]) -> int:
     """Run torchrun (`cmd`) and return its exit code, passing signals on so a stop is clean.
 
     SIGTERM and SIGUSR1 go straight to the ranks (torchrun's children): they checkpoint at the end of the step and
     exit 0, so torchrun ends with success. (Sent to torchrun, it would stop the ranks too, but exit non-zero with a
     traceback of its own.) Ctrl-C (SIGINT) goes to torchrun, which stops the ranks at once. The child gets its own
-    session so a Ctrl-C in the terminal reaches it once (through us), not twice.
+    session so a Ctrl-C in the terminal reaches it once (through us), not twice, and a parent-death signal so that it
+    does not outlive us (trainer/lifetime.py).
     """
-    child = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, **LAUNCH_ENV})
+    env = {**os.environ, **LAUNCH_ENV}
+    die_with_us = _die_with(os.getpid())  # a preexec_fn is safe here: the launcher runs no other threads
+    child = subprocess.Popen(cmd, start_new_session=True, env=env, preexec_fn=die_with_us)  # noqa: PLW1509
     interrupted = []
 
     def forward(signum: int, _frame: FrameType | None) -> None:

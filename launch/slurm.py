@@ -13,15 +13,73 @@ restart; the batch log is `<log dir>/<job name>-<job id>.out`, each node's
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-from launch.cli import DEFAULT_GRACE_S, _non_negative_int, _positive_int
+from launch.args import DEFAULT_GRACE_S, DEFAULT_SIGNAL_S, _non_negative_int, _positive_int
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
-DEFAULT_SIGNAL_S = 300
+TIME_FORMATS = "minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
+# Slurm's time limit formats (sbatch --time): minutes, minutes:seconds, hours:minutes:seconds, days-hours,
+# days-hours:minutes, days-hours:minutes:seconds
+_TIME = re.compile(
+    r"(?:(?P<days>[0-9]+)-(?P<dh>[0-9]+)(?::(?P<dm>[0-9]+)(?::(?P<ds>[0-9]+))?)?|(?P<a>[0-9]+)(?::(?P<b>[0-9]+)(?::(?P<c>[0-9]+))?)?)"
+)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def time_limit_seconds(text: str) -> int | None:
+    """Seconds in a Slurm time limit (`--time`), None for no limit ("UNLIMITED", "INFINITE", or 0 as Slurm reads
+    it); ValueError for anything that is not one of Slurm's formats."""
+    if text.upper() in ("UNLIMITED", "INFINITE"):
+        return None
+    m = _TIME.fullmatch(text)
+    if m is None:
+        raise ValueError(f"{text!r} is not a Slurm time limit ({TIME_FORMATS})")
+    g = {k: int(v) for k, v in m.groupdict().items() if v is not None}
+    if "days" in g:
+        seconds = ((g["days"] * 24 + g["dh"]) * 60 + g.get("dm", 0)) * 60 + g.get("ds", 0)
+    elif "c" in g:  # hours:minutes:seconds
+        seconds = (g["a"] * 60 + g["b"]) * 60 + g["c"]
+    elif "b" in g:  # minutes:seconds
+        seconds = g["a"] * 60 + g["b"]
+    else:  # minutes
+        seconds = g["a"] * 60
+    return seconds or None  # sbatch: "A time limit of zero requests that no time limit be imposed"
+
+
+def _script_values(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(option, value) for every value given on the command line that `render` writes into the batch script."""
+    values = [(f"--{name}", getattr(args, name)) for name in ("partition", "account", "qos", "time", "constraint")]
+    values += [("--sbatch", v) for v in args.sbatch]
+    values += [("--log-dir", args.log_dir), ("the config path", args.config)]
+    values += [("override", o) for o in args.overrides]
+    return [(option, value) for option, value in values if value is not None]
+
+
+def check(args: argparse.Namespace) -> str | None:
+    """The first problem with what `args` would write into the batch script, in one line; None if there is none."""
+    for option, value in _script_values(args):
+        if _CONTROL.search(value):
+            return (
+                f"{option} {value!r} contains a control character (a newline, tab, ...); it would corrupt the batch "
+                f"script: give it on one line, without control characters"
+            )
+    if args.time is not None:
+        try:
+            limit = time_limit_seconds(args.time)
+        except ValueError:
+            return f"--time {args.time} is not a Slurm time limit ({TIME_FORMATS})"
+        if limit is not None and args.signal_seconds >= limit:
+            return (
+                f"--signal-seconds {args.signal_seconds} is not below the time limit --time {args.time} ({limit} s): "
+                f"the job would be told to stop as soon as it starts; give a smaller --signal-seconds or a longer "
+                f"--time"
+            )
+    return None
 
 
 def add_parser(commands) -> argparse.ArgumentParser:
@@ -71,9 +129,17 @@ def add_parser(commands) -> argparse.ArgumentParser:
 def render(args: argparse.Namespace) -> tuple[str, Path]:
     """The batch script for `args`, and the log directory."""
     from trainer.config import load_config
+    from trainer.errors import UserError
 
     cfg = load_config(args.config, args.overrides)  # a bad config fails here, not in the queue
     run_dir = cfg.run_dir.resolve()
+    for key, value in (("run.name", f"{cfg.run.name}"), ("run.dir", str(run_dir))):
+        if _CONTROL.search(value):
+            what = " (the job name)" if key == "run.name" else " (the log and checkpoint paths)"
+            raise UserError(
+                f"{key} {value!r}{what} contains a control character (a newline, tab, ...); it would corrupt the "
+                f"batch script: give one without control characters"
+            )
     log_dir = Path(args.log_dir).resolve() if args.log_dir else run_dir / "logs"
     lines = [f"#SBATCH --cpus-per-task={args.cpus_per_task}"] if args.cpus_per_task else []
     if args.gpus_per_node:
@@ -107,6 +173,9 @@ def render(args: argparse.Namespace) -> tuple[str, Path]:
 def main(args: argparse.Namespace) -> None:
     from trainer.errors import UserError
 
+    problem = check(args)
+    if problem:
+        args.subparser.error(problem)
     try:
         script, log_dir = render(args)
     except UserError as e:

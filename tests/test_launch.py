@@ -1,11 +1,19 @@
-"""`launch local`: the torchrun command it builds, and its argument checks."""
+"""`launch local` and `launch slurm`: the commands they build, their argument checks, and a job that dies with its
+launcher."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shlex
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
+from conftest import REPO, tiny_config, write_config
 
 from launch.cli import main
 
@@ -119,3 +127,287 @@ def test_slurm_dry_run_renders_the_batch_script(capsys, tmp_path):
     assert "--nproc-per-node 8" in script and '--master "${head_addr:-$head_node}:$port"' in script
     assert f"{cfg} train.steps=5000" in script and "step_5000" in script
     assert "{{" not in script and script.startswith("#!/bin/bash")
+
+
+# --- argument types, and what `launch slurm` refuses to write into a batch script ---
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["local", "--nproc-per-node", "abc", "run.yaml"], "'abc' is not a positive integer"),
+        (["local", "--max-restarts", "x", "run.yaml"], "'x' is not a non-negative integer"),
+        (["slurm", "--nodes", "abc", "run.yaml"], "'abc' is not a positive integer"),
+    ],
+)
+def test_argument_types_are_named_in_words(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in last and "_int" not in last
+
+
+@pytest.mark.parametrize(
+    "text, seconds",
+    [
+        ("90", 5400),
+        ("10:30", 630),
+        ("01:00:00", 3600),
+        ("1-2", 93600),
+        ("1-02:30", 95400),
+        ("1-00:00:00", 86400),
+        ("2-00:00:00", 172800),
+        ("unlimited", None),
+        ("INFINITE", None),
+        ("0", None),
+    ],
+)
+def test_time_limit_seconds(text, seconds):
+    from launch.slurm import time_limit_seconds
+
+    assert time_limit_seconds(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["garbage", "", "1h", "1:2:3:4", "1-2-3", "-5", "1.5", "1-", ":30", "1- 2", "٣"])
+def test_time_limit_seconds_refuses_other_formats(text):
+    from launch.slurm import time_limit_seconds
+
+    with pytest.raises(ValueError, match="not a Slurm time limit"):
+        time_limit_seconds(text)
+
+
+@pytest.fixture
+def slurm_config(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"run: {{name: big, dir: {tmp_path / 'run'}}}\ndata: {{train: [x.txt], tokenizer: t.json}}\n")
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--time", "garbage"], "--time garbage is not a Slurm time limit (minutes, MM:SS, HH:MM:SS, D-HH"),
+        (["--time", "00:01:00"], "--signal-seconds 300 is not below the time limit --time 00:01:00 (60 s)"),
+        (["--time", "5", "--signal-seconds", "300"], "--signal-seconds 300 is not below"),
+        (["--partition", "gpu\n#SBATCH --exclusive"], "--partition 'gpu\\n#SBATCH --exclusive' contains a control"),
+        (["--account", "a\rb"], "--account"),
+        (["--qos", "q\x7f"], "--qos"),
+        (["--constraint", "a\tb"], "--constraint"),
+        (["--time", "1:00\n"], "--time"),
+        (["--sbatch=--exclusive", "--sbatch=--mem=0\n#SBATCH --x"], "--sbatch"),
+        (["--log-dir", "logs\x00"], "--log-dir"),
+    ],
+)
+def test_slurm_refuses_what_would_corrupt_the_script(capsys, slurm_config, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["slurm", *args, "--dry-run", "--", str(slurm_config)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("launch slurm: error:") and err[0].startswith("usage:")  # usage, then one line
+
+
+def test_slurm_refuses_control_characters_in_overrides_config_path_run_name_and_dir(capsys, tmp_path, slurm_config):
+    def refused(*argv: str) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["slurm", "--dry-run", "--", *argv])
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    assert "override 'train.steps=5\\x1b' contains a control character" in refused(
+        str(slurm_config), "train.steps=5\x1b"
+    )
+    odd = tmp_path / "a\nb.yaml"
+    odd.write_text(slurm_config.read_text())
+    assert "the config path" in refused(str(odd))
+    named = tmp_path / "named.yaml"
+    named.write_text(slurm_config.read_text().replace("name: big", 'name: "big\\nx"'))
+    assert "run.name 'big\\nx' (the job name) contains a control character" in refused(str(named))
+    moved = tmp_path / "moved.yaml"
+    moved.write_text(slurm_config.read_text().replace("dir: ", 'dir: "').replace("/run}", '/r\\tun"}'))
+    line = refused(str(moved))
+    assert "run.dir '" in line and "\\tun' (the log and checkpoint paths) contains a control character" in line
+
+
+def test_slurm_accepts_a_signal_inside_the_time_limit(capsys, slurm_config):
+    main(["slurm", "--time", "10", "--signal-seconds", "120", "--dry-run", "--", str(slurm_config)])
+    script = capsys.readouterr().out.splitlines()
+    assert "#SBATCH --time=10" in script and "#SBATCH --signal=B:USR1@120" in script
+    main(["slurm", "--time", "UNLIMITED", "--dry-run", "--", str(slurm_config)])
+    assert "#SBATCH --time=UNLIMITED" in capsys.readouterr().out.splitlines()
+
+
+def test_slurm_does_not_import_launch_cli():
+    import ast
+    from pathlib import Path
+
+    import launch.slurm
+
+    tree = ast.parse(Path(launch.slurm.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "launch.cli" not in imported and "launch.args" in imported
+
+
+# --- the job dies with its launcher (Linux parent-death signals: launch/cli.py, trainer/lifetime.py) ---
+
+
+def _proc_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state letter) of every process (Linux /proc)."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        table[int(stat.parent.name)] = (int(fields[1]), fields[0])
+    return table
+
+
+def _descendants(root: int) -> set[int]:
+    table = _proc_table()
+    found, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, _) in table.items():
+            if ppid == parent and pid not in found:
+                found.add(pid)
+                frontier.append(pid)
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    """Those of `pids` still running (a zombie counts as gone)."""
+    table = _proc_table()
+    return {pid for pid in pids if pid in table and table[pid][1] != "Z"}
+
+
+@pytest.fixture
+def running_job(tmp_path, corpus, gpt_tok):
+    """`launch local --nproc-per-node 2` training a tiny model for good: (launcher Popen, agent pid, every pid of
+    the job) once the ranks have logged a step. Whatever is left at the end is killed."""
+    run_dir = tmp_path / "run"
+    cfg = tiny_config(run_dir, corpus, gpt_tok, **{"train.steps": 100000, "checkpoint.every": 0})
+    path = write_config(cfg, tmp_path / "c.yaml")
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "launch", "local", "--nproc-per-node", "2", "--", str(path)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    pids: set[int] = {launcher.pid}
+    try:
+        deadline = time.monotonic() + 120
+        metrics = run_dir / "metrics.jsonl"
+        while not (metrics.is_file() and '"step"' in metrics.read_text()):
+            assert launcher.poll() is None, f"launch local ended early: {launcher.stderr.read().decode()[-2000:]}"
+            assert time.monotonic() < deadline, "no training step logged within 120 s"
+            time.sleep(0.2)
+        pids = _descendants(launcher.pid)
+        table = _proc_table()
+        agents = [pid for pid in pids if table.get(pid, (0,))[0] == launcher.pid]
+        assert len(agents) == 1, agents
+        ranks = [pid for pid in pids if table.get(pid, (0,))[0] == agents[0]]
+        assert len(ranks) == 2, f"expected 2 ranks under the agent, found {ranks}"
+        yield launcher, agents[0], pids
+    finally:
+        for pid in _alive(pids):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        launcher.wait(10)
+        launcher.stderr.close()
+
+
+def _all_gone(pids: set[int], within: float = 10.0) -> set[int]:
+    """The pids still running after `within` seconds."""
+    deadline = time.monotonic() + within
+    while _alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return _alive(pids)
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signals are Linux's")
+
+
+@linux_only
+def test_kill_9_of_the_launcher_ends_the_whole_job(running_job):
+    launcher, _agent, pids = running_job
+    os.kill(launcher.pid, signal.SIGKILL)
+    launcher.wait(10)
+    left = _all_gone(pids)
+    assert not left, f"still running 10 s after kill -9 of the launcher: {sorted(left)} of {sorted(pids)}"
+
+
+@linux_only
+def test_kill_9_of_the_agent_ends_the_whole_job(running_job):
+    _launcher, agent, pids = running_job
+    os.kill(agent, signal.SIGKILL)
+    left = _all_gone(pids)
+    assert not left, f"still running 10 s after kill -9 of the agent: {sorted(left)} of {sorted(pids)}"
+
+
+def _run_python(code: str, env: dict) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if k not in ("TORCHELASTIC_RUN_ID", "LAUNCH_AGENT_PID")}
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        cwd=REPO,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+FOLLOW_THEN_REPORT = (
+    "import ctypes, sys; from trainer.lifetime import follow_parent; follow_parent(); "
+    "sig = ctypes.c_int(); ctypes.CDLL(None).prctl(2, ctypes.byref(sig), 0, 0, 0); "  # 2 = PR_GET_PDEATHSIG
+    "print(sig.value, 'torch' in sys.modules)"
+)
+
+
+@linux_only
+def test_follow_parent_asks_for_sigkill_under_an_agent_only():
+    under_agent = _run_python(FOLLOW_THEN_REPORT, {"TORCHELASTIC_RUN_ID": "x", "LAUNCH_AGENT_PID": str(os.getpid())})
+    assert under_agent.returncode == 0, under_agent.stderr
+    assert under_agent.stdout.split() == [str(int(signal.SIGKILL)), "False"]  # and no torch import
+    alone = _run_python(FOLLOW_THEN_REPORT, {})
+    assert alone.returncode == 0 and alone.stdout.split() == ["0", "False"]
+
+
+@linux_only
+def test_follow_parent_exits_at_once_when_the_agent_is_already_gone():
+    r = _run_python(FOLLOW_THEN_REPORT, {"LAUNCH_AGENT_PID": "1"})  # not our parent: the agent died first
+    assert r.returncode == 1 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "agent (pid 1)" in lines[0] and "gone" in lines[0]
+
+
+def test_agent_tells_the_ranks_its_pid(monkeypatch):
+    import launch.torchrun
+
+    seen = {}
+    monkeypatch.delenv("LAUNCH_AGENT_PID", raising=False)
+    monkeypatch.setattr(launch.torchrun, "run", lambda args: seen.update(pid=os.environ.get("LAUNCH_AGENT_PID")))
+    launch.torchrun.main(["--nproc-per-node", "1", "--standalone", "-m", "trainer", "train", "x.yaml"])
+    assert seen["pid"] == str(os.getpid())
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGUSR1, 138), (signal.SIGINT, 130)])
+def test_agent_says_what_it_did_with_a_signal(monkeypatch, capsys, sig, code):
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    import launch.torchrun
+
+    def signalled(args):
+        raise SignalException(f"got {sig}", sigval=sig)
+
+    monkeypatch.setattr(launch.torchrun, "run", signalled)
+    with pytest.raises(SystemExit) as exit_info:
+        launch.torchrun.main(["--shutdown-timeout", "77", "--standalone", "-m", "trainer", "train", "x.yaml"])
+    assert exit_info.value.code == code
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    assert f"got {sig.name} and passed {sig.name} to the ranks" in lines[0] and "77 s" in lines[0]
+    assert "resumes from the latest complete checkpoint" in lines[0]

@@ -206,8 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     args.stop = None
-    if args.command == "train":  # SIGTERM/SIGUSR1 are remembered from here on (the loop stops at a step boundary)
-        args.stop = _early_stop_signal()
+    if args.command == "train":
+        from trainer.lifetime import follow_parent
+
+        follow_parent()  # under a torchrun agent: die with it, never train on as an orphan
+        args.stop = _early_stop_signal()  # SIGTERM/SIGUSR1 are remembered from here on (stop at a step boundary)
     try:
         args.func(args)
     except UserError as e:
