@@ -23,7 +23,11 @@ import torch
 import yaml
 from conftest import run_cli
 
+import trainer.data.sources as sources_module
+import trainer.data.stream as stream_module
 import trainer.data.streams as streams_module
+from trainer.cli import main
+from trainer.config import load_config
 from trainer.data import build_stream, merge_states, parse_sources, prepare, resolve_files
 from trainer.data.shards import TokenShards
 from trainer.errors import UserError
@@ -445,8 +449,9 @@ def test_bad_json_lines_skipped_or_fatal(env, tmp_path, capfd):
     bad.write_text("\n".join(lines) + "\n")
     expected = take(stream(env, files="tiny.txt"), 10)  # several passes
     assert_same_batches(expected, take(stream(env, files=str(bad)), 10))
-    err = capfd.readouterr().err
-    assert err.count("skipped 3 invalid JSON line(s)") == 1 and str(bad) in err  # once, not once per pass
+    err = capfd.readouterr().err  # once, not once per pass; valid JSON without the field is not "invalid JSON"
+    assert err.count(f"warning: {bad}: skipped 2 lines without a string 'text' field") == 1, err
+    assert err.count(f"{bad}:") == 1 and "and 1 line of invalid JSON (data.text_field=text, " in err, err
     for workers in (0, 2):
         s = stream(env, files=str(bad), bad_lines="error", num_workers=workers)
         with pytest.raises(UserError) as exc:
@@ -454,6 +459,94 @@ def test_bad_json_lines_skipped_or_fatal(env, tmp_path, capfd):
         assert str(exc.value).startswith(f"{bad}:3: invalid JSON line") and "\n" not in str(exc.value)
     with pytest.raises(UserError, match="closed"):
         next(s)  # the failed stream stopped its workers and stays stopped
+
+
+def test_lines_without_text_are_summarised_once_per_file(env, tmp_path, capfd):
+    """Lines without a string text field (and lines that are not JSON) are skipped; each file read says so in one
+    line with its counts, however many units it is cut into and however many passes are read."""
+    good = [json.dumps({"text": p}) for p in env["paragraphs"]]
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "clean").mkdir()
+    lines_a, lines_b = [], []
+    for i, line in enumerate(good):  # a: 25 lines without text, spread over the whole file, and 3 not JSON
+        lines_a.append(line)
+        if i < 25:
+            lines_a.append(json.dumps({"body": "no text here", "n": i}))
+        if i in (3, 17, 30):
+            lines_a.append('{"text": "cut off')
+    for i, line in enumerate(good[:20]):  # b: 7 lines that are JSON, but no string text (null, a number, a list)
+        lines_b.append(line)
+        if i < 7:
+            lines_b.append([json.dumps({"text": None}), json.dumps({"text": 3}), "[1, 2]"][i % 3])
+    bad_a, bad_b = tmp_path / "bad" / "a.jsonl", tmp_path / "bad" / "b.jsonl"
+    bad_a.write_text("\n".join(lines_a) + "\n")
+    bad_b.write_text("\n".join(lines_b) + "\n")
+    (tmp_path / "clean" / "a.jsonl").write_text("\n".join(good) + "\n")
+    (tmp_path / "clean" / "b.jsonl").write_text("\n".join(good[:20]) + "\n")
+    files = {kind: [str(tmp_path / kind / "a.jsonl"), str(tmp_path / kind / "b.jsonl")] for kind in ("bad", "clean")}
+    expected = take(stream(env, files=files["clean"]), 60)  # several passes
+    capfd.readouterr()
+    for workers in (0, 1):  # in this process, and in a DataLoader worker
+        got = stream(env, files=files["bad"], num_workers=workers)
+        assert len(got.plans[0].units) > 2  # the file is read unit by unit
+        assert_same_batches(expected, take(got, 60))
+        got.close()
+        err = capfd.readouterr().err
+        summaries = [line for line in err.splitlines() if str(tmp_path / "bad") in line]
+        settings = "(data.text_field=text, data.bad_lines=skip)"
+        assert sorted(summaries) == [
+            f"warning: {bad_a}: skipped 25 lines without a string 'text' field and 3 lines of invalid JSON {settings}",
+            f"warning: {bad_b}: skipped 7 lines without a string 'text' field {settings}",
+        ], err
+        sources_module._REPORTED.clear()  # the next run's process reports again
+    with pytest.raises(UserError, match=rf"^{bad_b}:2: line has no string 'text' field \(data.text_field=text\)"):
+        take(stream(env, files=[str(bad_b)], bad_lines="error"), 1)
+
+
+def test_valid_set_errors_name_data_valid(env, tmp_path):
+    """A text file as data.valid under data.format=jsonl has no JSON documents: the error names data.valid."""
+    from trainer.train import build_data_stream, data_sources
+
+    cfg = load_config(
+        None,
+        [
+            f"data.train=[{env['root'] / 'corpus.jsonl'}]",
+            f"data.valid=[{env['root'] / 'tiny.txt'}]",
+            "data.format=jsonl",
+            f"data.tokenizer={env['tok']['gpt']}",
+            f"data.seq_len={SEQ['gpt']}",
+        ],
+    )
+    train, valid = data_sources(cfg)
+    assert [s.name for s in train] == ["train"] and [s.name for s in valid] == ["valid"]
+    s = build_data_stream(cfg, _OneRank(), valid, training=False, micro_batch=1)
+    with pytest.raises(UserError) as exc:
+        next(s)
+    message = str(exc.value)
+    assert message.startswith(f"data.valid ({env['root'] / 'tiny.txt'}) has no documents"), message
+    assert "train" not in message
+
+
+class _OneRank:
+    dp_rank, dp = 0, 1
+
+
+def test_trainer_data_shows_progress_while_reaching_the_range(env, tmp_path, capfd, monkeypatch):
+    """Reading through the samples before --range A:B can take long: stderr says how far it is (every
+    SKIP_PROGRESS_S), stdout holds only the JSON lines."""
+    path = tmp_path / "cfg.yaml"
+    data = {"train": [str(env["root"] / "corpus.txt")], "tokenizer": env["tok"]["gpt"], "seq_len": SEQ["gpt"]}
+    path.write_text(yaml.safe_dump({"data": {**data, "streams": 4, "shuffle_block": 4, "num_workers": 0}}))
+    main(["data", str(path), "--range", "300:303"])  # fast: no progress lines
+    out, err = capfd.readouterr()
+    assert [json.loads(line)["index"] for line in out.splitlines()] == [300, 301, 302] and err == ""
+    monkeypatch.setattr(stream_module, "SKIP_PROGRESS_S", 0.0)  # "slow": a line at every sample
+    main(["data", str(path), "--range", "300:303"])
+    out, err = capfd.readouterr()
+    assert [json.loads(line)["index"] for line in out.splitlines()] == [300, 301, 302]
+    progress = err.splitlines()
+    assert len(progress) == 300 and all(line.startswith("data: reaching sample 300 ") for line in progress), err
+    assert "1 of 300 read" in progress[0] and "300 of 300 read (100.0%)" in progress[-1]
 
 
 def test_input_errors(env, tmp_path):
@@ -585,3 +678,26 @@ def test_workers_pace_their_read_ahead_and_stop_waiting_when_closed(env):
     gc.collect()
     worker.join(timeout=10)
     assert not worker.is_alive() and time.monotonic() - began < 3
+
+
+def test_skipped_lines_are_reported_by_whichever_worker_reads_them(env, tmp_path, capfd):
+    """Each DataLoader worker reads only its own streams' units: a file read by worker 1 alone is reported too."""
+    good = [json.dumps({"text": p}) for p in env["paragraphs"][:6]]
+    clean_a, clean_b, bad_b = tmp_path / "a.jsonl", tmp_path / "clean" / "b.jsonl", tmp_path / "b.jsonl"
+    clean_b.parent.mkdir()
+    clean_a.write_text("\n".join(good[:3]) + "\n")
+    clean_b.write_text("\n".join(good[3:]) + "\n")
+    bad_b.write_text("\n".join(good[3:4] + ['{"body": 1}', "{cut", *good[4:]]) + "\n")
+    assert all(p.stat().st_size <= 1024 for p in (clean_a, bad_b))  # one unit each (MIN_UNIT_BYTES)
+    kw = {"streams": 2, "shuffle": False}  # stream 0 reads a.jsonl only, stream 1 b.jsonl only
+    expected = take(stream(env, files=[str(clean_a), str(clean_b)], **kw), 8)
+    capfd.readouterr()
+    got = stream(env, files=[str(clean_a), str(bad_b)], num_workers=2, **kw)  # worker w builds stream w
+    assert [Path(u.file).name for u in got.plans[0].units] == ["a.jsonl", "b.jsonl"]
+    assert_same_batches(expected, take(got, 8))
+    got.close()
+    summaries = [line for line in capfd.readouterr().err.splitlines() if "skipped" in line]
+    settings = "(data.text_field=text, data.bad_lines=skip)"
+    assert summaries == [
+        f"warning: {bad_b}: skipped 1 line without a string 'text' field and 1 line of invalid JSON {settings}"
+    ]

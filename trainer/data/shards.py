@@ -81,7 +81,7 @@ def prepare(
     """
     if not source.raw:
         raise UserError(
-            f"source {source.name} ({source.describe()}) is already prepared token shards; "
+            f"{source.label()} is already prepared token shards; "
             "give `trainer prepare` the raw text/jsonl/parquet files or dataset"
         )
     check_read_args(source.fmt, source.text_field, bad_lines)
@@ -120,7 +120,7 @@ def prepare(
         inputs = [e for e in entries if e is not None]
         n_content = sum(e["n_tokens"] - e["n_docs"] for e in inputs)
         if n_content == 0:
-            raise UserError(f"source {source.name} ({source.describe()}) has no tokens; check the files and text field")
+            raise UserError(f"{source.label()} has no tokens; check the files and text field")
         meta = {
             "version": META_VERSION,
             "dtype": _dtype_for(info.vocab_size).name,

@@ -47,8 +47,9 @@ _PARAGRAPH_BREAK = re.compile(rb"\n(?:\r?\n)+")  # one or more empty lines
 # load_dataset() of a packaged builder otherwise sends a "download count" HEAD request to the Hub on every call
 datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
 
-# Files whose bad-line count was already reported by this process, so the warning appears once, not every pass.
-_WARNED: set[str] = set()
+# jsonl files whose skipped lines this process has reported: one summary line per file and process (see
+# _report_skipped), not one per unit read or per pass.
+_REPORTED: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class Source:
     subset: str | None = None  # its configuration name
     split: str = "train"
     options: dict = field(default_factory=dict, compare=False)
+    key: str = field(default="", compare=False)  # the config key it came from: data.train, data.valid, data.train.NAME
 
     @property
     def raw(self) -> bool:
@@ -72,6 +74,10 @@ class Source:
 
     def describe(self) -> str:
         return self.dataset if self.fmt == "dataset" else ", ".join(self.paths)
+
+    def label(self) -> str:
+        """How messages name the source: its config key (else its name) and inputs, e.g. "data.valid (valid.txt)"."""
+        return f"{self.key or f'source {self.name}'} ({self.describe()})"
 
 
 @dataclass(frozen=True)
@@ -162,10 +168,11 @@ SOURCE_KEYS = ("path", "dataset", "name", "split", "weight", "format", "text_fie
 def parse_sources(
     train: list[str] | dict, fmt: str = "auto", text_field: str = "text", key: str = "data.train"
 ) -> list[Source]:
-    """The sources of `data.train`: a list of paths (one source, named "train") or {name: {path|dataset, weight,
-    format, text_field, ...}}; sorted by name, so the mixture does not depend on the order they are listed in."""
+    """The sources of `data.train` (or `data.valid`: `key`): a list of paths (one source, named after the key:
+    "train", "valid") or {name: {path|dataset, weight, format, text_field, ...}}; sorted by name, so the mixture does
+    not depend on the order they are listed in."""
     if isinstance(train, (list, tuple, str)):
-        return [_make_source("train", {"path": train}, fmt, text_field, key)]
+        return [_make_source(key.rsplit(".", 1)[-1], {"path": train}, fmt, text_field, key)]
     if not isinstance(train, dict) or not train:
         raise UserError(f"{key} must be a list of paths or a mapping of named sources, got {train!r}")
     sources = []
@@ -205,12 +212,13 @@ def _make_source(name: str, spec: dict, fmt: str, text_field: str, key: str) -> 
             spec["dataset"],
             spec.get("name"),
             str(spec.get("split", "train")),
+            key=key,
         )
     paths = resolve_files(spec["path"])
     fmt = detect_format(paths, fmt)
     if fmt in ("tokens", "saved") and len(paths) != 1:
         raise UserError(f"{key}: format {fmt} takes one directory, got {len(paths)} paths; make each its own source")
-    return Source(name, fmt, tuple(paths), field_, float(weight))
+    return Source(name, fmt, tuple(paths), field_, float(weight), key=key)
 
 
 def check_read_args(fmt: str, text_field: str, bad_lines: str) -> None:
@@ -266,7 +274,7 @@ def plan_units(source: Source, streams: int) -> list[Unit]:
     if source.fmt == "dataset":
         n = _streamed_dataset(source).num_shards
         return [Unit(source.dataset, i, n) for i in range(n)]
-    raise UserError(f"source {source.name} ({source.fmt}) has no raw documents to cut into units")
+    raise UserError(f"{source.label()} ({source.fmt}) has no raw documents to cut into units")
 
 
 def _cut(path: str, start: int, stop: int, piece: int) -> list[Unit]:
@@ -310,7 +318,7 @@ def read_unit(
                     yield from _rows(texts[max(0, first - row) :], max(row, first))
                 row += len(texts)
         else:
-            raise UserError(f"source {source.name} ({source.fmt}) has no raw documents")
+            raise UserError(f"{source.label()} ({source.fmt}) has no raw documents")
     except UserError:
         raise
     except (OSError, ValueError, KeyError, datasets.exceptions.DatasetGenerationError) as exc:
@@ -379,8 +387,8 @@ def _text_documents(unit: Unit, resume_at: int | None) -> Iterator[tuple[int, st
 def _jsonl_documents(
     unit: Unit, text_field: str, bad_lines: str, warn: bool, resume_at: int | None
 ) -> Iterator[tuple[int, str]]:
-    """The `text_field` of each JSON line starting in [unit.start, unit.stop)."""
-    bad = 0
+    """The `text_field` of each JSON line starting in [unit.start, unit.stop). Lines that are not JSON, or JSON
+    without a string `text_field`, are errors (bad_lines=error) or skipped and summarised once per file (warn)."""
     with open(unit.file, "rb") as f:
         if resume_at is not None:
             f.seek(resume_at)
@@ -394,24 +402,66 @@ def _jsonl_documents(
             if not line.strip():
                 continue  # blank lines (e.g. a trailing newline) are not records
             try:
-                text = json.loads(line)[text_field]
-                if not isinstance(text, str):
-                    raise TypeError(f"{text_field!r} is {type(text).__name__}, not a string")
-            except (ValueError, KeyError, TypeError, IndexError) as exc:
+                text = _line_text(line, text_field)
+            except ValueError as exc:
                 if bad_lines == "error":
-                    reason = f"no {text_field!r} field" if isinstance(exc, KeyError) else type(exc).__name__
                     raise UserError(
-                        f"{unit.file}:{_line_number(unit.file, pos)}: invalid JSON line ({reason}); fix the line or "
-                        "set data.bad_lines=skip"
+                        f"{unit.file}:{_line_number(unit.file, pos)}: invalid JSON line ({_first_line(exc)}); "
+                        "fix the line or set data.bad_lines=skip"
                     ) from None
-                bad += 1
+                text = None
+            else:
+                if text is None and bad_lines == "error":
+                    raise UserError(
+                        f"{unit.file}:{_line_number(unit.file, pos)}: line has no string {text_field!r} field "
+                        f"(data.text_field={text_field}); fix the line or set data.bad_lines=skip"
+                    )
+            if text is None:
+                if warn and unit.file not in _REPORTED:
+                    _REPORTED.add(unit.file)
+                    _report_skipped(unit.file, text_field)
                 continue
             if text := text.strip():
                 yield pos, text
-    key = f"{unit.file}:{unit.start}"
-    if bad and warn and key not in _WARNED:
-        _WARNED.add(key)
-        print(f"warning: skipped {bad} invalid JSON line(s) in {unit.file} (no {text_field!r} string)", file=sys.stderr)
+
+
+def _line_text(line: bytes, text_field: str) -> str | None:
+    """The text of one jsonl line; None when it is JSON but has no string `text_field`; ValueError if not JSON."""
+    record = json.loads(line)
+    text = record.get(text_field) if isinstance(record, dict) else None
+    return text if isinstance(text, str) else None
+
+
+def _report_skipped(path: str, text_field: str) -> None:
+    """One stderr line for the lines of `path` that are skipped: how many lack a string `text_field` and how many are
+    not JSON. A process reads only some units of a file, in any order, and never knows it has read its last one; so
+    when it meets the file's first bad line it counts them over the whole file (one extra read of that file, once per
+    process), and the summary is exact and printed once."""
+    missing = invalid = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    missing += _line_text(line, text_field) is None
+                except ValueError:
+                    invalid += 1
+    parts, settings = [], []
+    if missing:
+        parts.append(f"{_lines(missing)} without a string {text_field!r} field")
+        settings.append(f"data.text_field={text_field}")
+    if invalid:
+        parts.append(f"{_lines(invalid)} of invalid JSON")
+    settings.append("data.bad_lines=skip")
+    print(f"warning: {path}: skipped {' and '.join(parts)} ({', '.join(settings)})", file=sys.stderr, flush=True)
+
+
+def _lines(n: int) -> str:
+    return f"{n} line" if n == 1 else f"{n} lines"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _line_number(path: str, pos: int) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,7 @@ from trainer.errors import UserError
 from trainer.tokenizer import load_tokenizer
 
 STATE_VERSION = 2
+SKIP_PROGRESS_S = 5.0  # reading through the samples before start_sample: a progress line on stderr this often
 FRESH_CURSOR = {"block": 0, "unit": 0, "doc": None, "offset": 0}
 
 
@@ -354,18 +356,44 @@ def build_stream(
         fingerprints=fingerprints,
     )
     if position["skip"]:
-        _skip(stream, position["skip"])
+        _skip(stream, position["skip"], progress=warn)
     return stream
 
 
-def _skip(stream: SampleStream, until: int) -> None:
+def _skip(stream: SampleStream, until: int, progress: bool = True) -> None:
     """Move a fresh stream to global sample `until` without making samples (the schedule runs through; raw
-    streams read their blocks)."""
+    streams read their blocks). Reading through takes time (raw sources tokenize everything before `until`): when it
+    takes longer than SKIP_PROGRESS_S, a line on stderr says how far it is, every SKIP_PROGRESS_S."""
+    started = time.monotonic()
+    report_at = started + SKIP_PROGRESS_S
     while stream.cursor.next_sample < until:
         if stream.cursor.next_sample % stream.dp_size == stream.dp_rank:
             stream._next_sample()
         else:
             stream.cursor.advance()
+        if progress and (now := time.monotonic()) >= report_at:
+            report_at = now + SKIP_PROGRESS_S
+            done = stream.cursor.next_sample
+            rate = done / max(now - started, 1e-9)
+            print(
+                f"data: reaching sample {until:,} by reading through the samples before it: {done:,} of "
+                f"{until:,} read ({100 * done / until:.1f}%), {rate:,.0f} samples/s, about "
+                f"{_duration((until - done) / max(rate, 1e-9))} left; Ctrl-C stops",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+def _duration(seconds: float) -> str:
+    """3 s, 4 min 5 s, 2 h 7 min, 3 d 4 h."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    if s < 86400:
+        return f"{s // 3600} h {s % 3600 // 60} min"
+    return f"{s // 86400} d {s % 86400 // 3600} h"
 
 
 def _position(state: dict | None, start_sample: int, layout: Layout, settings: dict, fingerprints: dict) -> dict:

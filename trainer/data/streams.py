@@ -131,9 +131,10 @@ class StreamReader:
                 empty.add(unit)
                 if len(empty) == len(plan.units):
                     what = " held-out" if plan.holdout and plan.holdout[1] else ""
+                    also = ", data.valid_fraction" if plan.holdout else ""
                     raise UserError(
-                        f"source {plan.source.name} ({plan.source.describe()}) has no{what} documents; check the "
-                        "files, data.text_field and data.format"
+                        f"{plan.source.label()} has no{what} documents; check the files, data.text_field, "
+                        f"data.format{also}"
                     )
             k, resume_at = k + 1, None
 
@@ -255,7 +256,7 @@ class BlockFeed(IterableDataset):
                 continue
             if key not in readers:
                 readers[key] = StreamReader(
-                    self.plans[key[0]], key[1], self.cursors[key], tokenizer=tokenizer, warn=worker == 0, **args
+                    self.plans[key[0]], key[1], self.cursors[key], tokenizer=tokenizer, warn=True, **args
                 )
             reader = readers[key]
             if reader.next_block < index:
