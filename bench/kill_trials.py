@@ -110,7 +110,8 @@ def trial(n: int, ranks: int, work: Path, corpus: Path, tok: Path, ref: dict[int
     ckpts = run_dir / "checkpoints"
     proc = launch(cfg_path, ranks)
     during_write = rng.random() < 0.75
-    delay = rng.uniform(0.0, 0.03) if during_write else rng.uniform(0.0, 1.5)
+    delay = rng.uniform(0.0, 0.03)
+    kill_step = rng.randrange(3, STEPS - 4)  # between steps: once this step is logged
     deadline = time.monotonic() + 120
     first_save = 4 + rng.randrange(0, STEPS - 8, 2)  # kill at a write of a step in [4, STEPS-4)
     hit = False
@@ -118,7 +119,7 @@ def trial(n: int, ranks: int, work: Path, corpus: Path, tok: Path, ref: dict[int
         if during_write and (ckpts / f".tmp_step_{first_save}").exists():
             hit = True
             break
-        if not during_write and (run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= 3:
+        if not during_write and (run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= kill_step:
             hit = True
             break
         time.sleep(0.001)
