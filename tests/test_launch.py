@@ -378,17 +378,22 @@ def test_follow_parent_asks_for_sigkill_under_an_agent_only():
 
 @linux_only
 def test_follow_parent_exits_at_once_when_the_agent_is_already_gone():
-    r = _run_python(FOLLOW_THEN_REPORT, {"LAUNCH_AGENT_PID": "1"})  # not our parent: the agent died first
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer exists: the agent died first
+    r = _run_python(FOLLOW_THEN_REPORT, {"LAUNCH_AGENT_PID": str(dead.pid)})
     assert r.returncode == 1 and r.stdout == ""
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "agent (pid 1)" in lines[0] and "gone" in lines[0]
+    assert len(lines) == 1 and f"agent (pid {dead.pid})" in lines[0] and "gone" in lines[0]
+    # a pid that is alive but not our parent (the variable leaked from an outer process): no exit
+    assert _run_python(FOLLOW_THEN_REPORT, {"LAUNCH_AGENT_PID": "1"}).returncode == 0
 
 
 def test_agent_tells_the_ranks_its_pid(monkeypatch):
     import launch.torchrun
 
     seen = {}
-    monkeypatch.delenv("LAUNCH_AGENT_PID", raising=False)
+    monkeypatch.setenv("LAUNCH_AGENT_PID", "")  # restored (removed) after the test: main() sets it in os.environ
+    monkeypatch.delenv("LAUNCH_AGENT_PID")
     monkeypatch.setattr(launch.torchrun, "run", lambda args: seen.update(pid=os.environ.get("LAUNCH_AGENT_PID")))
     launch.torchrun.main(["--nproc-per-node", "1", "--standalone", "-m", "trainer", "train", "x.yaml"])
     assert seen["pid"] == str(os.getpid())

@@ -56,7 +56,7 @@ def follow_parent() -> None:
         return
     if not set_parent_death_signal(signal.SIGKILL):
         return
-    if agent.isdigit() and os.getppid() != int(agent):
+    if agent.isdigit() and os.getppid() != int(agent) and not os.path.exists(f"/proc/{agent}"):
         print(
             f"error: the torchrun agent (pid {agent}) that started this rank is gone; stopping (run the launch "
             f"command again to resume from the latest complete checkpoint)",
