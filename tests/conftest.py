@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,40 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subproce
         check=False,
         env={**os.environ, **(env or {})},
     )
+
+
+def torchrun(nproc: int, config: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`trainer train CONFIG` on `nproc` real gloo ranks under plain torchrun."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+        + ["-m", "trainer", "train", str(config), *overrides],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def start_trainer(config: Path, *overrides: str) -> subprocess.Popen:
+    """`trainer train CONFIG` in its own process group, which the tests signal as a whole (as Slurm and torchrun do)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "trainer", "train", str(config), *overrides],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until `proc` has logged `step` (failing with its stderr if it ends first)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        if (run_dir / "metrics.jsonl").exists() and max(step_losses(run_dir), default=0) >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached")

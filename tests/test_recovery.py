@@ -9,13 +9,21 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, read_metrics, run_cli, step_losses, tiny_config, write_config
+from conftest import (
+    read_metrics,
+    run_cli,
+    start_trainer,
+    step_losses,
+    tiny_config,
+    torchrun,
+    wait_for_step,
+    write_config,
+)
 
 from trainer.checkpoint import latest_checkpoint, load_model
 from trainer.config import load_config
@@ -198,40 +206,6 @@ def test_resume_with_another_tokenizer_is_refused(tmp_path, corpus, gpt_tok, bas
     assert step_losses(tmp_path / "run") == base_run["losses"]
     saved = json.loads((tmp_path / "run" / "checkpoints" / "step_8" / "state.json").read_text())
     assert len(saved["tokenizer_sha256"]) == 64
-
-
-def torchrun(nproc: int, config: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-        + ["-m", "trainer", "train", str(config), *overrides],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-        check=False,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-
-
-def start_trainer(config: Path, *overrides: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "trainer", "train", str(config), *overrides],
-        cwd=REPO,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-
-
-def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        if (run_dir / "metrics.jsonl").exists() and max(step_losses(run_dir), default=0) >= step:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"step {step} not reached")
 
 
 def test_second_job_on_a_run_directory_is_refused_and_the_first_is_unharmed(tmp_path, corpus, gpt_tok):

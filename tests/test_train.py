@@ -9,14 +9,21 @@ import math
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, read_metrics, run_cli, step_losses, tiny_config, write_config
+from conftest import (
+    read_metrics,
+    run_cli,
+    start_trainer,
+    step_losses,
+    tiny_config,
+    torchrun,
+    wait_for_step,
+    write_config,
+)
 from torch.overrides import TorchFunctionMode
 
 from trainer.checkpoint import latest_checkpoint, load_model
@@ -104,29 +111,6 @@ def test_activation_checkpointing_does_not_change_numerics(tmp_path, corpus, gpt
     assert_same_run(tmp_path / "a", tmp_path / "b")
 
 
-def torchrun(nproc: int, config: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={nproc}",
-            "-m",
-            "trainer",
-            "train",
-            str(config),
-            *overrides,
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=REPO,
-        timeout=timeout,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-
-
 def test_two_rank_ddp_equals_one_process(tmp_path, corpus, bert_tok):
     """BERT: the masked-token count differs per rank, so this also checks the global-batch loss normalisation."""
     base = {"train.steps": 3, "checkpoint.every": 3, "train.eval_every": 3}
@@ -149,28 +133,6 @@ def test_two_rank_ddp_equals_one_process(tmp_path, corpus, bert_tok):
     assert_same_run(tmp_path / "one", tmp_path / "two", rtol=1e-5, weights_atol=1e-4)
     val = [[m["val_loss"] for m in read_metrics(tmp_path / d) if "val_loss" in m] for d in ("one", "two")]
     assert math.isclose(val[0][0], val[1][0], rel_tol=1e-5)
-
-
-def start_trainer(config: Path) -> subprocess.Popen:
-    """`trainer train CONFIG` in its own process group, which the tests signal as a whole (as Slurm and torchrun do)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "trainer", "train", str(config)],
-        cwd=REPO,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-
-
-def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        if (run_dir / "metrics.jsonl").exists() and any(s >= step for s in step_losses(run_dir)):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"step {step} not reached")
 
 
 def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, corpus, gpt_tok):
