@@ -250,7 +250,6 @@ class Checkpointer:
             raise error
         if failed:
             raise OSError(errno.EIO, f"another rank failed to write its files ({failed})")
-        barrier()
 
     def make_room(self, name: str) -> str | None:
         """Rank 0, before a save: None when the disk has room for one more checkpoint of the last one's size (first
@@ -357,10 +356,11 @@ class Checkpointer:
         saved_tok = state.get("tokenizer_sha256")
         if saved_tok is None and (path / "tokenizer.json").is_file():  # written before the hash was saved
             saved_tok = file_sha256(path / "tokenizer.json")
-        if saved_tok is not None and saved_tok != file_sha256(tokenizer_path):
+        now_tok = file_sha256(tokenizer_path)
+        if saved_tok is not None and saved_tok != now_tok:
             raise SharedError(
                 f"data.tokenizer {tokenizer_path} is not the tokenizer checkpoint {path.name} was trained with "
-                f"(sha256 {file_sha256(tokenizer_path)[:12]} vs {saved_tok[:12]}); the saved data position and the "
+                f"(sha256 {now_tok[:12]} vs {saved_tok[:12]}); the saved data position and the "
                 f"embeddings are in that one's tokens: set data.tokenizer={path / 'tokenizer.json'} to resume, or "
                 f"start a fresh run (checkpoint.resume=never or another run.dir)"
             )
