@@ -228,7 +228,8 @@ def test_chunked_head_loss_matches_whole_and_saves_less(arch: str, compiled: boo
     grads_w = dict(whole.named_parameters())
     for name, p in chunked.named_parameters():
         name = name.replace("_checkpoint_wrapped_module.", "")
-        torch.testing.assert_close(p.grad, grads_w[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+        ref = grads_w[name].grad  # bias grads sum 128 tokens: fp32 roundoff scales with the tensor's largest entry
+        torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-6 * max(1.0, ref.abs().max().item()), msg=name)
     if not compiled:  # compiled graphs save what the partitioner chose, not through these hooks
         logits_bytes = b * t * vocab * 4
         assert saved_w - saved_c > 0.9 * logits_bytes, (saved_w, saved_c, logits_bytes)
