@@ -45,8 +45,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from trainer.data import build_stream, parse_sources, prepare
+from trainer.data.logical_streams import StreamReader
 from trainer.data.order import Permutation, derive_key
-from trainer.data.streams import StreamReader
 from trainer.tokenizer import load_tokenizer, train_tokenizer
 
 SHAKESPEARE = REPO / "data" / "shakespeare" / "train.txt"

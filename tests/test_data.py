@@ -23,9 +23,9 @@ import torch
 import yaml
 from conftest import run_cli
 
+import trainer.data.logical_streams as streams_module
+import trainer.data.sample_stream as stream_module
 import trainer.data.sources as sources_module
-import trainer.data.stream as stream_module
-import trainer.data.streams as streams_module
 from trainer.cli import main
 from trainer.config import load_config
 from trainer.data import build_stream, merge_states, parse_sources, prepare, resolve_files

@@ -6,7 +6,7 @@ the ranks of a killed job keep training as orphans (holding the devices, the run
 Linux's parent-death signal (prctl PR_SET_PDEATHSIG) closes that gap, one link at a time: `launch local` asks for
 SIGKILL when the launcher dies in the agent it starts (launch/cli.py), and each rank calls `follow_parent()` at
 start-up to ask for SIGKILL when its agent dies. The ranks' DataLoader workers do the same with their rank
-(trainer/data/streams.py: die_with_parent).
+(trainer/data/workers.py: die_with_parent).
 
 PR_SET_PDEATHSIG fires when the parent *thread* that forked the process exits, not only when the parent process
 does. torchrun's agent starts the ranks from its main thread (torch 2.13: LocalElasticAgent._start_workers ->

@@ -1,8 +1,8 @@
 """Corpus sources, the data order (shuffle, mixture, logical streams), packing into samples, prepared shards."""
 
+from trainer.data.sample_stream import SampleStream, build_stream, merge_states
 from trainer.data.shards import TokenShards, prepare
 from trainer.data.sources import Source, detect_format, parse_sources, resolve_files
-from trainer.data.stream import SampleStream, build_stream, merge_states
 
 __all__ = [
     "SampleStream",

@@ -1,13 +1,13 @@
 """How a content token stream becomes packed GPT samples or masked BERT samples.
 
 Content stream = documents' tokens, each followed by a separator (GPT: <|endoftext|>, BERT: [SEP]): a prepared
-corpus repeated forever, or one logical stream of a raw source (streams.py). Window w of a stream, with seq_len T:
+corpus repeated forever, or one logical stream of a raw source (logical_streams.py). Window w of a stream, with seq_len T:
 
 - GPT:  content[w*T : w*T + T + 1];  input_ids = window[:-1], labels = window[1:].
 - BERT: [CLS] + content[w*(T-2) : (w+1)*(T-2)] + [SEP], with MLM masks drawn from a generator seeded by
   (seed, global sample index), so masks depend on the sample only (never on rank, micro_batch or worker count).
 
-Which window global sample g is, is the order's business (stream.py); every path only supplies windows and the
+Which window global sample g is, is the order's business (sample_stream.py); every path only supplies windows and the
 samples are made here, so the same window gives the same sample whatever its source.
 """
 

@@ -6,7 +6,7 @@ by name (streamed). `data.train` is a list of paths (one source) or a mapping of
 
 A raw source is cut into *units*: text/jsonl files into byte ranges, parquet files into row ranges of a row group,
 saved datasets into row ranges, streamed datasets into their shards. Units are what the logical streams deal out
-(stream.py), so a rank opens only the units of its own streams; a unit is read without reading anything before it.
+(sample_stream.py), so a rank opens only the units of its own streams; a unit is read without reading anything before it.
 
 Documents: text files hold paragraphs separated by blank lines (one or more empty lines; a line of spaces is text);
 jsonl files one JSON object per line with the text under `text_field`; parquet files and datasets a `text_field`

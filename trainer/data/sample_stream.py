@@ -18,12 +18,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from trainer.data.logical_streams import Block, StreamPlan
 from trainer.data.order import Permutation, derive_key
 from trainer.data.packing import SampleSpec
 from trainer.data.schedule import BlockNeeds, Layout, ScheduleCursor
 from trainer.data.shards import TokenShards
 from trainer.data.sources import Source, check_read_args, fingerprint, parse_sources, plan_units
-from trainer.data.streams import Block, BlockFeed, BlockSource, StreamPlan
+from trainer.data.workers import BlockFeed, BlockSource
 from trainer.errors import UserError
 from trainer.tokenizer import load_tokenizer
 
