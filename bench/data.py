@@ -186,7 +186,7 @@ def rank_worker(args: dict, barrier, results) -> None:
     stream = build_stream(
         [args["corpus"]],
         tokenizer_path=args["tok"],
-        arch="gpt",
+        objective="causal",
         seq_len=SEQ,
         seed=0,
         dp_rank=args["rank"],
@@ -250,7 +250,7 @@ def first_batch_seconds(prepared: Path, tok: Path, shuffle: bool) -> float:
     stream = build_stream(
         [str(prepared)],
         tokenizer_path=tok,
-        arch="gpt",
+        objective="causal",
         seq_len=SEQ,
         seed=0,
         dp_rank=0,

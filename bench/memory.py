@@ -41,11 +41,11 @@ from torch.distributed.tensor import DTensor
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from trainer.build import build_model, check_layout, engine_config, resolve_model
 from trainer.config import load_config
 from trainer.engines.deepspeed import import_deepspeed
 from trainer.models import count_params, model_from_config, resolve_model_config
 from trainer.parallel import init_distributed, shutdown_distributed
-from trainer.train import build_model, check_layout, engine_config, resolve_model
 
 MARK = "MEMORY_BENCH_RESULT "  # prefixes the JSON line a worker prints for the parent
 RANKS = 2
@@ -223,7 +223,7 @@ def act_worker(mode: str, size: dict, steps: int) -> None:
             saved[region[0]] += s.nbytes()
         return t
 
-    for block in model.blocks:  # the checkpoint wrappers where blocks are checkpointed
+    for block in model.blocks.values():  # the checkpoint wrappers where blocks are checkpointed
         block.register_forward_pre_hook(lambda *_: region.__setitem__(0, "blocks"))
         block.register_forward_hook(lambda *_: region.__setitem__(0, "outside"))
 

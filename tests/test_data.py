@@ -79,7 +79,7 @@ def env(tmp_path_factory):
 def stream(env, arch="gpt", files="corpus.txt", **kw):
     if isinstance(files, str):
         files = [files if Path(files).is_absolute() else str(env["root"] / files)]
-    args = {"tokenizer_path": env["tok"][arch], "arch": arch, "seq_len": SEQ[arch], "seed": 1234, **TODAY}
+    args = {"tokenizer_path": env["tok"][arch], "objective": arch, "seq_len": SEQ[arch], "seed": 1234, **TODAY}
     args.update({"dp_rank": 0, "dp_size": 1, "micro_batch": 4, "num_workers": 0}, **kw)
     return build_stream(files, **args)
 
@@ -505,7 +505,7 @@ def test_lines_without_text_are_summarised_once_per_file(env, tmp_path, capfd):
 
 def test_valid_set_errors_name_data_valid(env, tmp_path):
     """A text file as data.valid under data.format=jsonl has no JSON documents: the error names data.valid."""
-    from trainer.train import build_data_stream, data_sources
+    from trainer.data.from_config import build_data_stream, data_sources
 
     cfg = load_config(
         None,
@@ -525,6 +525,28 @@ def test_valid_set_errors_name_data_valid(env, tmp_path):
     message = str(exc.value)
     assert message.startswith(f"data.valid ({env['root'] / 'tiny.txt'}) has no documents"), message
     assert "train" not in message
+
+
+def test_format_errors_name_the_key_the_path_and_the_fix(env, tmp_path):
+    """data.format=tokens with prepared train shards beside a raw jsonl valid set (the reported case): the error
+    names data.valid, the file it refused and two fixes. So do the other format refusals."""
+    raw, prepared = str(env["root"] / "corpus.jsonl"), env["tokens"]["gpt"]
+    assert [s.fmt for s in parse_sources([prepared], "tokens")] == ["tokens"]
+    with pytest.raises(UserError) as exc:
+        parse_sources([raw], "tokens", key="data.valid")
+    message = str(exc.value)
+    assert message.startswith("data.valid: data.format=tokens needs a directory written by `trainer prepare`"), message
+    assert f"but {raw!r} is a jsonl file" in message, message
+    assert "set data.format=auto" in message and "set data.valid=[OUT/valid]" in message, message
+
+    text = str(env["root"] / "corpus.txt")
+    with pytest.raises(UserError, match=rf"^data.train.a: data.train.a.format=tokens .* but '{text}' is a text file"):
+        parse_sources({"a": {"path": [text], "format": "tokens"}})
+    with pytest.raises(UserError, match=rf"^data.valid: data.format=jsonl reads raw files, but '{prepared}' is a dir"):
+        parse_sources([prepared], "jsonl", key="data.valid")
+    other = train_tokenizer("bpe", 300, [str(env["root"] / "tiny.txt")], tmp_path / "other")
+    with pytest.raises(UserError, match=rf"^data.train: {prepared} was prepared with another tokenizer"):
+        stream(env, files=prepared, tokenizer_path=str(other))
 
 
 class _OneRank:
@@ -563,7 +585,7 @@ def test_input_errors(env, tmp_path):
     shutil.copytree(env["tokens"]["gpt"], relabelled)
     meta = json.loads((relabelled / "meta.json").read_text())
     (relabelled / "meta.json").write_text(json.dumps({**meta, "arch": "bert"}))
-    with pytest.raises(UserError, match="prepared for arch 'bert', not 'gpt'"):
+    with pytest.raises(UserError, match="prepared for masked samples, not causal ones"):
         stream(env, files=str(relabelled))
     with pytest.raises(UserError, match="no <|endoftext|>"):
         stream(env, tokenizer_path=env["tok"]["bert"])
@@ -617,7 +639,7 @@ def test_a_script_that_never_closes_its_stream_still_exits(env):
     script = (
         "import sys\n"
         "from trainer.data import build_stream\n"
-        "s = build_stream(sys.argv[1:2], tokenizer_path=sys.argv[2], arch='gpt', seq_len=16, seed=0, dp_rank=0, "
+        "s = build_stream(sys.argv[1:2], tokenizer_path=sys.argv[2], objective='causal', seq_len=16, seed=0, dp_rank=0, "
         "dp_size=1, micro_batch=8, num_workers=2, streams=4, block=64)\n"
         "next(s)\n"
     )

@@ -128,7 +128,7 @@ def test_shipped_configs_are_valid(name):
     from trainer.models import resolve_model_config
 
     cfg = load_config(REPO / "configs" / name)
-    dims = {k: v for k, v in vars(cfg.model).items() if k not in ("arch", "preset") and v is not None}
+    dims = {k: v for k, v in cfg.model.dims.items() if v is not None}
     model = resolve_model_config(cfg.model.arch, cfg.model.preset, **{"vocab_size": 2048, **dims})
     assert cfg.data.seq_len <= model.max_seq_len
 

@@ -103,7 +103,7 @@ def test_export_strips_checkpoint_wrapper_prefixes(tmp_path: Path) -> None:
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     model = _perturb(build_model("gpt", "gpt-tiny", vocab_size=64, max_seq_len=16), seed=3)
-    for i, block in enumerate(model.blocks):
+    for i, block in model.blocks.items():
         model.blocks[i] = checkpoint_wrapper(block)
     out = export_hf(model, tmp_path)
     hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()

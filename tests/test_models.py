@@ -7,7 +7,17 @@ import torch
 import transformers
 
 from trainer.errors import UserError
-from trainer.models import PRESETS, ModelConfig, build_model, count_params, model_from_config, resolve_model_config
+from trainer.models import (
+    all_presets,
+    build_model,
+    config_from_dict,
+    count_params,
+    model_from_config,
+    resolve_model_config,
+)
+from trainer.models.bert.config import BERTConfig
+
+PRESETS = all_presets()
 
 
 def _meta_count(arch: str, preset: str, **dims: object) -> int:
@@ -140,7 +150,11 @@ def test_preset_of_other_arch_and_bad_dims_are_user_errors() -> None:
     with pytest.raises(UserError, match="n_laye"):
         resolve_model_config("gpt", "gpt-tiny", n_laye=3)
     with pytest.raises(UserError, match="model.arch"):
+        resolve_model_config("mamba", "gpt-tiny")
+    with pytest.raises(UserError, match="gpt preset"):
         resolve_model_config("llama", "gpt-tiny")
+    with pytest.raises(UserError, match="not a gpt setting"):
+        resolve_model_config("gpt", "gpt-tiny", type_vocab_size=3)
     with pytest.raises(UserError, match="not set"):
         resolve_model_config("gpt", None, n_layer=2)
 
@@ -149,10 +163,10 @@ def test_overrides_and_defaults() -> None:
     cfg = resolve_model_config("gpt", "gpt2-small", n_layer=2, d_model=128, n_head=4, vocab_size=None)
     assert (cfg.n_layer, cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.max_seq_len) == (2, 128, 512, 50257, 1024)
     assert cfg.layer_norm_eps == 1e-5
-    bert = ModelConfig("bert", 1, 1, 8, 10, 4)
+    bert = BERTConfig(1, 1, 8, 10, 4)
     assert bert.d_ff == 32 and bert.layer_norm_eps == 1e-12
     assert isinstance(model_from_config(bert), torch.nn.Module)
-    assert ModelConfig(**bert.to_dict()) == bert
+    assert config_from_dict(bert.to_dict()) == bert
 
 
 @pytest.mark.parametrize("arch", ["gpt", "bert"])
@@ -174,7 +188,7 @@ def test_blocks_work_under_checkpoint_wrapper(arch: str) -> None:
     model = build_model(arch, f"{arch}-tiny", vocab_size=64, max_seq_len=16)
     wrapped = build_model(arch, f"{arch}-tiny", vocab_size=64, max_seq_len=16)
     wrapped.load_state_dict(model.state_dict())
-    for i, block in enumerate(wrapped.blocks):
+    for i, block in wrapped.blocks.items():
         wrapped.blocks[i] = checkpoint_wrapper(block)
     ids = torch.randint(0, 64, (2, 8))
     kwargs = {"attention_mask": torch.ones_like(ids)} if arch == "bert" else {}

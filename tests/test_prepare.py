@@ -171,7 +171,7 @@ def test_refusals(tmp_path, corpus, paragraphs, gpt_tok, bert_tok, info):
         prepare(source, other, "gpt", out)
     with pytest.raises(UserError, match="choose another --out"):
         prepare(source, bert_tok, "bert", out)
-    with pytest.raises(UserError, match="arch 'gpt', not 'bert'"):
+    with pytest.raises(UserError, match="prepared for causal samples, not masked ones"):
         TokenShards(out, info, "bert")
 
     meta = json.loads((out / "meta.json").read_text())

@@ -465,7 +465,7 @@ def test_data_workers_start_before_the_model_and_stop_when_the_start_fails(tmp_p
     before the model's memory exists); when building fails after they started, they are stopped with the error."""
     import multiprocessing
 
-    import trainer.train as train_module
+    import trainer.build as train_module
 
     def new_children() -> set[int]:  # other tests in this process may have left children of their own
         return {c.pid for c in multiprocessing.active_children()} - before

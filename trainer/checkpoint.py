@@ -342,7 +342,7 @@ class Checkpointer:
         """The checkpoint's state, once it is known that this run can continue it (same model shape, same
         tokenizer, an engine that reads its payload); raised before anything is built or written."""
         state = read_state(path)
-        if state.get("model_config") != model_config:
+        if not same_model(state.get("model_config", {}), model_config):
             saved, now = state.get("model_config", {}), model_config
             diff = ", ".join(
                 f"{k}: {saved.get(k)} -> {now.get(k)}"
@@ -376,6 +376,17 @@ class Checkpointer:
         return torch.load(rng_file, weights_only=False) if rng_file.is_file() else None
 
 
+def same_model(saved: dict, now: dict) -> bool:
+    """Whether a checkpoint's `model_config` describes the model `now` (keys older versions saved and the family
+    dropped, with the value they always held, do not count)."""
+    from trainer.models import config_from_dict
+
+    try:
+        return config_from_dict(saved).to_dict() == now
+    except (UserError, TypeError):
+        return False
+
+
 def read_state(path: Path) -> dict:
     return json.loads((path / STATE_FILE).read_text())
 
@@ -384,10 +395,10 @@ def load_model(checkpoint_dir: str | Path) -> nn.Module:
     """The trained model from a checkpoint, consolidated on CPU, in eval mode."""
     from trainer.engines.deepspeed import PAYLOAD_DIR as DS_PAYLOAD_DIR
     from trainer.engines.deepspeed import consolidate as consolidate_deepspeed
-    from trainer.models import ModelConfig, model_from_config
+    from trainer.models import config_from_dict, model_from_config
 
     path = resolve_checkpoint_dir(checkpoint_dir)  # verified: a damaged checkpoint is one line, not a traceback
-    model = model_from_config(ModelConfig(**read_state(path)["model_config"]))
+    model = model_from_config(config_from_dict(read_state(path)["model_config"]))
     if (path / DS_PAYLOAD_DIR).is_dir():  # DeepSpeed's zero_to_fp32 gathers any ZeRO stage's partitions
         model.load_state_dict(consolidate_deepspeed(path))
     else:  # DCP reads the shards of any layout (ddp, fsdp, tp, any world size) into this one whole CPU model

@@ -44,12 +44,16 @@ def print_summary(run_dir: Path) -> None:
         return
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    model = cfg["model"]["preset"] or f"{cfg['model']['n_layer']} layers x {cfg['model']['d_model']}"
+    m = cfg["model"]
+    if m.get("init_from"):
+        model = f"from {m['init_from']}"
+    else:
+        model = m.get("preset") or f"{m.get('n_layer', '?')} layers x {m.get('d_model', '?')}"
     train = cfg["data"]["train"]
     corpus = ", ".join(train) if isinstance(train, list) else "a mixture of " + ", ".join(train)
     lines = [
         (
-            f"\nTrained a {cfg['model']['arch'].upper()} ({model}) for {s['final_step']} steps on "
+            f"\nTrained a {m['arch']} model ({model}) for {s['final_step']} steps on "
             f"{s['tokens'] or 0:,} tokens of {corpus}; last train loss {s['last_loss'] or float('nan'):.4f}"
         )
     ]
@@ -84,6 +88,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     from trainer.config import load_config
     from trainer.data.shards import prepare, read_meta
     from trainer.data.sources import parse_sources
+    from trainer.models import family
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out)
@@ -102,7 +107,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         old = read_meta(path) if path.is_dir() else None
         kept = {i["tokens"] for i in old.get("inputs", [])} if old else set()
         start = time.monotonic()
-        meta = prepare(source, cfg.data.tokenizer, cfg.model.arch, path, bad_lines=cfg.data.bad_lines)
+        objective = family(cfg.model.arch).objective
+        meta = prepare(source, cfg.data.tokenizer, objective, path, bad_lines=cfg.data.bad_lines)
         seconds = time.monotonic() - start
         new = [i for i in meta["inputs"] if i["tokens"] not in kept]
         tokenized = sum(i["n_tokens"] for i in new)

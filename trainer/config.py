@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from trainer.errors import UserError
+from trainer.models.registry import ARCHS, check_settings
 
 
 @dataclass
@@ -28,15 +29,13 @@ class RunConfig:
 
 @dataclass
 class ModelSection:
-    arch: str = "gpt"  # gpt | bert
-    preset: str | None = None  # gpt2-small, gpt2-medium, ..., bert-base, bert-large, gpt-tiny, bert-tiny, ...
-    n_layer: int | None = None  # dims below override the preset
-    n_head: int | None = None
-    d_model: int | None = None
-    d_ff: int | None = None  # MLP width; 4 * d_model when unset
-    vocab_size: int | None = None  # defaults to the tokenizer's vocabulary size
-    max_seq_len: int | None = None  # learned positions
-    dropout: float | None = None
+    arch: str = "gpt"  # the model family: gpt | bert | llama (trainer/models/registry.py)
+    preset: str | None = None  # gpt2-small, ..., bert-base, ..., smollm2-135m, llama3.2-1b, qwen3-0.6b, tiny ones
+    init_from: str | None = None  # a Hugging Face checkpoint directory to start from; its config.json sets the dims
+    # Every other model.* key is a dimension of the family (n_layer, n_head, d_model, d_ff, vocab_size, max_seq_len,
+    # dropout, and the family's own, e.g. llama's n_kv_heads): it overrides the preset, and the family checks it.
+    # vocab_size defaults to the tokenizer's vocabulary size.
+    dims: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -127,11 +126,14 @@ class Config:
         return Path(self.run.dir) if self.run.dir else Path("runs") / self.run.name
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain dict, as written to config.yaml: the model's dims sit beside arch and preset, as the user wrote them."""
+        out = dataclasses.asdict(self)
+        out["model"].update(out["model"].pop("dims"))
+        return out
 
 
 CHOICES = {
-    "model.arch": ("gpt", "bert"),
+    "model.arch": ARCHS,
     "data.format": ("auto", "text", "jsonl", "parquet", "tokens", "saved"),
     "data.bad_lines": ("skip", "error"),
     "train.precision": ("fp32", "bf16", "fp16"),
@@ -219,6 +221,10 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
+    if cls is ModelSection:  # keys other than its fields are the family's dimensions, checked in validate()
+        dims = {k: v for k, v in raw.items() if k not in names}
+        raw = {k: v for k, v in raw.items() if k in names}
+        raw["dims"] = {**raw.get("dims", {}), **dims} if isinstance(raw.get("dims", {}), dict) else raw["dims"]
     for key, value in raw.items():
         full = f"{prefix}{key}"
         if key not in names:
@@ -252,6 +258,7 @@ def validate(cfg: Config) -> None:
     for key in NON_NEGATIVE:
         if _get(cfg, key) < 0:
             raise UserError(f"config key {key} must not be negative, got {_get(cfg, key)}")
+    check_settings(cfg.model.arch, list(cfg.model.dims))
     validate_parallel(cfg.parallel)
     if cfg.train.min_lr > cfg.train.lr:
         raise UserError(f"train.min_lr={cfg.train.min_lr} is above train.lr={cfg.train.lr}; lower min_lr")
@@ -261,6 +268,14 @@ def validate(cfg: Config) -> None:
         raise UserError(f"data.valid_fraction={cfg.data.valid_fraction} must be in [0, 1), e.g. 0.01")
     if cfg.data.valid_fraction and cfg.data.valid:
         raise UserError("set either data.valid (a separate corpus) or data.valid_fraction (held out of data.train)")
+    if not cfg.data.tokenizer and cfg.model.init_from:  # the checkpoint's own tokenizer
+        own = Path(cfg.model.init_from) / "tokenizer.json"
+        if not own.is_file():
+            raise UserError(
+                f"data.tokenizer is not set and model.init_from={cfg.model.init_from} has no tokenizer.json: set "
+                f"data.tokenizer"
+            )
+        cfg.data.tokenizer = str(own)
     if not cfg.data.tokenizer:
         raise UserError(
             "data.tokenizer is not set: train one with `trainer tokenizer` and set data.tokenizer=DIR/tokenizer.json"

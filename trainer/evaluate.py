@@ -1,7 +1,6 @@
-"""Periodic evaluation (validation loss and perplexity, MLM accuracy for BERT) and a short GPT sample.
-
-All of it goes through the engine's forward on every rank: under FSDP and tensor parallelism the forward is collective.
-"""
+"""Periodic evaluation (validation loss and perplexity; masked-token accuracy for masked models) and a short sample
+from next-token models. All of it goes through the engine on every rank: under FSDP and tensor parallelism the
+forward is collective."""
 
 from __future__ import annotations
 
@@ -9,8 +8,8 @@ import math
 
 import torch
 
-from trainer.models.layers import token_loss_sum
-from trainer.parallel import ParallelDims, all_reduce_sum, full_value, loss_context
+from trainer.data.from_config import build_data_stream
+from trainer.parallel import ParallelDims, all_reduce_sum, full_value
 
 
 @torch.no_grad()
@@ -19,13 +18,7 @@ def evaluate(engine, batches, steps: int, dims: ParallelDims, device: torch.devi
     engine.train(False)
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, target tokens, correct predictions
     for _, batch in zip(range(steps), batches):
-        labels = batch["labels"].to(device)
-        with loss_context(dims.tp):
-            logits = engine.forward(batch["input_ids"].to(device))
-            totals[0] += full_value(token_loss_sum(logits, labels))
-        mask = labels != -100
-        totals[1] += mask.sum()
-        totals[2] += ((full_value(logits).argmax(-1) == labels) & mask).sum()  # gathers vocab shards: eval only
+        totals += torch.stack([t.to(torch.float64) for t in engine.eval_step(batch)])
     loss_sum, n, correct = all_reduce_sum(totals, dims, "dp").tolist()
     engine.train(True)
     val_loss = loss_sum / max(n, 1.0)
@@ -60,3 +53,40 @@ def generate_sample(
         ids = torch.cat([ids, torch.multinomial(probs, num_samples=1, generator=gen)], dim=1)
     engine.train(True)
     return ids[0].tolist()
+
+
+def run_evaluation(run, step: int) -> dict:
+    """Validation loss over eval_steps global batches from the start of the valid corpus, logged; for next-token
+    models a sample too (next-token accuracy is not a figure their users read, masked-token accuracy is)."""
+    cfg, dims = run.cfg, run.dims
+    stream = build_data_stream(cfg, dims, run.valid_sources, training=False, micro_batch=cfg.train.micro_batch)
+    micro_batches = cfg.train.eval_steps * cfg.train.grad_accum  # the same samples whatever the layout
+    result = {"step": step, **evaluate(run.engine, iter(stream), micro_batches, dims, run.device)}
+    stream.close()
+    causal = run.family.objective == "causal"
+    if causal:
+        result.pop("val_accuracy")
+    run.logger.log_eval(result)
+    if causal and cfg.train.sample_tokens:
+        first_stream = build_data_stream(cfg, dims, run.valid_sources, training=False, micro_batch=1)
+        prompt = next(iter(first_stream))["input_ids"][0, :16].tolist()
+        first_stream.close()
+        n_new = min(cfg.train.sample_tokens, run.model_cfg.max_seq_len - len(prompt))
+        ids = generate_sample(
+            run.engine,
+            prompt,
+            n_new,
+            device=run.device,
+            seed=cfg.run.seed,
+            context=run.model_cfg.max_seq_len,
+            tp=dims.tp,
+        )
+        docs, doc = [], []  # decode document by document: the end-of-text token becomes a blank line
+        for i in ids:
+            if i == run.tok.eos_id:
+                docs.append(doc)
+                doc = []
+            else:
+                doc.append(i)
+        run.logger.log_text(step, "sample", "\n\n".join(run.tok.tokenizer.decode(d) for d in [*docs, doc]))
+    return result

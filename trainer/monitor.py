@@ -14,6 +14,7 @@ import netrc
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -86,6 +87,30 @@ def _format_rate(tokens_per_s: Any) -> str:
         if tokens_per_s >= threshold:
             return f"{tokens_per_s / threshold:.3g}{suffix}"
     return f"{tokens_per_s:.3g}"
+
+
+@dataclass
+class Throughput:
+    """Time, tokens and data wait accumulated between two logged steps."""
+
+    time: float = 0.0
+    tokens: int = 0
+    data_wait: float = 0.0
+    steps: int = 0
+
+    def add(self, seconds: float, tokens: int, data_wait: float) -> None:
+        self.time, self.tokens = self.time + seconds, self.tokens + tokens
+        self.data_wait, self.steps = self.data_wait + data_wait, self.steps + 1
+
+    def take(self) -> dict:
+        """Averages over the window, which then starts again."""
+        out = {
+            "tokens_per_s": self.tokens / self.time,
+            "step_time_s": self.time / self.steps,
+            "data_wait_s": self.data_wait / self.steps,
+        }
+        self.time, self.tokens, self.data_wait, self.steps = 0.0, 0, 0.0, 0
+        return out
 
 
 class MetricsLogger:

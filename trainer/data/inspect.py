@@ -24,7 +24,7 @@ def describe_samples(cfg: Config, span: str, dp: int, n_tokens: int) -> Iterator
     """Global samples A..B-1 of the training order: index, source, file, document, offset, the data-parallel rank
     that takes it at `dp`, and its first content tokens decoded. The order does not depend on dp, so one reader
     walks it; samples before A are read through (raw sources) or computed (prepared shards)."""
-    from trainer.train import build_data_stream, data_sources  # the training code's own stream, same settings
+    from trainer.data.from_config import build_data_stream, data_sources  # the training run's own stream
 
     a, b = parse_range(span)
     if isinstance(dp, bool) or not isinstance(dp, int) or dp < 1:

@@ -1,10 +1,11 @@
-"""How a content token stream becomes packed GPT samples or masked BERT samples.
+"""How a content token stream becomes packed samples for the model family's objective: next-token (causal, GPT and
+Llama) or masked-token (masked, BERT).
 
-Content stream = documents' tokens, each followed by a separator (GPT: <|endoftext|>, BERT: [SEP]): a prepared
+Content stream = documents' tokens, each followed by a separator (causal: <|endoftext|>, masked: [SEP]): a prepared
 corpus repeated forever, or one logical stream of a raw source (logical_streams.py). Window w of a stream, with seq_len T:
 
-- GPT:  content[w*T : w*T + T + 1];  input_ids = window[:-1], labels = window[1:].
-- BERT: [CLS] + content[w*(T-2) : (w+1)*(T-2)] + [SEP], with MLM masks drawn from a generator seeded by
+- causal: content[w*T : w*T + T + 1];  input_ids = window[:-1], labels = window[1:].
+- masked: [CLS] + content[w*(T-2) : (w+1)*(T-2)] + [SEP], with MLM masks drawn from a generator seeded by
   (seed, global sample index), so masks depend on the sample only (never on rank, micro_batch or worker count).
 
 Which window global sample g is, is the order's business (sample_stream.py); every path only supplies windows and the
@@ -24,25 +25,44 @@ import torch
 from trainer.errors import UserError
 from trainer.tokenizer import TokenizerInfo
 
-ARCHS = ("gpt", "bert")
+OBJECTIVES = ("causal", "masked")  # next-token samples (decoders) | masked-token samples (encoders)
+# Prepared shards' meta.json and saved data positions name the objective by the tag written before objectives had
+# names ("arch": "gpt" | "bert"); it stays, so corpora prepared and checkpoints written earlier remain valid.
+STORED_TAG = {"causal": "gpt", "masked": "bert"}
+FROM_TAG = {tag: objective for objective, tag in STORED_TAG.items()}
+
+
+def objective_of(value: str) -> str:
+    """`value` as an objective: "causal" or "masked" (a stored tag, "gpt" or "bert", reads as its objective)."""
+    objective = FROM_TAG.get(value, value)
+    if objective not in OBJECTIVES:
+        raise UserError(f"unknown objective {value!r}; use causal (next-token) or masked (masked-token)")
+    return objective
+
+
 IGNORE_INDEX = -100  # label value the loss ignores
 MLM_PROB = 0.15  # share of non-special positions chosen for prediction
 MLM_MASK_SHARE, MLM_RANDOM_SHARE = 0.8, 0.1  # of the chosen: 80% -> [MASK], 10% -> random token, 10% unchanged
 
 
-def separator_id(info: TokenizerInfo, arch: str) -> int:
-    """The token that ends every document in the content stream: <|endoftext|> for GPT, [SEP] for BERT."""
-    if arch not in ARCHS:
-        raise UserError(f"unknown model.arch {arch!r}; use gpt or bert")
-    if arch == "gpt":
+def separator_id(info: TokenizerInfo, objective: str) -> int:
+    """The token that ends every document in the content stream: the end-of-text token for next-token (causal)
+    samples, [SEP] for masked ones."""
+    if objective_of(objective) == "causal":
         if info.eos_id is None:
-            raise UserError(f"tokenizer {info.path} has no <|endoftext|> token; GPT needs a bpe tokenizer (--kind bpe)")
+            raise UserError(
+                f"tokenizer {info.path} has no end-of-text token (<|endoftext|>); a next-token model needs one: train "
+                f"a tokenizer with `trainer tokenizer --kind bpe`"
+            )
         return info.eos_id
     missing = [
         name for name, i in (("[CLS]", info.cls_id), ("[SEP]", info.sep_id), ("[MASK]", info.mask_id)) if i is None
     ]
     if missing:
-        raise UserError(f"tokenizer {info.path} lacks {', '.join(missing)}; BERT needs a wordpiece tokenizer")
+        raise UserError(
+            f"tokenizer {info.path} lacks {', '.join(missing)}; a masked-token model needs a wordpiece tokenizer "
+            f"(`trainer tokenizer --kind wordpiece`)"
+        )
     return info.sep_id
 
 
@@ -54,9 +74,9 @@ def sample_seed(seed: int, index: int) -> int:
 
 @dataclass(frozen=True)
 class SampleSpec:
-    """Everything that turns a content window into a training sample: arch, seq_len, seed and special ids."""
+    """Everything that turns a content window into a training sample: objective, seq_len, seed and special ids."""
 
-    arch: str
+    objective: str
     seq_len: int
     seed: int
     separator_id: int
@@ -67,21 +87,22 @@ class SampleSpec:
     random_ids: torch.Tensor  # non-special ids, the pool for MLM random replacements
 
     @classmethod
-    def create(cls, info: TokenizerInfo, arch: str, seq_len: int, seed: int) -> SampleSpec:
-        """Validate arch/seq_len against the tokenizer and precompute the id tables."""
-        sep = separator_id(info, arch)
-        minimum = 1 if arch == "gpt" else 3
+    def create(cls, info: TokenizerInfo, objective: str, seq_len: int, seed: int) -> SampleSpec:
+        """Validate objective/seq_len against the tokenizer and precompute the id tables."""
+        objective = objective_of(objective)
+        sep = separator_id(info, objective)
+        minimum = 1 if objective == "causal" else 3
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < minimum:
-            raise UserError(f"data.seq_len={seq_len!r} is invalid for {arch}; use an integer >= {minimum}")
+            raise UserError(f"data.seq_len={seq_len!r} is invalid for {objective} samples; use an integer >= {minimum}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise UserError(f"run.seed={seed!r} is not an integer; set an integer seed")
         no_mask = [i for i in (info.cls_id, info.sep_id, info.pad_id, info.mask_id) if i is not None]
         specials = info.special_ids
         random_ids = [i for i in range(info.vocab_size) if i not in specials]
-        if arch == "bert" and not random_ids:
+        if objective == "masked" and not random_ids:
             raise UserError(f"tokenizer {info.path} has only special tokens; train it on a corpus with a larger vocab")
         return cls(
-            arch=arch,
+            objective=objective,
             seq_len=seq_len,
             seed=seed,
             separator_id=sep,
@@ -95,23 +116,23 @@ class SampleSpec:
     @property
     def stride(self) -> int:
         """Content tokens between the starts of consecutive samples."""
-        return self.seq_len if self.arch == "gpt" else self.seq_len - 2
+        return self.seq_len if self.objective == "causal" else self.seq_len - 2
 
     @property
     def span(self) -> int:
-        """Content tokens one sample reads (GPT reads one more than its stride: the last label)."""
-        return self.seq_len + 1 if self.arch == "gpt" else self.seq_len - 2
+        """Content tokens one sample reads (next-token samples read one more than their stride: the last label)."""
+        return self.seq_len + 1 if self.objective == "causal" else self.seq_len - 2
 
     def make(self, window: np.ndarray, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, labels) of global sample `index` from its content window (length `span`)."""
         tokens = torch.from_numpy(np.asarray(window, dtype=np.int64))
-        if self.arch == "gpt":
+        if self.objective == "causal":
             return tokens[:-1].clone(), tokens[1:].clone()
         ids = torch.cat([torch.tensor([self.cls_id]), tokens, torch.tensor([self.sep_id])])
         return self.mask(ids, index)
 
     def mask(self, ids: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """BERT MLM: choose 15% of maskable positions (at least 1); 80% [MASK], 10% random id, 10% unchanged.
+        """Masked-token samples (BERT's MLM): choose 15% of maskable positions (at least 1); 80% [MASK], 10% random id, 10% unchanged.
 
         [CLS], [SEP], [PAD] (and [MASK]) positions are never chosen; labels are -100 except at chosen positions.
         """

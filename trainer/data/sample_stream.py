@@ -20,7 +20,7 @@ import torch
 
 from trainer.data.logical_streams import Block, StreamPlan
 from trainer.data.order import Permutation, derive_key
-from trainer.data.packing import SampleSpec
+from trainer.data.packing import FROM_TAG, STORED_TAG, SampleSpec
 from trainer.data.schedule import BlockNeeds, Layout, ScheduleCursor
 from trainer.data.shards import TokenShards
 from trainer.data.sources import Source, check_read_args, fingerprint, parse_sources, plan_units
@@ -243,7 +243,7 @@ def build_stream(
     sources: list[Source] | list[str] | str | dict,
     *,
     tokenizer_path: str | os.PathLike,
-    arch: str,
+    objective: str,
     seq_len: int,
     seed: int,
     dp_rank: int,
@@ -281,11 +281,11 @@ def build_stream(
     _check_int("data.streams", streams, 1)
     _check_int("data.shuffle_block", block, 1)
     info = load_tokenizer(tokenizer_path)
-    spec = SampleSpec.create(info, arch, seq_len, seed)
+    spec = SampleSpec.create(info, objective, seq_len, seed)
     if not (isinstance(sources, list) and sources and isinstance(sources[0], Source)):
         sources = parse_sources(sources, fmt, text_field)
     settings = {
-        "arch": arch,
+        "arch": STORED_TAG[spec.objective],  # the key and tag saved positions have always had
         "seq_len": seq_len,
         "seed": seed,
         "shuffle": bool(shuffle),
@@ -301,8 +301,14 @@ def build_stream(
             plans[s] = StreamPlan(source, units, streams, bool(shuffle), seed, fingerprint(source), holdout)
         else:
             if holdout is not None:
-                raise UserError("data.valid_fraction holds out documents of raw text; it cannot split prepared shards")
-            shards = TokenShards(source.paths[0], info, arch)
+                raise UserError(
+                    f"data.valid_fraction holds out documents of raw text; it cannot split the prepared shards of "
+                    f"{source.label()}: give data.valid instead (`trainer prepare` writes it to OUT/valid)"
+                )
+            try:
+                shards = TokenShards(source.paths[0], info, spec.objective)
+            except UserError as exc:  # TokenShards names the directory; say which config key gave it
+                raise UserError(f"{source.key}: {exc}" if source.key else str(exc)) from None
             samplers[s] = PreparedSampler(shards, spec, bool(shuffle), seed, shards.fingerprint)
     layout = Layout(
         tuple(s.name for s in sources), tuple(s.weight for s in sources), tuple(s.raw for s in sources), streams
@@ -420,7 +426,12 @@ def _position(state: dict | None, start_sample: int, layout: Layout, settings: d
         raise UserError(f"saved data position is sample {state['next_sample']} but start_sample={start_sample}")
     for key, value in settings.items():
         if state.get(key) != value:
-            name = {"arch": "model.arch", "seed": "run.seed", "block": "data.shuffle_block"}.get(key, f"data.{key}")
+            if key == "arch":  # the objective, under its stored tag
+                raise UserError(
+                    f"the checkpoint's data position is of {FROM_TAG.get(state.get(key))} samples and this model family "
+                    f"trains on {FROM_TAG[value]} ones: resume with a family of the same objective, or start a new run"
+                )
+            name = {"seed": "run.seed", "block": "data.shuffle_block"}.get(key, f"data.{key}")
             raise UserError(
                 f"{name} was {state.get(key)!r} when the checkpoint was written and is {value!r} now; the data order "
                 f"depends on it: set {name}={state.get(key)!r} to resume"

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.data.packing import separator_id
+from trainer.data.packing import FROM_TAG, STORED_TAG, objective_of, separator_id
 from trainer.data.sources import Source, check_read_args, iter_documents
 from trainer.errors import UserError
 from trainer.tokenizer import TokenizerInfo, load_tokenizer
@@ -72,7 +72,12 @@ def corpus_fingerprint(arch: str, tokenizer_sha256: str, inputs: list[dict]) -> 
 
 
 def prepare(
-    source: Source, tokenizer_path: str | os.PathLike, arch: str, out_dir: str | os.PathLike, *, bad_lines: str = "skip"
+    source: Source,
+    tokenizer_path: str | os.PathLike,
+    objective: str,
+    out_dir: str | os.PathLike,
+    *,
+    bad_lines: str = "skip",
 ) -> dict:
     """Tokenize one epoch of a raw source (every document + separator) into `out_dir`; return its meta.
 
@@ -86,7 +91,8 @@ def prepare(
         )
     check_read_args(source.fmt, source.text_field, bad_lines)
     info = load_tokenizer(tokenizer_path)
-    sep = separator_id(info, arch)
+    sep = separator_id(info, objective)
+    arch = STORED_TAG[objective_of(objective)]  # meta.json's key and tag for the objective, as always written
     out = Path(out_dir)
     old = _check_out_dir(out, arch, info)
     reader = {"format": source.fmt, "text_field": source.text_field}
@@ -163,7 +169,7 @@ def _check_out_dir(out: Path, arch: str, info: TokenizerInfo) -> dict | None:
     if meta.get("version") not in (1, META_VERSION):
         raise UserError(f"{out} holds prepared shards of unknown version {meta.get('version')!r}; choose another --out")
     if meta.get("arch") != arch or meta.get("tokenizer_sha256") != info.sha256:
-        other = f"arch {meta.get('arch')!r}" if meta.get("arch") != arch else "another tokenizer"
+        other = f"{FROM_TAG.get(meta.get('arch'))} samples" if meta.get("arch") != arch else "another tokenizer"
         raise UserError(f"{out} holds shards prepared with {other}; choose another --out directory for {info.path}")
     return meta
 
@@ -374,8 +380,9 @@ class TokenShards:
     """Random-access reader of a prepared directory: content windows at any position, wrapping around epochs, and
     the (input, document id, offset) of any position."""
 
-    def __init__(self, directory: str | os.PathLike, info: TokenizerInfo, arch: str) -> None:
+    def __init__(self, directory: str | os.PathLike, info: TokenizerInfo, objective: str) -> None:
         self.directory = Path(directory)
+        objective = objective_of(objective)
         meta = read_meta(self.directory)
         if meta is None:
             raise UserError(f"{self.directory} has no meta.json; run `trainer prepare` to make prepared shards")
@@ -384,9 +391,10 @@ class TokenShards:
                 f"{self.directory} holds prepared shards of version {meta.get('version', 1)!r}, this trainer reads "
                 f"version {META_VERSION}; re-run `trainer prepare`"
             )
-        if meta.get("arch") != arch:
+        if meta.get("arch") != STORED_TAG[objective]:
             raise UserError(
-                f"{self.directory} was prepared for arch {meta.get('arch')!r}, not {arch!r}; re-run `trainer prepare`"
+                f"{self.directory} was prepared for {FROM_TAG.get(meta.get('arch'))} samples, not {objective} ones (a "
+                f"model family of the other objective); re-run `trainer prepare` with this config"
             )
         if meta.get("tokenizer_sha256") != info.sha256:
             raise UserError(

@@ -67,11 +67,13 @@ def build_engine(
     zero_stage: int,
     offload: str = "none",
     deepspeed: dict | None = None,
+    load: Callable[[nn.Module], None] | None = None,
 ) -> Engine:
     """The engine `name` around the model `make_model` builds and `prepare` parallelizes (tensor parallel, activation
     checkpointing, compile; data parallelism is the engine's). The model is built on the meta device (for DeepSpeed
     ZeRO-3 inside `deepspeed.zero.Init`, which partitions it as it is built); the engine materialises its weights
-    from `seed` and builds the optimizer on them. `deepspeed` is the generated DeepSpeed config."""
+    from `seed` (then `load(model)` when given: a pretrained checkpoint) and builds the optimizer on them. `deepspeed` is
+    the generated DeepSpeed config."""
     common = {
         "dims": dims,
         "device": device,
@@ -79,6 +81,7 @@ def build_engine(
         "grad_clip": grad_clip,
         "optim": optim,
         "seed": seed,
+        "load": load,
     }
     if name == "deepspeed":
         from trainer.engines.deepspeed import DeepSpeedEngine

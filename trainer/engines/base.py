@@ -2,12 +2,16 @@
 sharded state saved through torch.distributed.checkpoint (DCP).
 
 Contract (the loop relies on nothing else):
-- `forward(input_ids)` returns logits (a DTensor sharded over the vocabulary under tensor parallelism);
-  `forward(input_ids, labels)` returns the summed token loss instead (the model computes it: see `GPT.output`).
-- `backward(loss)` receives this rank's summed token loss divided by the target tokens of the whole global batch;
-  after the last micro-batch of a step, every parameter's gradient is the plain SUM over data-parallel ranks of those
-  local gradients. Engines undo whatever averaging their data-parallel wrapper does (DDP and FSDP divide by dp).
-- `micro_batch(last)` wraps each micro-batch's forward and backward: gradients are synchronised only on the last one.
+- `train_step(batches)` runs the forward and backward of every micro-batch of one step (the engine's micro-batch
+  context around each: gradients are synchronised only on the last) and returns (this rank's summed token loss, the
+  target tokens of the whole global batch) as 0-dim device tensors. Each micro-batch's summed token loss is divided
+  by the global batch's target tokens before backward; after the step's last micro-batch every parameter's gradient
+  is the plain SUM over data-parallel ranks of those local gradients (engines undo whatever averaging their
+  data-parallel wrapper does: DDP and FSDP divide by dp). So the update is the global-batch token mean however the
+  batch is split over micro-batches and ranks.
+- `eval_step(batch)` returns (summed token loss, target tokens, correct argmax predictions) of one micro-batch, in
+  evaluation mode, without gradients.
+- `forward(input_ids)` returns logits (a DTensor sharded over the vocabulary under tensor parallelism), for samples.
 - `step(lr, loss_finite)` applies the LR, unscales, clips by the global norm and updates unless the gradient (or the
   loss: `loss_finite` false) is not finite; it returns (norm before clipping, applied) as 0-dim device tensors, read
   by the loop only when it logs, and leaves the gradients zeroed.
@@ -19,7 +23,6 @@ from __future__ import annotations
 import os
 import warnings
 from collections import defaultdict
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol
 
@@ -31,8 +34,9 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.tensor import DTensor, Partial, Replicate
 
 from trainer.errors import UserError
+from trainer.models.layers import token_loss_sum
 from trainer.optim import OptimizerSettings, build_optimizer
-from trainer.parallel import ParallelDims
+from trainer.parallel import ParallelDims, all_reduce_sum, full_value, loss_context
 
 # DCP says it saves "in a single process" when there is no process group: that is the intent, not news.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -49,11 +53,11 @@ class Engine(Protocol):
 
     def train(self, mode: bool = True) -> None: ...
 
-    def micro_batch(self, last: bool) -> AbstractContextManager: ...
+    def train_step(self, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def eval_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor: ...
-
-    def backward(self, loss: torch.Tensor) -> None: ...
 
     def step(self, lr: float, loss_finite: torch.Tensor | bool = True) -> tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -64,6 +68,38 @@ class Engine(Protocol):
     def layout(self) -> dict:
         """engine, zero_stage, offload and the expected model-state bytes of this rank."""
         ...
+
+
+class MicroBatchSteps:
+    """`train_step` and `eval_step` for engines that run a step as micro-batches on every rank (ddp, fsdp,
+    deepspeed): each provides `dims`, `device`, `micro_batch(last)` (its context: gradient sync on the last),
+    `forward` and `backward`."""
+
+    dims: ParallelDims
+    device: torch.device
+
+    def train_step(self, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        local_targets = sum(int((b["labels"] != -100).sum()) for b in batches)  # counted on the host, before the copy
+        targets = torch.tensor([float(local_targets)], device=self.device)
+        global_targets = all_reduce_sum(targets, self.dims, "dp")[0]
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        for i, batch in enumerate(batches):
+            labels = batch["labels"].to(self.device, non_blocking=True)
+            with self.micro_batch(last=i == len(batches) - 1):
+                loss = self.forward(batch["input_ids"].to(self.device, non_blocking=True), labels)
+                self.backward(loss / global_targets)
+            loss_sum += full_value(loss.detach())
+        return loss_sum, global_targets
+
+    @torch.no_grad()
+    def eval_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        labels = batch["labels"].to(self.device)
+        with loss_context(self.dims.tp):
+            logits = self.forward(batch["input_ids"].to(self.device))
+            loss_sum = full_value(token_loss_sum(logits, labels))
+        mask = labels != -100
+        correct = ((full_value(logits).argmax(-1) == labels) & mask).sum()  # gathers vocab shards: eval only
+        return loss_sum, mask.sum(), correct
 
 
 class LossScaler:
@@ -197,7 +233,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-class TorchEngine:
+class TorchEngine(MicroBatchSteps):
     """What the ddp and fsdp engines share: the optimizer built on `module`'s parameters as the engine left them
     (whole or sharded), loss scaling, the end of a step, and DCP save/load. Subclasses wrap or shard `module` first
     and provide `name`, `micro_batch`, `forward` and `layout`."""

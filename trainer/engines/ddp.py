@@ -37,8 +37,9 @@ class DDPEngine(TorchEngine):
         grad_clip: float,
         optim: OptimizerSettings,
         seed: int,
+        load=None,
     ) -> None:
-        materialize(model, device, seed)
+        materialize(model, device, seed, load)
         super().__init__(model, dims=dims, device=device, precision=precision, grad_clip=grad_clip, optim=optim)
         self.wrapped: nn.Module = model
         if dims.dp > 1:

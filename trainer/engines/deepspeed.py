@@ -38,7 +38,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from trainer.config import ParallelConfig, TrainConfig
-from trainer.engines.base import DTYPES, fsync, unique_params
+from trainer.engines.base import DTYPES, MicroBatchSteps, fsync, unique_params
 from trainer.errors import UserError
 from trainer.optim import OptimizerSettings, param_groups
 from trainer.parallel import ParallelDims, barrier, materialize
@@ -217,7 +217,7 @@ def _numel(p: nn.Parameter) -> int:
     return getattr(p, "ds_numel", p.numel())
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(MicroBatchSteps):
     name = "deepspeed"
 
     def __init__(
@@ -233,6 +233,7 @@ class DeepSpeedEngine:
         seed: int,
         zero_stage: int,
         offload: str,
+        load=None,
     ) -> None:
         """`config` comes from `deepspeed_config`, which generated and checked it before the process group existed."""
         deepspeed = import_deepspeed()
@@ -252,10 +253,12 @@ class DeepSpeedEngine:
             torch.manual_seed(seed)
             with torch.no_grad(), _GatheredInit(deepspeed.zero.GatheredParameters):
                 model.init_weights()
+            if load is not None:
+                load(model)
         else:  # ZeRO-1/2 keep the whole model on every rank
             with torch.device("meta"):
                 model = prepare(make_model())
-            materialize(model, device, seed)
+            materialize(model, device, seed, load)
         groups = param_groups(model, optim.weight_decay, shape=lambda p: getattr(p, "ds_shape", p.shape))
         if offload == "cpu":
             from deepspeed.ops.adam import DeepSpeedCPUAdam

@@ -1,24 +1,28 @@
-"""Model construction: `build_model(arch, preset, **dims)`, configs and presets, and parameter counting.
+"""Model families and construction: `build_model(arch, preset, **dims)`, configs and presets, parameter counting.
 
-Models are plain torch.nn (no torch.distributed); parallelism is applied to a built model from outside.
-Build on the meta device (`with torch.device("meta"): build_model(...)`) to size a large model without memory.
+Each family is a folder (gpt/, bert/, llama/) with its config, model, presets, tensor-parallel plan and Hugging Face
+adapter; `registry.py` maps `model.arch` to it. Models are plain torch.nn (no torch.distributed); parallelism is
+applied to a built model from outside. Build on the meta device (`with torch.device("meta"): build_model(...)`) to
+size a large model without memory.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from trainer.models.bert import BERT
-from trainer.models.gpt import GPT
-from trainer.models.presets import PRESETS, ModelConfig, resolve_model_config
+from trainer.models.family import OBJECTIVES, Family, ModelConfig
+from trainer.models.registry import ARCHS, all_presets, config_from_dict, family, resolve_model_config
 
 __all__ = [
-    "BERT",
-    "GPT",
-    "PRESETS",
+    "ARCHS",
+    "OBJECTIVES",
+    "Family",
     "ModelConfig",
+    "all_presets",
     "build_model",
+    "config_from_dict",
     "count_params",
+    "family",
     "model_from_config",
     "resolve_model_config",
 ]
@@ -26,11 +30,11 @@ __all__ = [
 
 def model_from_config(cfg: ModelConfig) -> nn.Module:
     """Construct the model a resolved config describes (randomly initialised, on the current default device)."""
-    return GPT(cfg) if cfg.arch == "gpt" else BERT(cfg)
+    return family(cfg.arch).model(cfg)
 
 
 def build_model(arch: str, preset: str | None = None, **dims: object) -> nn.Module:
-    """Resolve `preset` + `dims` overrides into a `ModelConfig` and construct the model."""
+    """Resolve `preset` + `dims` overrides into the family's config and construct the model."""
     return model_from_config(resolve_model_config(arch, preset, **dims))
 
 
@@ -38,7 +42,7 @@ def count_params(model: nn.Module, exclude_embeddings: bool = False) -> int:
     """Number of parameters, each shared tensor (tied embedding / LM head) counted once.
 
     exclude_embeddings drops the token, position and token-type embedding tables: the count used for FLOPs
-    estimates (6 * N per token), since a table lookup costs no matmul. The tied LM head goes with the token table.
+    estimates (6 * N per token), since a table lookup costs no matmul. A tied LM head goes with the token table.
     """
     embedding_ids: set[int] = set()
     if exclude_embeddings:

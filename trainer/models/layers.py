@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from trainer.errors import UserError
-from trainer.models.presets import ModelConfig
+from trainer.models.family import ModelConfig
 
 INIT_STD = 0.02
 

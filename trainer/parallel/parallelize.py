@@ -6,6 +6,8 @@ Order (as torchtitan): tensor parallel, activation checkpointing, compile; the e
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -23,10 +25,9 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
     if mode == "none":
         return
     every = 1 if mode == "full" else 2
-    blocks = model.blocks
-    for i in range(len(blocks)):
+    for i, (name, block) in enumerate(list(model.blocks.items())):
         if i % every == 0:
-            blocks[i] = checkpoint_wrapper(blocks[i])
+            model.blocks[name] = checkpoint_wrapper(block)
 
 
 def apply_compile(model: nn.Module, output: bool) -> None:
@@ -38,7 +39,7 @@ def apply_compile(model: nn.Module, output: bool) -> None:
     log-softmax over the vocabulary and its gradient around the head's matmul, which small models spend most of their
     step on (1.2x the step at 16M parameters and vocab 50k on CPU). Left eager under tensor parallelism, where the
     logits are vocab-sharded DTensors reduced by loss_parallel."""
-    for block in model.blocks:
+    for block in model.blocks.values():
         inner = getattr(block, "_checkpoint_wrapped_module", block)
         inner.compile()
     if output:
@@ -80,10 +81,13 @@ class _ShardedInit(TorchFunctionMode):
 
 
 @torch.no_grad()
-def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
+def materialize(model: nn.Module, device: torch.device, seed: int, load: Callable | None = None) -> None:
     """Allocates the meta-device `model` on `device` (each rank only its shards) and initialises it from `seed`:
-    the same weights as `torch.manual_seed(seed); model.init_weights()` on a whole, unsharded model."""
+    the same weights as `torch.manual_seed(seed); model.init_weights()` on a whole, unsharded model. `load(model)`,
+    when given, then overwrites them (a Hugging Face checkpoint: `model.init_from`)."""
     model.to_empty(device=device)
     torch.manual_seed(seed)
     with _ShardedInit():
         model.init_weights()
+    if load is not None:
+        load(model)

@@ -11,15 +11,14 @@ import math
 import torch
 from torch import nn
 
-from trainer.errors import UserError
+from trainer.models.gpt.config import GPTConfig
 from trainer.models.layers import INIT_STD, MLP, SelfAttention, check_seq_len, head_loss_sum, init_weights_
-from trainer.models.presets import ModelConfig
 
 
 class Block(nn.Module):
     """x + attn(ln_1(x)), then + mlp(ln_2(x)). Takes and returns only the hidden state (checkpoint-wrappable)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.attn = SelfAttention(cfg, causal=True)
@@ -37,15 +36,14 @@ class GPT(nn.Module):
     """GPT-2 language model: `forward(input_ids (B, T)) -> logits (B, T, vocab_size)`, or with `labels` (B, T) the
     summed next-token cross-entropy over the targets (labels != -100), without returning the logits."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        if cfg.arch != "gpt":
-            raise UserError(f"GPT needs a gpt config, got model.arch={cfg.arch!r}; build it with build_model")
         self.config = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.emb_dropout = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        # keyed by the global layer index: a process holding only some blocks keeps their names
+        self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layer)})
         self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.loss_chunk_rows = 0  # > 0: the head and loss in checkpointed chunks of this many tokens (head_loss_sum)
@@ -76,7 +74,7 @@ class GPT(nn.Module):
         check_seq_len(t, self.config.max_seq_len)
         positions = torch.arange(t, device=input_ids.device)
         x = self.emb_dropout(self.tok_emb(input_ids) + self.pos_emb(positions))
-        for block in self.blocks:
+        for block in self.blocks.values():
             x = block(x)
         return self.output(x, labels)
 

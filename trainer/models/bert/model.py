@@ -12,15 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.errors import UserError
+from trainer.models.bert.config import BERTConfig
 from trainer.models.layers import MLP, SelfAttention, check_seq_len, head_loss_sum, init_weights_
-from trainer.models.presets import ModelConfig
 
 
 class Block(nn.Module):
     """Post-LayerNorm encoder layer: x = ln_attn(x + attn(x)); x = ln_mlp(x + mlp(x))."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: BERTConfig) -> None:
         super().__init__()
         self.attn = SelfAttention(cfg, causal=False)
         self.ln_attn = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
@@ -37,7 +36,7 @@ class Block(nn.Module):
 class MLMHead(nn.Module):
     """The transform before the tied decoder: dense d_model -> d_model, exact GELU, LayerNorm."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: BERTConfig) -> None:
         super().__init__()
         self.dense = nn.Linear(cfg.d_model, cfg.d_model)
         self.ln = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
@@ -50,17 +49,16 @@ class MLMHead(nn.Module):
 class BERT(nn.Module):
     """BERT masked LM: `forward(input_ids, token_type_ids=None, attention_mask=None) -> logits (B, T, vocab_size)`."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: BERTConfig) -> None:
         super().__init__()
-        if cfg.arch != "bert":
-            raise UserError(f"BERT needs a bert config, got model.arch={cfg.arch!r}; build it with build_model")
         self.config = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model)
         self.ln_emb = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.emb_dropout = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        # keyed by the global layer index: a process holding only some blocks keeps their names
+        self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layer)})
         self.head = MLMHead(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=True)
         self.loss_chunk_rows = 0  # > 0: the MLM head and loss in checkpointed chunks of this many tokens
@@ -102,7 +100,7 @@ class BERT(nn.Module):
         x = self.tok_emb(input_ids) + self.pos_emb(positions) + self.type_emb(token_type_ids)
         x = self.emb_dropout(self.ln_emb(x))
         attn_bias = None if attention_mask is None else attention_mask[:, None, None, :].to(torch.bool)
-        for block in self.blocks:
+        for block in self.blocks.values():
             x = block(x, attn_bias)
         return self.output(x, labels)
 

@@ -1,0 +1,182 @@
+"""`model.init_from`: runs started from checkpoints that transformers saved (tiny random dimensions, nothing
+downloaded) have transformers' loss at step 1 under ddp and under fsdp ZeRO-3 x tp; export of such a run loads back
+through init_from with the same logits; damaged checkpoints are one line and nothing is written."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from conftest import read_metrics, torchrun, write_config
+from safetensors.torch import load_file, save_file
+
+from trainer.checkpoint import latest_checkpoint, load_model
+from trainer.config import load_config
+from trainer.data import build_stream
+from trainer.errors import UserError
+from trainer.export import export_hf
+from trainer.init_from import load_hf_weights
+from trainer.models import build_model
+from trainer.train import train
+
+LEGACY = Path(__file__).parent / "fixtures" / "legacy"
+TOKENIZER = LEGACY / "gpt" / "tokenizer.json"  # a 300-token bpe tokenizer with an end-of-text token
+SEQ, MICRO, ACCUM = 32, 2, 2
+
+
+def hf_checkpoint(path: Path, kind: str = "llama") -> Path:
+    """A tiny random checkpoint saved by transformers itself, with our tokenizer beside it."""
+    torch.manual_seed(0)
+    common = {"vocab_size": 304, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2}
+    if kind == "llama":
+        config = transformers.LlamaConfig(
+            **common, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rope_theta=5e5
+        )
+        model = transformers.LlamaForCausalLM(config)
+    else:
+        config = transformers.Qwen3Config(
+            **common,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+        )
+        model = transformers.Qwen3ForCausalLM(config)
+    with torch.no_grad():  # non-trivial norms: unit ones would hide a norm that is not loaded
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    model.save_pretrained(path)
+    shutil.copy(TOKENIZER, path / "tokenizer.json")
+    return path
+
+
+def run_config(tmp_path: Path, init_from: Path, **overrides) -> dict:
+    shutil.copy(LEGACY / "corpus.txt", tmp_path / "corpus.txt")
+    cfg = {
+        "run": {"dir": str(tmp_path / "run"), "seed": 3},
+        "model": {"arch": "llama", "init_from": str(init_from)},
+        "data": {"train": [str(tmp_path / "corpus.txt")], "seq_len": SEQ, "num_workers": 0, "streams": 4},
+        "train": {"steps": 1, "micro_batch": MICRO, "grad_accum": ACCUM, "warmup_steps": 0, "eval_every": 0},
+        "checkpoint": {"every": 0},
+        "log": {"every": 1, "wandb": {"mode": "disabled"}},
+    }
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        cfg[section][name] = value
+    return cfg
+
+
+def transformers_loss(ckpt: Path, corpus: Path) -> float:
+    """transformers' token-mean loss on the run's first global batch (the trainer's own stream, one rank)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    stream = build_stream(
+        [str(corpus)],
+        tokenizer_path=ckpt / "tokenizer.json",
+        objective="causal",
+        seq_len=SEQ,
+        seed=3,
+        dp_rank=0,
+        dp_size=1,
+        micro_batch=MICRO * ACCUM,
+        streams=4,
+        num_workers=0,
+    )
+    batch = next(iter(stream))
+    stream.close()
+    with torch.no_grad():
+        logits = model(batch["input_ids"]).logits
+    return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100).item()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_step_one_has_transformers_loss_and_export_round_trips(kind, tmp_path):
+    ckpt = hf_checkpoint(tmp_path / "hf", kind)
+    train(load_config(write_config(run_config(tmp_path, ckpt), tmp_path / "cfg.yaml")))
+    (step1,) = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert math.isclose(step1["loss"], transformers_loss(ckpt, tmp_path / "corpus.txt"), rel_tol=1e-5)
+    # export what was trained, load it back through init_from: the same logits as the checkpoint
+    trained = load_model(latest_checkpoint(tmp_path / "run" / "checkpoints"))
+    out = export_hf(trained, tmp_path / "exported", tokenizer_json=TOKENIZER)
+    again = build_model("llama", None, **{k: v for k, v in trained.config.to_dict().items() if k != "arch"})
+    load_hf_weights(again, out)
+    ids = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(ids), trained(ids), rtol=0, atol=0)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+        torch.testing.assert_close(hf(ids).logits, trained(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_fsdp_zero3_x_tp_ranks_start_from_the_checkpoint(tmp_path):
+    """4 ranks, dp 2 x tp 2 under fsdp ZeRO-3: each reads its slices; step 1's loss is transformers' loss."""
+    ckpt = hf_checkpoint(tmp_path / "hf")
+    cfg = run_config(tmp_path, ckpt)
+    cfg["parallel"] = {"engine": "fsdp", "tp": 2, "zero_stage": 3}
+    cfg["train"]["micro_batch"] = 1  # 1 x 2 accumulation x 2 dp ranks: the global batch of the one-rank reference
+    result = torchrun(4, write_config(cfg, tmp_path / "cfg.yaml"), timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (step1,) = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert math.isclose(step1["loss"], transformers_loss(ckpt, tmp_path / "corpus.txt"), rel_tol=1e-5)
+
+
+def _damage(ckpt: Path, how: str) -> str:
+    weights = ckpt / "model.safetensors"
+    if how == "missing tensor":
+        tensors = load_file(weights)
+        del tensors["model.layers.1.mlp.up_proj.weight"]
+        save_file(tensors, weights, metadata={"format": "pt"})
+        return "tensor model.layers.1.mlp.up_proj.weight is missing"
+    if how == "unexpected tensor":
+        tensors = load_file(weights)
+        tensors["model.layers.0.mlp.extra.weight"] = torch.zeros(2)
+        save_file(tensors, weights, metadata={"format": "pt"})
+        return "tensor model.layers.0.mlp.extra.weight is not part of a llama model"
+    if how == "wrong shape":
+        tensors = load_file(weights)
+        tensors["model.norm.weight"] = torch.zeros(63)
+        save_file(tensors, weights, metadata={"format": "pt"})
+        return r"tensor model.norm.weight has shape \[63\]"
+    if how == "unknown architecture":
+        config = json.loads((ckpt / "config.json").read_text())
+        (ckpt / "config.json").write_text(json.dumps({**config, "architectures": ["MambaForCausalLM"]}))
+        return "architectures 'MambaForCausalLM' is not a llama model: no family"
+    if how == "truncated":
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 2])
+        return "model.safetensors is not a readable safetensors file"
+    if how == "missing shard":
+        tensors = load_file(weights)
+        weights.unlink()
+        names = sorted(tensors)
+        save_file({n: tensors[n] for n in names[:5]}, ckpt / "model-00001-of-00002.safetensors")
+        index = {
+            n: ("model-00001-of-00002.safetensors" if i < 5 else "model-00002-of-00002.safetensors")
+            for i, n in enumerate(names)
+        }
+        (ckpt / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+        return "names shard model-00002-of-00002.safetensors, which is missing"
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize(
+    "how", ["missing tensor", "unexpected tensor", "wrong shape", "unknown architecture", "truncated", "missing shard"]
+)
+def test_bad_checkpoints_are_one_line_and_nothing_is_written(how, tmp_path):
+    ckpt = hf_checkpoint(tmp_path / "hf")
+    expected = _damage(ckpt, how)
+    with pytest.raises(UserError, match=expected):
+        train(load_config(write_config(run_config(tmp_path, ckpt), tmp_path / "cfg.yaml")))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_dimension_that_contradicts_the_checkpoint_is_refused(tmp_path):
+    ckpt = hf_checkpoint(tmp_path / "hf")
+    cfg = run_config(tmp_path, ckpt)
+    cfg["model"]["n_layer"] = 3
+    with pytest.raises(UserError, match="model.n_layer=3 contradicts model.init_from"):
+        train(load_config(write_config(cfg, tmp_path / "cfg.yaml")))

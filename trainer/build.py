@@ -1,0 +1,272 @@
+"""Assembling a run on one rank from its config: the model's shape and the checks that need it, the engine around the
+model, the resume point, the data stream and the loggers, and the start line that says what was built."""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+
+import torch
+
+from trainer.checkpoint import Checkpointer
+from trainer.config import Config, save_config
+from trainer.data.from_config import build_data_stream, data_sources, describe_data
+from trainer.engines import Engine, build_engine
+from trainer.engines.base import DTYPES
+from trainer.engines.deepspeed import deepspeed_config
+from trainer.errors import SharedError, UserError
+from trainer.init_from import hf_model_dims, load_hf_weights
+from trainer.init_from import verify as verify_hf_checkpoint
+from trainer.metrics import flops_per_token, peak_flops
+from trainer.models import ModelConfig, count_params, family, model_from_config, resolve_model_config
+from trainer.monitor import MetricsLogger
+from trainer.optim import OptimizerSettings
+from trainer.parallel import ParallelDims, broadcast_object, parallelize
+from trainer.run import Run, TrainState
+from trainer.run_lock import RunLock
+from trainer.tokenizer import TokenizerInfo
+
+# what a tokenizer must have for each objective, and the `trainer tokenizer` kind that has it
+NEEDED_TOKENS = {"causal": (["eos_id"], "bpe"), "masked": (["cls_id", "sep_id", "mask_id"], "wordpiece")}
+
+
+def resolve_model(cfg: Config, tok: TokenizerInfo) -> ModelConfig:
+    """The model shape: preset, then explicit dims; vocab_size defaults to the tokenizer's."""
+    m = cfg.model
+    dims = {k: v for k, v in m.dims.items() if v is not None}
+    if m.init_from:  # the checkpoint's config.json sets the shape
+        dims = hf_model_dims(m.init_from, m.arch, dims, m.preset)
+        mc = resolve_model_config(m.arch, None, **dims)
+        verify_hf_checkpoint(m.init_from, mc)
+    else:
+        dims.setdefault("vocab_size", tok.vocab_size)
+        mc = resolve_model_config(m.arch, m.preset, **dims)
+    if tok.vocab_size > mc.vocab_size:
+        raise UserError(
+            f"tokenizer {cfg.data.tokenizer} has {tok.vocab_size} tokens but model.vocab_size is "
+            f"{mc.vocab_size}: raise model.vocab_size to at least {tok.vocab_size} or leave it unset"
+        )
+    if cfg.data.seq_len > mc.max_seq_len:
+        raise UserError(
+            f"data.seq_len={cfg.data.seq_len} exceeds the model's {mc.max_seq_len} positions: lower "
+            f"data.seq_len or raise model.max_seq_len"
+        )
+    needed, kind = NEEDED_TOKENS[family(mc.arch).objective]
+    if any(getattr(tok, k) is None for k in needed):
+        raise UserError(
+            f"tokenizer {cfg.data.tokenizer} lacks the special tokens a {mc.arch} model needs: train one "
+            f"with `trainer tokenizer --kind {kind}`"
+        )
+    return mc
+
+
+def engine_config(cfg: Config, model_cfg: ModelConfig) -> dict | None:
+    """The generated DeepSpeed config (parallel.deepspeed checked against it), or None for the other engines; built
+    from the launcher's WORLD_SIZE before any process group exists, so a bad setting stops the run before it starts."""
+    p = cfg.parallel
+    if p.engine != "deepspeed":
+        return None
+    dp = int(os.environ.get("WORLD_SIZE", "1")) // p.tp
+    return deepspeed_config(cfg.train, p, dp=dp, d_model=model_cfg.d_model)
+
+
+def check_layout(cfg: Config, dims: ParallelDims, model_cfg: ModelConfig) -> None:
+    """Parallel settings that need the world size or the model shape, refused before anything is built."""
+    if cfg.parallel.engine == "ddp" and dims.tp > 1 and dims.dp > 1:
+        raise UserError(
+            f"parallel.engine=ddp combines tensor parallelism only with dp=1 (here dp={dims.dp}, tp={dims.tp}): "
+            f"use parallel.engine=fsdp for 2-D (dp x tp) layouts"
+        )
+
+
+def lock_run_dir(lock: RunLock, dims: ParallelDims) -> None:
+    """Rank 0 takes the run directory's lock for the job; a refusal (another job holds it) reaches every rank."""
+    refusal = None
+    if dims.is_main:
+        try:
+            lock.acquire()
+        except UserError as e:
+            refusal = str(e)
+    if refusal := broadcast_object(refusal):
+        raise SharedError(refusal)
+
+
+def build_model(
+    cfg: Config,
+    dims: ParallelDims,
+    device: torch.device,
+    model_cfg: ModelConfig,
+    ds_config: dict | None = None,
+    pretrained: bool = False,
+) -> tuple[Engine, dict]:
+    """The engine around the model: built on the meta device (or partitioned as it is built, DeepSpeed ZeRO-3),
+    parallelized, then sharded and materialised by the engine: no rank ever holds more than its shard (plus one whole
+    parameter while initialising). `pretrained`: the weights of model.init_from replace the random ones."""
+    t, p = cfg.train, cfg.parallel
+    with torch.device("meta"):
+        shape_only = model_from_config(model_cfg)
+    counts = {
+        "n_params": count_params(shape_only),
+        "n_params_non_embedding": count_params(shape_only, exclude_embeddings=True),
+    }
+    engine = build_engine(
+        p.engine,
+        lambda: model_from_config(model_cfg),
+        lambda model: parallelize(model, dims, t.activation_checkpointing, t.compile),
+        dims=dims,
+        device=device,
+        precision=t.precision,
+        grad_clip=t.grad_clip,
+        optim=OptimizerSettings(lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2), eps=t.eps),
+        seed=cfg.run.seed,
+        zero_stage=p.zero_stage,
+        offload=p.offload,
+        deepspeed=ds_config,
+        load=partial(load_hf_weights, directory=cfg.model.init_from) if pretrained else None,
+    )
+    return engine, counts
+
+
+def model_flops_per_token(model_cfg: ModelConfig, counts: dict, seq_len: int) -> float:
+    """Training FLOPs per token: an untied LM head is a weight in the count already; a tied one is counted apart."""
+    return flops_per_token(
+        counts["n_params_non_embedding"],
+        model_cfg.n_layer,
+        model_cfg.attention_dim,
+        seq_len,
+        causal=family(model_cfg.arch).objective == "causal",
+        vocab_size=model_cfg.vocab_size if model_cfg.tied_head else 0,
+    )
+
+
+def build_run(
+    cfg: Config,
+    dims: ParallelDims,
+    device: torch.device,
+    tok: TokenizerInfo,
+    model_cfg: ModelConfig,
+    ds_config: dict | None = None,
+    lock: RunLock | None = None,
+) -> Run:
+    """Model, engine, checkpoint state and loggers; resumes from a checkpoint when there is one. `lock` (the run
+    directory's) is taken before anything is written there."""
+    check_layout(cfg, dims, model_cfg)
+    train_sources, valid_sources = data_sources(cfg)
+    if lock is not None:
+        lock_run_dir(lock, dims)
+    ckpt = Checkpointer(cfg.run_dir / "checkpoints", cfg.checkpoint.keep, dims)
+    ckpt.clean_partial()  # under the lock: no live job can be writing them
+    resume_from = ckpt.find_resume(cfg.checkpoint.resume)
+    state, rng = TrainState(), None
+    if resume_from is not None:  # refused here, before anything is built or written, if this run cannot continue it
+        saved = ckpt.check_resume(
+            resume_from, model_cfg.to_dict(), cfg.parallel.engine, cfg.parallel.zero_stage, tok.path
+        )
+        state = TrainState(**saved["train_state"])
+    if dims.is_main:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, cfg.run_dir / "config.yaml")
+
+    # measured on an idle process: before the data workers start tokenizing beside it
+    peak, peak_source = peak_flops(device, DTYPES[cfg.train.precision])
+    # The data workers start next: they fork before the model and optimizer exist (no memory of theirs to share)
+    # and tokenize the first block of every stream while the model is built and compiled.
+    stream = build_data_stream(
+        cfg,
+        dims,
+        train_sources,
+        training=True,
+        state=state.data,
+        num_workers=cfg.data.num_workers,
+        micro_batch=cfg.train.micro_batch,
+    )
+    stream.start()
+    try:
+        # a resume always prefers the run's own checkpoint to model.init_from
+        pretrained = bool(cfg.model.init_from) and resume_from is None
+        engine, counts = build_model(cfg, dims, device, model_cfg, ds_config, pretrained)
+        if resume_from is not None:
+            rng = ckpt.load(resume_from, engine)
+        wb = cfg.log.wandb
+        logger = MetricsLogger(
+            cfg.run_dir,
+            is_main=dims.is_main,
+            total_steps=cfg.train.steps,
+            start_step=state.step,
+            wandb_mode=wb.mode,
+            wandb_project=wb.project,
+            wandb_entity=wb.entity,
+            run_name=cfg.run.name,
+            config=cfg.to_dict(),
+            wandb_run_id=state.wandb_run_id,
+        )
+        state.wandb_run_id = logger.wandb_run_id
+        run = Run(
+            cfg=cfg,
+            dims=dims,
+            device=device,
+            tok=tok,
+            family=family(model_cfg.arch),
+            model_cfg=model_cfg,
+            engine=engine,
+            ckpt=ckpt,
+            logger=logger,
+            state=state,
+            rng=rng,
+            train_sources=train_sources,
+            valid_sources=valid_sources,
+            flops_per_token=model_flops_per_token(model_cfg, counts, cfg.data.seq_len),
+            peak_flops=peak * dims.world_size,
+            stream=stream,
+        )
+        announce(run, counts, resume_from, peak_source)
+        return run
+    except BaseException:
+        stream.close()  # the workers must not outlive a failed start
+        raise
+
+
+def announce(run: Run, counts: dict, resume_from, peak_source: str) -> None:
+    """The `start` record of metrics.jsonl and the start lines: what was built, on what layout, from where."""
+    cfg, dims, t, logger, state = run.cfg, run.dims, run.cfg.train, run.logger, run.state
+    layout = run.engine.layout()
+    logger.start(
+        {
+            **counts,
+            "world_size": dims.world_size,
+            "dp": dims.dp,
+            "tp": dims.tp,
+            **layout,
+            "global_batch": run.global_batch,
+            "global_batch_tokens": run.global_batch * cfg.data.seq_len,
+            "flops_per_token": run.flops_per_token,
+            "resumed_from_step": state.step if resume_from else None,
+            "resumed_from": str(resume_from) if resume_from else None,
+            "arch": run.model_cfg.arch,
+            "preset": cfg.model.preset,
+            "device": str(run.device),
+            "precision": t.precision,
+            "peak_flops": run.peak_flops,
+            "peak_flops_source": peak_source,
+            "data_sources": {src.name: src.weight for src in run.train_sources},
+            "data_shuffle": cfg.data.shuffle,
+            "data_streams": cfg.data.streams,
+        }
+    )
+    name = run.family.title + (f" {cfg.model.preset}" if cfg.model.preset else "")
+    zero = f" ZeRO-{layout['zero_stage']}" if layout["zero_stage"] else ""
+    offloaded = f" (+{layout['offload_bytes'] / 2**20:,.1f} MiB in CPU memory)" if layout.get("offload_bytes") else ""
+    tokens = run.global_batch * cfg.data.seq_len
+    logger.print(
+        f"{name}: {counts['n_params']:,} parameters | {layout['engine']}{zero}, dp {dims.dp} x tp {dims.tp} on "
+        f"{run.device.type}, offload {layout['offload']}, model state {layout['model_state_bytes'] / 2**20:,.1f} MiB "
+        f"per rank{offloaded} | {run.global_batch} x {cfg.data.seq_len} = {tokens:,} tokens "
+        f"per step | {t.steps:,} steps, {t.precision} | run dir {cfg.run_dir}"
+    )
+    logger.print(describe_data(cfg, run.train_sources, dims.dp))
+    if resume_from:
+        logger.print(f"resumed from {resume_from} at step {state.step}")
+    elif cfg.model.init_from:
+        logger.print(f"weights from {cfg.model.init_from} (Hugging Face checkpoint)")
+    if state.step >= t.steps:
+        logger.print(f"the run is complete at step {state.step}: raise train.steps to train further")

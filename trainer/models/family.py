@@ -1,0 +1,102 @@
+"""What a model family is: the config base class every family's config derives from, and the `Family` record a
+family's package exports as `FAMILY` (config, model, presets, objective, tensor-parallel plan, Hugging Face adapter).
+
+Code outside `trainer/models/` reads a family only through these two: it never names one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import nn
+
+from trainer.errors import UserError
+
+OBJECTIVES = ("causal", "masked")  # next-token prediction (decoders) | masked-token prediction (encoders)
+
+
+class ModelConfig:
+    """Base of every family's config dataclass: every number that fixes a model's shape, nothing about parallelism or
+    training. Every family has n_layer, n_head, d_model, d_ff, vocab_size and max_seq_len; the rest is its own."""
+
+    arch: ClassVar[str]
+    POSITIVE: ClassVar[tuple[str, ...]] = ("n_layer", "n_head", "d_model", "vocab_size", "max_seq_len", "d_ff")
+    FROM_D_MODEL: ClassVar[tuple[str, ...]] = ("d_ff",)  # re-derived when d_model is overridden and they are not given
+    LEGACY: ClassVar[dict[str, Any]] = {}  # keys older checkpoints saved that this family lacks, with their one value
+
+    n_layer: int
+    n_head: int
+    d_model: int
+    d_ff: int
+    vocab_size: int
+    max_seq_len: int
+
+    def __post_init__(self) -> None:
+        self.fill_defaults()
+        for name in self.POSITIVE:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"model.{name}={value!r} is invalid; set it to a positive integer")
+        self.check()
+
+    def fill_defaults(self) -> None:
+        """Derived values left unset (None) get the family's published rule (e.g. d_ff = 4 * d_model)."""
+
+    def check(self) -> None:
+        """Family-specific consistency checks (UserError naming the key and the fix)."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def attention_dim(self) -> int:
+        """Width of the query/key products summed over heads (d_model for GPT-2 and BERT): the FLOPs of attention."""
+        return self.n_head * self.head_dim
+
+    @property
+    def tied_head(self) -> bool:
+        """Whether the output projection shares the token embedding's weight."""
+        return True
+
+    def tp_divisors(self) -> dict[str, int]:
+        """The dimensions (config key -> value) a tensor-parallel degree must divide."""
+        return {"model.n_head": self.n_head, "model.d_ff": self.d_ff, "model.vocab_size": self.vocab_size}
+
+    def to_dict(self) -> dict:
+        """Plain dict with the arch (for checkpoints and logs); `config_from_dict` rebuilds it."""
+        return {"arch": self.arch, **dataclasses.asdict(self)}
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: what `model.arch` names. `tensor_parallel` and `hf` are modules imported on first use (they
+    import torch.distributed and safetensors, which building a model does not need):
+    - `tensor_parallel.apply(model, tp_mesh)` shards a built model in place (DTensor plans);
+    - `hf` holds the Hugging Face adapter (`trainer.models.hf.Adapter`) as `ADAPTER`."""
+
+    arch: str
+    title: str  # as printed: "GPT", "BERT", "Llama"
+    config: type
+    model: type[nn.Module]
+    presets: dict[str, ModelConfig]
+    objective: str  # one of OBJECTIVES: what the data layer packs and what evaluation reports
+    tensor_parallel: str
+    hf: str
+    notes: dict[str, str] = field(default_factory=dict)  # preset -> what it is (README table)
+
+    def __post_init__(self) -> None:
+        assert self.objective in OBJECTIVES, self.objective
+
+    def apply_tensor_parallel(self, model: nn.Module, tp_mesh) -> None:
+        importlib.import_module(self.tensor_parallel).apply(model, tp_mesh)
+
+    @property
+    def adapter(self):
+        return importlib.import_module(self.hf).ADAPTER
+
+    def setting_names(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self.config)]

@@ -1,0 +1,55 @@
+"""Pieces of Megatron-style tensor-parallel plans (DTensor, on the `tp` mesh axis) that the families' plans share.
+
+Within a block (Y = XW with W = [W_1 ... W_p] split over the p tp ranks): the attention projections q/k/v and the
+MLP's input projection(s) are column-parallel (each rank holds n_head/p heads, d_ff/p hidden units), the output
+projections row-parallel and reduce-scattered over the sequence (sequence parallelism): between blocks every rank
+holds T/p positions of the residual stream, so norms and residual dropout run on 1/p of the tokens, and attention and
+MLP inputs are all-gathered over the sequence first. Outside the blocks the token embedding is vocab-parallel and
+reduce-scatters into the sequence-sharded stream; the LM head is column-parallel over the vocabulary and its logits
+stay sharded (Shard(-1)), so `loss_parallel` computes the cross-entropy without gathering them.
+"""
+
+from __future__ import annotations
+
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+)
+
+
+def block_plan(
+    norms: tuple[str, ...], columns: tuple[str, ...], rows: tuple[str, ...], attn_extra_inputs: int = 0
+) -> dict:
+    """The plan of one block: `norms` sequence-parallel, `columns` column- and `rows` row-parallel (names relative to
+    the block), the `attn` and `mlp` submodules' first input gathered over the sequence (`attn_extra_inputs` more
+    inputs passed through untouched, e.g. BERT's key mask or Llama's rotary tables)."""
+    extra = (None,) * attn_extra_inputs
+    return {
+        **{name: SequenceParallel(use_local_output=True) for name in norms},
+        "attn": PrepareModuleInput(input_layouts=(Shard(1), *extra), desired_input_layouts=(Replicate(), *extra)),
+        "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+        **{name: ColwiseParallel() for name in columns},
+        **{name: RowwiseParallel(output_layouts=Shard(1)) for name in rows},
+    }
+
+
+def vocab_embedding() -> RowwiseParallel:
+    """A token (or token-type) embedding sharded over its rows, its output reduce-scattered over the sequence."""
+    return RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
+
+
+def positions_embedding() -> RowwiseParallel:
+    """Learned positions looked up with a (T,) index: the output (T, d) is scattered over T."""
+    return RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(0))
+
+
+def sequence_norm() -> SequenceParallel:
+    return SequenceParallel(use_local_output=True)
+
+
+def vocab_head(input_layout) -> ColwiseParallel:
+    """The LM head, column-parallel over the vocabulary; its logits stay a vocab-sharded DTensor."""
+    return ColwiseParallel(input_layouts=input_layout, output_layouts=Shard(-1), use_local_output=False)
