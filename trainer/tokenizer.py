@@ -63,7 +63,10 @@ def train_tokenizer(
     paths = resolve_files(files)
     fmt = detect_format(paths, fmt)
     if fmt == "tokens":
-        raise UserError("cannot train a tokenizer on prepared token shards; pass the raw text/jsonl/parquet files")
+        raise UserError(
+            f"{', '.join(paths)} holds prepared token shards, not text; train the tokenizer on the raw "
+            "text/jsonl/parquet files"
+        )
     if fmt == "saved" and len(paths) != 1:
         raise UserError("train the tokenizer on one saved dataset directory at a time")
     source = Source("tokenizer", fmt, tuple(paths), text_field)

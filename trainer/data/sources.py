@@ -130,36 +130,73 @@ def resolve_files(paths: list[str] | str) -> list[str]:
     return sorted(files)
 
 
-def detect_format(files: list[str], fmt: str = "auto") -> str:
-    """Return the one format of `files`: the given one, or (for "auto") the one their extensions imply."""
+def path_kind(path: str) -> str | None:
+    """What one path holds: "tokens", "saved", or the raw format its extension implies (None when it has none)."""
+    if is_tokens_dir(path):
+        return "tokens"
+    if is_saved_dataset(path):
+        return "saved"
+    return _EXTENSIONS.get(Path(path).suffix.lower())
+
+
+_WHAT = {
+    "tokens": "a directory written by `trainer prepare` (with meta.json)",
+    "saved": "a directory written by datasets' save_to_disk (with state.json)",
+}
+_IS = {
+    **_WHAT,
+    "text": "a text file",
+    "jsonl": "a jsonl file",
+    "parquet": "a parquet file",
+    None: "a file of no known format",
+}
+
+
+def detect_format(files: list[str], fmt: str = "auto", *, key: str = "", setting: str = "data.format") -> str:
+    """Return the one format of `files`: the given one, or (for "auto") the one their extensions imply. Errors name
+    the offending path, `key` (the config key the files came from, e.g. data.valid) and `setting` (the key that set
+    `fmt`)."""
+    where = f"{key}: " if key else ""
     if fmt not in FORMATS:
-        raise UserError(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)}")
-    found = set()
-    for f in files:
-        kind = (
-            "tokens"
-            if is_tokens_dir(f)
-            else "saved"
-            if is_saved_dataset(f)
-            else _EXTENSIONS.get(Path(f).suffix.lower())
-        )
-        if kind is None and fmt == "auto":
-            raise UserError(f"cannot tell the format of {f!r} from its extension; set data.format explicitly")
-        found.add(kind)
-    if fmt != "auto":
-        if fmt in ("tokens", "saved") and found != {fmt}:
-            what = (
-                "a directory written by `trainer prepare` (with meta.json)"
-                if fmt == "tokens"
-                else ("a directory written by datasets' save_to_disk (with state.json)")
+        raise UserError(f"{where}unknown data format {fmt!r} ({setting}); use one of {', '.join(FORMATS)}")
+    kinds = {f: path_kind(f) for f in files}
+    if fmt == "auto":
+        for f, kind in kinds.items():
+            if kind is None:
+                raise UserError(f"{where}cannot tell the format of {f!r} from its extension; set {setting} explicitly")
+        found = sorted(set(kinds.values()))
+        if len(found) != 1:
+            examples = ", ".join(f"{k} ({next(f for f, kind in kinds.items() if kind == k)})" for k in found)
+            raise UserError(
+                f"{where}data files mix formats: {examples}; use one format per source (named sources: "
+                "data.train={NAME: {path: [...]}, ...})"
             )
-            raise UserError(f"data.format={fmt} needs {what}")
-        if fmt not in ("tokens", "saved") and found & {"tokens", "saved"}:
-            raise UserError(f"data.format={fmt} was given a directory of another kind; set data.format=auto")
+        return found[0]
+    if fmt in ("tokens", "saved"):
+        wrong = next((f for f, kind in kinds.items() if kind != fmt), None)
+        if wrong is not None:
+            fix = f"set {setting}=auto to read each path as what it is"
+            if fmt == "tokens" and key:
+                target = f"{key}.path" if key.count(".") > 1 else key  # a named source's paths are under .path
+                fix += f", or run `trainer prepare CONFIG --out OUT` and set {target}=[{_prepared_dir(key)}]"
+            raise UserError(f"{where}{setting}={fmt} needs {_WHAT[fmt]}, but {wrong!r} is {_IS[kinds[wrong]]}; {fix}")
         return fmt
-    if len(found) != 1:
-        raise UserError(f"data files mix formats ({', '.join(sorted(found))}); use one format per source")
-    return found.pop()
+    wrong = next((f for f, kind in kinds.items() if kind in ("tokens", "saved")), None)
+    if wrong is not None:
+        raise UserError(
+            f"{where}{setting}={fmt} reads raw files, but {wrong!r} is {_IS[kinds[wrong]]}; set {setting}=auto to "
+            "read each path as what it is"
+        )
+    return fmt
+
+
+def _prepared_dir(key: str) -> str:
+    """Where `trainer prepare CONFIG --out OUT` writes the source of config key `key`: data.valid -> OUT/valid,
+    data.train -> OUT/train, data.train.NAME of a mixture -> OUT/train/NAME."""
+    if key.startswith("data.valid"):
+        return "OUT/valid"
+    name = key.removeprefix("data.train").lstrip(".")
+    return f"OUT/train/{name}" if name else "OUT/train"
 
 
 SOURCE_KEYS = ("path", "dataset", "name", "split", "weight", "format", "text_field")
@@ -215,16 +252,23 @@ def _make_source(name: str, spec: dict, fmt: str, text_field: str, key: str) -> 
             key=key,
         )
     paths = resolve_files(spec["path"])
-    fmt = detect_format(paths, fmt)
+    fmt = detect_format(paths, fmt, key=key, setting=f"{key}.format" if "format" in spec else "data.format")
     if fmt in ("tokens", "saved") and len(paths) != 1:
-        raise UserError(f"{key}: format {fmt} takes one directory, got {len(paths)} paths; make each its own source")
+        raise UserError(
+            f"{key}: format {fmt} takes one directory, got {len(paths)} ({', '.join(paths)}); make each its own "
+            f"source in a mapping {key}={{NAME: {{path: [DIR]}}, ...}}"
+        )
     return Source(name, fmt, tuple(paths), field_, float(weight), key=key)
 
 
-def check_read_args(fmt: str, text_field: str, bad_lines: str) -> None:
-    """Validate reader options early, in the main process, so errors name the config key."""
+def check_read_args(fmt: str, text_field: str, bad_lines: str, label: str = "") -> None:
+    """Validate reader options early, in the main process, so errors name the config key (and `label`: the source's
+    key and paths, Source.label())."""
     if fmt == "tokens":
-        raise UserError("a prepared token directory holds no raw documents; use text, jsonl or parquet files here")
+        raise UserError(
+            f"{label or 'a prepared token directory'} holds prepared token shards, no raw documents; use the text, "
+            "jsonl or parquet files it was prepared from here"
+        )
     if not isinstance(text_field, str) or not text_field:
         raise UserError("data.text_field must be a non-empty column/key name such as 'text'")
     if bad_lines not in BAD_LINES:
@@ -328,7 +372,7 @@ def read_unit(
 
 def iter_documents(source: Source, bad_lines: str = "skip", warn: bool = True) -> Iterator[tuple[str, int, str]]:
     """(file, document id, text) of one pass over a raw source, in corpus order."""
-    check_read_args(source.fmt, source.text_field, bad_lines)
+    check_read_args(source.fmt, source.text_field, bad_lines, source.label())
     for unit in plan_units(source, 1):
         for doc, text in read_unit(source, unit, bad_lines, warn):
             yield unit.file, doc, text
