@@ -64,11 +64,13 @@ def reference_optimizer(model: torch.nn.Module) -> torch.optim.AdamW:
         for module in model.modules()
         if isinstance(module, (Conv1D, torch.nn.Linear)) and module.weight.dim() == 2
     }
-    decay_ids.discard(id(model.transformer.wte.weight))  # the tied lm_head Linear is the embedding table
+    decay_ids.discard(id(model.get_input_embeddings().weight))  # a tied lm_head Linear is the embedding table
     params = list(model.parameters())  # a tied Parameter is listed once
     decay = [p for p in params if id(p) in decay_ids]
     no_decay = [p for p in params if id(p) not in decay_ids]
-    assert len(decay) == 4 * model.config.n_layer  # c_attn, attn.c_proj, c_fc, mlp.c_proj per block
+    # GPT-2: c_attn, attn.c_proj, c_fc, mlp.c_proj per block; Llama: q, k, v, o, gate, up, down, and the untied head
+    per_block, untied = (4, 0) if isinstance(model, transformers.GPT2LMHeadModel) else (7, 1)
+    assert len(decay) == per_block * model.config.num_hidden_layers + untied
     groups = [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=LR, betas=BETAS, eps=EPS)
 
@@ -99,7 +101,7 @@ def reference_train(model: torch.nn.Module, batches) -> list[dict]:
 
 def to_hf(model: torch.nn.Module, out_dir: Path):
     export_hf(model, out_dir)
-    return transformers.GPT2LMHeadModel.from_pretrained(out_dir, attn_implementation="eager")
+    return transformers.AutoModelForCausalLM.from_pretrained(out_dir, attn_implementation="eager")
 
 
 def run_trainer(tmp_path: Path, corpus: Path, gpt_tok: Path, name: str, **overrides) -> tuple[dict, Path]:
@@ -121,22 +123,29 @@ def run_trainer(tmp_path: Path, corpus: Path, gpt_tok: Path, name: str, **overri
     return cfg, tmp_path / name
 
 
-def test_gpt_training_matches_plain_pytorch_reference_on_hf_gpt2(tmp_path, corpus, gpt_tok):
-    cfg, run_dir = run_trainer(tmp_path, corpus, gpt_tok, "run")
+# Llama: GQA (4 query heads over 2 key/value heads), untied head, non-default RoPE base
+LLAMA = {"model.arch": "llama", "model.n_head": 4, "model.n_kv_heads": 2, "model.rope_theta": 5e5}
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_training_matches_plain_pytorch_reference_on_transformers(tmp_path, corpus, gpt_tok, family):
+    """GPT against GPT2LMHeadModel, Llama against LlamaForCausalLM."""
+    arch = LLAMA if family == "llama" else {}
+    cfg, run_dir = run_trainer(tmp_path, corpus, gpt_tok, "run", **arch)
     logged = [m for m in read_metrics(run_dir) if "loss" in m and "event" not in m]
     assert [m["step"] for m in logged] == list(range(1, STEPS + 1))
 
     # The trainer's own initial weights, whatever its seeding convention: one step at LR 0 leaves AdamW's weights
     # bit-identical (decay is lr * wd, the update lr * m / (sqrt(v) + eps)), and the end-of-run checkpoint holds them.
     _, init_dir = run_trainer(
-        tmp_path, corpus, gpt_tok, "init", **{"train.steps": 1, "train.lr": 0.0, "train.min_lr": 0.0}
+        tmp_path, corpus, gpt_tok, "init", **{"train.steps": 1, "train.lr": 0.0, "train.min_lr": 0.0, **arch}
     )
     (init_step,) = [m for m in read_metrics(init_dir) if "loss" in m and "event" not in m]
     assert math.isclose(init_step["loss"], logged[0]["loss"], rel_tol=1e-6)  # same weights, same first batch
     ours = load_model(init_dir).eval()
     assert ours.config.vocab_size == load_tokenizer(gpt_tok).vocab_size  # the default: the tokenizer's
     ref = to_hf(ours, tmp_path / "hf_init").eval()
-    assert ref.lm_head.weight is ref.transformer.wte.weight
+    assert (ref.lm_head.weight is ref.get_input_embeddings().weight) == (family == "gpt")
     m, d, seed = cfg["model"], cfg["data"], cfg["run"]["seed"]
     ids = torch.randint(0, ours.config.vocab_size, (2, d["seq_len"]))
     with torch.no_grad():
@@ -147,7 +156,7 @@ def test_gpt_training_matches_plain_pytorch_reference_on_hf_gpt2(tmp_path, corpu
         fmt=d["format"],
         text_field="text",
         tokenizer_path=d["tokenizer"],
-        arch="gpt",
+        objective="causal",
         seq_len=d["seq_len"],
         seed=seed,
         dp_rank=0,
@@ -176,7 +185,7 @@ def test_gpt_training_matches_plain_pytorch_reference_on_hf_gpt2(tmp_path, corpu
     d_model = m["d_model"]
     for name, tensor in trained.items():
         want = ref_state[name]
-        if name.endswith("attn.c_attn.bias"):  # q | k | v
+        if name.endswith("attn.c_attn.bias"):  # GPT-2's q | k | v
             key = slice(d_model, 2 * d_model)
             torch.testing.assert_close(tensor[key], want[key], rtol=0, atol=KEY_BIAS_ATOL, msg=name + " (key)")
             tensor, want = tensor.clone(), want.clone()
