@@ -428,7 +428,8 @@ def test_trainer_data_prints_the_order(env, tmp_path):
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [row["index"] for row in rows] == list(range(5, 13))
     assert [row["rank"] for row in rows] == [1, 0] * 4
-    assert {"source", "file", "document", "offset", "text"} <= rows[0].keys()
+    fields = ["index", "source", "file", "document", "line", "document_byte_offset", "offset", "rank", "stream", "text"]
+    assert list(rows[0]) == fields
     s = stream(env, files=mixture(env, prepared=False), shuffle=True, streams=4, block=4, micro_batch=13)
     samples = by_index([next(s)])
     info = load_tokenizer(env["tok"]["gpt"])
@@ -551,6 +552,44 @@ def test_format_errors_name_the_key_the_path_and_the_fix(env, tmp_path):
 
 class _OneRank:
     dp_rank, dp = 0, 1
+
+
+def test_trainer_data_numbers_documents_as_users_count_them(env, tmp_path, capsys):
+    """`trainer data` names a text/jsonl document by its number in its file (from 0), the line it starts on (from 1,
+    as editors number lines) and its byte offset under its own name; shards prepared from the file give the same
+    number and offset. A blank and a bad jsonl line make line and document numbers differ."""
+    docs = env["paragraphs"][:12]
+    lines = [json.dumps({"text": d}) for d in docs]
+    lines[3:3] = ["", "{not json"]
+    jsonl, text = tmp_path / "c.jsonl", tmp_path / "c.txt"
+    jsonl.write_text("\n".join(lines) + "\n")
+    text.write_text("\n\n\n".join(docs) + "\n")
+    prepare(parse_sources([str(jsonl)])[0], env["tok"]["gpt"], "gpt", tmp_path / "prepared")
+
+    def where(path: Path) -> list[tuple[int, int]]:
+        """(byte offset, line from 1) of each document, found by searching the file for it."""
+        raw, found, pos = path.read_text(), [], 0
+        for d in docs:
+            pos = raw.index(json.dumps({"text": d}) if path.suffix == ".jsonl" else d, pos)
+            found.append((len(raw[:pos].encode()), raw[:pos].count("\n") + 1))
+        return found
+
+    def records(path: Path, fmt: str) -> list[dict]:
+        data = {"train": [str(path)], "format": fmt, "tokenizer": env["tok"]["gpt"], "seq_len": SEQ["gpt"]}
+        data.update(streams=2, shuffle_block=4, num_workers=0)
+        (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({"data": data}))
+        main(["data", str(tmp_path / "cfg.yaml"), "--range", "0:60"])
+        return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+    assert where(jsonl)[5] == (len("".join(line + "\n" for line in lines[:7]).encode()), 8)  # document 5: line 8
+    for path, fmt in ((jsonl, "jsonl"), (text, "text"), (tmp_path / "prepared", "tokens")):
+        expected = where(jsonl if fmt == "tokens" else path)
+        rows = records(path, fmt)
+        assert len({r["document"] for r in rows}) > 6, rows
+        for r in rows:
+            byte_offset, line = expected[r["document"]]
+            assert r["document_byte_offset"] == byte_offset and r["line"] == (None if fmt == "tokens" else line), r
+            assert r["text"].split("<|endoftext|>")[0] in docs[r["document"]], r
 
 
 def test_trainer_data_shows_progress_while_reaching_the_range(env, tmp_path, capfd, monkeypatch):

@@ -21,9 +21,10 @@ def parse_range(text: str) -> tuple[int, int]:
 
 
 def describe_samples(cfg: Config, span: str, dp: int, n_tokens: int) -> Iterator[dict]:
-    """Global samples A..B-1 of the training order: index, source, file, document, offset, the data-parallel rank
-    that takes it at `dp`, and its first content tokens decoded. The order does not depend on dp, so one reader
-    walks it; samples before A are read through (raw sources) or computed (prepared shards)."""
+    """Global samples A..B-1 of the training order: index, source, file, document, line, document_byte_offset, offset,
+    the data-parallel rank that takes it at `dp`, and its first content tokens decoded (SampleStream.describe says what
+    each field is). The order does not depend on dp, so one reader walks it; samples before A are read through (raw
+    sources) or computed (prepared shards)."""
     from trainer.data.from_config import build_data_stream, data_sources  # the training run's own stream
 
     a, b = parse_range(span)
@@ -36,7 +37,8 @@ def describe_samples(cfg: Config, span: str, dp: int, n_tokens: int) -> Iterator
         for _ in range(b - a):
             (row,) = stream.describe(1)
             tokens = row.pop("tokens")
-            head = {k: row.pop(k) for k in ("index", "source", "file", "document", "offset")}
+            fields = ("index", "source", "file", "document", "line", "document_byte_offset", "offset")
+            head = {k: row.pop(k) for k in fields}
             text = info.tokenizer.decode(tokens[:n_tokens].tolist(), skip_special_tokens=False)
             yield {**head, "rank": head["index"] % dp, **row, "text": text}
     finally:

@@ -23,7 +23,14 @@ from trainer.data.order import Permutation, derive_key
 from trainer.data.packing import FROM_TAG, STORED_TAG, SampleSpec
 from trainer.data.schedule import BlockNeeds, Layout, ScheduleCursor
 from trainer.data.shards import TokenShards
-from trainer.data.sources import Source, check_read_args, fingerprint, parse_sources, plan_units
+from trainer.data.sources import (
+    DocumentNumbers,
+    Source,
+    check_read_args,
+    fingerprint,
+    parse_sources,
+    plan_units,
+)
 from trainer.data.workers import BlockFeed, BlockSource
 from trainer.errors import UserError
 from trainer.tokenizer import load_tokenizer
@@ -31,6 +38,7 @@ from trainer.tokenizer import load_tokenizer
 STATE_VERSION = 2
 SKIP_PROGRESS_S = 5.0  # reading through the samples before start_sample: a progress line on stderr this often
 FRESH_CURSOR = {"block": 0, "unit": 0, "doc": None, "offset": 0}
+BYTE_IDS = ("text", "jsonl")  # formats whose document ids are byte offsets (the others': rows)
 
 
 class PreparedSampler:
@@ -58,8 +66,13 @@ class PreparedSampler:
         return self.shards.window(self.position(j), self.spec.span)
 
     def origin(self, j: int) -> dict:
-        name, doc, offset = self.shards.locate(self.position(j))
-        return {"file": name, "document": doc, "offset": offset, "epoch": j // max(self.per_epoch, 1)}
+        """Where sample j starts: input file, document (see SampleStream.describe), token offset, epoch."""
+        name, number, doc_id, offset = self.shards.locate_document(self.position(j))
+        if self.shards.meta["reader"]["format"] in BYTE_IDS:  # the raw file is not at hand: its line is unknown
+            document = {"document": number, "line": None, "document_byte_offset": doc_id}
+        else:
+            document = {"document": doc_id, "line": None, "document_byte_offset": None}
+        return {"file": name, **document, "offset": offset, "epoch": j // max(self.per_epoch, 1)}
 
 
 @dataclass
@@ -100,6 +113,7 @@ class SampleStream:
         self.carried = carried  # saved state of sources no longer configured, kept for a later resume
         self.carried_counts = carried_counts
         self.fingerprints = fingerprints  # per source index: what a resume checks the corpus against
+        self._numbers: dict[int, DocumentNumbers] = {}  # per raw text/jsonl source, made by describe()
 
     def __iter__(self) -> SampleStream:
         return self
@@ -124,14 +138,16 @@ class SampleStream:
         window = state.block.windows[index % self.block]
         origin = None
         if describe:
-            k, doc, offset = state.block.origins[index % self.block]
-            origin = {
-                "source": self.sources[s].name,
-                "file": self.plans[s].unit_at(stream, k).file,
-                "document": doc,
-                "offset": offset,
-                "stream": stream,
-            }
+            k, doc_id, offset = state.block.origins[index % self.block]
+            file = self.plans[s].unit_at(stream, k).file
+            if self.sources[s].fmt in BYTE_IDS:
+                if s not in self._numbers:
+                    self._numbers[s] = DocumentNumbers(self.sources[s])
+                number, line = self._numbers[s](file, doc_id)
+                document = {"document": number, "line": line, "document_byte_offset": doc_id}
+            else:
+                document = {"document": doc_id, "line": None, "document_byte_offset": None}
+            origin = {"source": self.sources[s].name, "file": file, **document, "offset": offset, "stream": stream}
         return g, window, origin
 
     def __next__(self) -> dict[str, torch.Tensor]:
@@ -148,7 +164,10 @@ class SampleStream:
         }
 
     def describe(self, count: int) -> list[dict]:
-        """The next `count` samples of this rank with where they come from (for `trainer data`)."""
+        """The next `count` samples of this rank with where they come from (for `trainer data`): source, file,
+        document (text, jsonl: its number among the file's documents, from 0; parquet, datasets: its row), line (text,
+        jsonl: the line it starts on, from 1; None for prepared shards, whose raw file is not read), document_byte_offset
+        (text, jsonl), offset (of the sample's first token within the document, in tokens), stream or epoch, tokens."""
         out = []
         for _ in range(count):
             g, window, origin = self._next_sample(describe=True)
@@ -200,9 +219,11 @@ class SampleStream:
             self.feed.start()
 
     def close(self) -> None:
-        """Release worker processes, if any."""
+        """Release worker processes, if any, and the files describe() numbers documents in."""
         if self.feed is not None:
             self.feed.close()
+        for numbers in self._numbers.values():
+            numbers.close()
 
 
 def _cursor(state: StreamState, index: int, block: int) -> dict:

@@ -435,12 +435,18 @@ class TokenShards:
     def locate(self, pos: int) -> tuple[str, int, int]:
         """(input name, document id, token offset within that document) of content position `pos` (modulo the
         corpus length); a document's separator is its last token."""
+        name, _, doc_id, offset = self.locate_document(pos)
+        return name, doc_id, offset
+
+    def locate_document(self, pos: int) -> tuple[str, int, int, int]:
+        """(input name, the document's number in that input from 0, its id, token offset within it) of content
+        position `pos`, as locate()."""
         pos %= self.n_tokens
         k = int(np.searchsorted(self._starts, pos, side="right")) - 1
         offset = pos - int(self._starts[k])
         docs = self._doc_index(k)
         j = bisect.bisect_right(docs[:, 1], offset) - 1  # O(log n) reads of the memmapped index
-        return self._inputs[k]["name"], int(docs[j, 0]), offset - int(docs[j, 1])
+        return self._inputs[k]["name"], j, int(docs[j, 0]), offset - int(docs[j, 1])
 
     def _doc_index(self, k: int) -> np.ndarray:
         if k not in self._docs:

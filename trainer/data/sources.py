@@ -16,6 +16,7 @@ its byte offset (text, jsonl) or its row (parquet, datasets).
 
 from __future__ import annotations
 
+import bisect
 import glob
 import hashlib
 import itertools
@@ -376,6 +377,58 @@ def iter_documents(source: Source, bad_lines: str = "skip", warn: bool = True) -
     for unit in plan_units(source, 1):
         for doc, text in read_unit(source, unit, bad_lines, warn):
             yield unit.file, doc, text
+
+
+class DocumentNumbers:
+    """Text/jsonl documents as users count them, from their ids (byte offsets): the document's number among its
+    file's documents (from 0, as the reader yields them) and the line it starts on (from 1, as editors number lines).
+    For `trainer data`; each file is read once, up to the furthest document asked about."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+        self._files: dict[str, _FileNumbers] = {}
+
+    def __call__(self, file: str, doc_id: int) -> tuple[int, int]:
+        """(document number, line) of the document at byte `doc_id` of `file`."""
+        if file not in self._files:
+            self._files[file] = _FileNumbers(self.source, file)
+        return self._files[file].number(doc_id)
+
+    def close(self) -> None:
+        for numbers in self._files.values():
+            numbers.close()
+        self._files.clear()
+
+
+class _FileNumbers:
+    """The starts of one file's documents and their lines, read as far as asked."""
+
+    def __init__(self, source: Source, path: str) -> None:
+        if source.fmt not in ("text", "jsonl"):
+            raise ValueError(f"{source.fmt} documents are numbered by row already")
+        self.path = path
+        self._docs = read_unit(source, Unit(path, 0, os.path.getsize(path)), warn=False)
+        self._file = open(path, "rb")  # noqa: SIM115 - held while numbering; close() closes it
+        self.starts: list[int] = []
+        self.lines: list[int] = []
+        self._line = 1  # the line of byte `self._file.tell()`
+
+    def number(self, doc_id: int) -> tuple[int, int]:
+        while not self.starts or self.starts[-1] < doc_id:
+            start, _ = next(self._docs, (None, None))
+            if start is None:
+                break
+            while (gap := start - self._file.tell()) > 0:
+                self._line += self._file.read(min(gap, _READ_CHUNK)).count(b"\n")
+            self.starts.append(start)
+            self.lines.append(self._line)
+        j = bisect.bisect_left(self.starts, doc_id)
+        if j == len(self.starts) or self.starts[j] != doc_id:
+            raise UserError(f"{self.path} has no document at byte {doc_id}; did the file change during the run?")
+        return j, self.lines[j]
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def _rows(texts: list, first: int) -> Iterator[tuple[int, str]]:
