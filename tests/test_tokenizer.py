@@ -1,12 +1,15 @@
 """Tokenizer training and loading on a slice of the demo corpus (real HF `tokenizers`, tiny vocabularies)."""
 
 import json
+import math
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.conftest import read_metrics, run_cli, tiny_config, write_config
+from trainer.cli import main
 from trainer.errors import UserError
 from trainer.tokenizer import load_tokenizer, train_tokenizer
 
@@ -49,6 +52,48 @@ def test_wordpiece_train_load(corpus, tmp_path):
     assert info.tokenizer.decode(plain) == "before we proceed"  # lowercased, ## pieces joined
 
 
+def test_char_tokenizer_roundtrip(corpus, tmp_path):
+    """--kind char: every character of the documents is a token, after <|endoftext|> (the GPT separator) and [UNK];
+    text of seen characters (newlines and runs of spaces included) decodes to itself, one token per character."""
+    path = train_tokenizer("char", None, [str(corpus)], tmp_path / "char")
+    info = load_tokenizer(path)
+    chars = set(corpus.read_text())  # the documents hold every character of the file
+    assert info.vocab_size == len(chars) + 2 and info.tokenizer.id_to_token(info.eos_id) == "<|endoftext|>"
+    assert info.special_ids == {info.eos_id, info.unk_id} and info.cls_id is info.mask_id is None
+    text = "  First Citizen:\n\n\nWe are  accounted poor citizens;\nthe patricians good. \n"
+    assert set(text) <= chars
+    ids = info.tokenizer.encode(text, add_special_tokens=False).ids
+    assert len(ids) == len(text) and info.tokenizer.decode(ids) == text
+    assert [info.tokenizer.id_to_token(i) for i in ids[:3]] == [" ", " ", "F"]
+    eos = info.tokenizer.encode("a.<|endoftext|>b", add_special_tokens=False).ids
+    assert eos[2] == info.eos_id and len(eos) == 4
+    assert info.tokenizer.encode("a\u2713", add_special_tokens=False).ids[1] == info.unk_id  # never seen
+
+    jsonl = tmp_path / "u.jsonl"  # non-ASCII characters, from the documents only (not the JSON around them)
+    jsonl.write_text(json.dumps({"text": "Ünïcödé ✓ 𝄞\ttab"}) + "\n" + json.dumps({"text": "ok"}) + "\n")
+    info = load_tokenizer(train_tokenizer("char", 5, [str(jsonl)], tmp_path / "u"))  # vocab size: ignored
+    assert info.vocab_size == len(set("Ünïcödé ✓ 𝄞\ttabok")) + 2
+    for text in ("𝄞 ✓\tÜnïcödé", "ok ok", "\t\t"):
+        assert info.tokenizer.decode(info.tokenizer.encode(text, add_special_tokens=False).ids) == text
+
+
+def test_char_tokenizer_cli_and_training(corpus, tmp_path, capsys):
+    """`trainer tokenizer --kind char` needs no --vocab-size (bpe still does); gpt-tiny trains on its output."""
+    main(["tokenizer", "--kind", "char", "--out", str(tmp_path / "char"), str(corpus)])
+    assert f"tokenizer written to {tmp_path / 'char' / 'tokenizer.json'}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        main(["tokenizer", "--kind", "bpe", "--out", str(tmp_path / "bpe"), str(corpus)])
+    assert exit_.value.code == 2 and "give --vocab-size N" in capsys.readouterr().err
+
+    vocab = load_tokenizer(tmp_path / "char").vocab_size
+    cfg = tiny_config(tmp_path / "run", corpus, tmp_path / "char" / "tokenizer.json", **{"train.steps": 3})
+    cfg["model"] = {"arch": "gpt", "preset": "gpt-tiny", "dropout": 0.0}
+    r = run_cli("trainer", "train", str(write_config(cfg, tmp_path / "c.yaml")), env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    losses = [m["loss"] for m in read_metrics(tmp_path / "run") if "loss" in m and "event" not in m]
+    assert len(losses) == 3 and abs(losses[0] - math.log(vocab)) < 0.5, (losses, vocab)  # logits over the chars
+
+
 def test_train_from_jsonl_and_parquet(corpus, tmp_path):
     paragraphs = [p for p in corpus.read_text().split("\n\n") if p.strip()]
     jsonl = tmp_path / "c.jsonl"
@@ -62,7 +107,12 @@ def test_train_from_jsonl_and_parquet(corpus, tmp_path):
 
 @pytest.mark.parametrize(
     ("kind", "vocab", "match"),
-    [("sentencepiece", 300, "unknown tokenizer kind"), ("bpe", 100, ">= 257"), ("wordpiece", "300", "invalid")],
+    [
+        ("sentencepiece", 300, "unknown tokenizer kind"),
+        ("bpe", 100, ">= 257"),
+        ("wordpiece", "300", "invalid"),
+        ("bpe", None, "give --vocab-size N"),
+    ],
 )
 def test_train_bad_arguments(corpus, tmp_path, kind, vocab, match):
     with pytest.raises(UserError, match=match):

@@ -178,8 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     k = sub.add_parser("tokenizer", help="train a tokenizer with HF tokenizers")
-    k.add_argument("--kind", choices=["bpe", "wordpiece"], required=True, help="bpe for GPT, wordpiece for BERT")
-    k.add_argument("--vocab-size", type=int, required=True)
+    k.add_argument(
+        "--kind",
+        choices=["bpe", "wordpiece", "char"],
+        required=True,
+        help="bpe for GPT, wordpiece for BERT, char for GPT with one token per character of the inputs",
+    )
+    k.add_argument("--vocab-size", type=int, help="vocabulary size (required for bpe and wordpiece; ignored for char)")
     k.add_argument("--out", required=True, help="directory; tokenizer.json is written into it")
     k.add_argument("inputs", nargs="+", help="text/jsonl/parquet files or globs")
     k.set_defaults(func=cmd_tokenizer)

@@ -1,4 +1,5 @@
-"""Train and load tokenizers with Hugging Face `tokenizers`: byte-level BPE for GPT, WordPiece for BERT.
+"""Train and load tokenizers with Hugging Face `tokenizers`: byte-level BPE for GPT, WordPiece for BERT, and
+character-level (every character of the corpus a token, plus <|endoftext|>) for small GPT experiments.
 
 The saved tokenizer.json is the standard HF format, so exported models load with `transformers` unchanged.
 """
@@ -17,8 +18,8 @@ from trainer.errors import UserError
 
 EOS = "<|endoftext|>"
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
-KINDS = ("bpe", "wordpiece")
-_MIN_VOCAB = {"bpe": 257, "wordpiece": 16}  # bpe: 256 byte symbols + <|endoftext|>
+KINDS = ("bpe", "wordpiece", "char")
+_MIN_VOCAB = {"bpe": 257, "wordpiece": 16}  # bpe: 256 byte symbols + <|endoftext|>; char: the corpus decides
 
 
 @dataclass
@@ -46,20 +47,29 @@ class TokenizerInfo:
 
 def train_tokenizer(
     kind: str,
-    vocab_size: int,
+    vocab_size: int | None,
     files: list[str] | str,
     out_dir: str | os.PathLike,
     fmt: str = "auto",
     text_field: str = "text",
 ) -> Path:
-    """Train a `kind` tokenizer ("bpe" or "wordpiece") on text/jsonl/parquet files; write and return out_dir/tokenizer.json."""
+    """Train a `kind` tokenizer ("bpe", "wordpiece" or "char") on text/jsonl/parquet files; write and return
+    out_dir/tokenizer.json. `vocab_size` is ignored for char: its vocabulary is the corpus's characters."""
     # Imported here: trainer.data imports this module (load_tokenizer), so a top-level import would be circular.
     from trainer.data.sources import Source, detect_format, iter_documents, resolve_files
 
     if kind not in KINDS:
-        raise UserError(f"unknown tokenizer kind {kind!r}; use --kind bpe (GPT) or --kind wordpiece (BERT)")
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < _MIN_VOCAB[kind]:
-        raise UserError(f"vocab size {vocab_size!r} is invalid for {kind}; use an integer >= {_MIN_VOCAB[kind]}")
+        raise UserError(
+            f"unknown tokenizer kind {kind!r}; use --kind bpe (GPT), --kind wordpiece (BERT) or --kind char (GPT, "
+            "one token per character)"
+        )
+    if kind != "char" and (
+        isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < _MIN_VOCAB[kind]
+    ):
+        raise UserError(
+            f"vocab size {vocab_size!r} is invalid for {kind}; give --vocab-size N, an integer >= {_MIN_VOCAB[kind]} "
+            "(or --kind char for a vocabulary of the corpus's characters)"
+        )
     paths = resolve_files(files)
     fmt = detect_format(paths, fmt)
     if fmt == "tokens":
@@ -70,6 +80,13 @@ def train_tokenizer(
     if fmt == "saved" and len(paths) != 1:
         raise UserError("train the tokenizer on one saved dataset directory at a time")
     source = Source("tokenizer", fmt, tuple(paths), text_field)
+    if kind == "char":
+        chars: set[str] = set()
+        for _, _, doc in iter_documents(source):
+            chars.update(doc)
+        if not chars:  # documents are never empty
+            raise UserError(f"no documents found in {', '.join(paths)}; check the files and their format/text field")
+        return _save(char_tokenizer(chars), out_dir)
 
     if kind == "bpe":
         tok = Tokenizer(models.BPE())
@@ -107,6 +124,21 @@ def train_tokenizer(
             single=f"{CLS} $A {SEP}", pair=f"{CLS} $A {SEP} $B:1 {SEP}:1", special_tokens=[(CLS, cls_id), (SEP, sep_id)]
         )
 
+    return _save(tok, out_dir)
+
+
+def char_tokenizer(chars: set[str]) -> Tokenizer:
+    """One token per character of `chars` (sorted, after <|endoftext|> and [UNK]): a BPE model without merges, so text
+    of these characters decodes to itself exactly; any other character encodes as [UNK]. Only <|endoftext|> is an added
+    (special) token: "[UNK]" written in a text stays five characters."""
+    vocab = {token: i for i, token in enumerate([EOS, UNK, *sorted(chars)])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
+    tok.decoder = decoders.Fuse()  # the characters joined as they are (no spaces between tokens)
+    tok.add_special_tokens([EOS])
+    return tok
+
+
+def _save(tok: Tokenizer, out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "tokenizer.json"
