@@ -10,8 +10,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from trainer import metrics
 from trainer.errors import UserError
-from trainer.metrics import flops_per_token, gpu_peak_from_table, mem_peak_gb, mfu, peak_flops
+from trainer.metrics import PeakMeter, flops_per_token, gpu_peak_from_table, mem_peak_gb, mfu, peak_flops
 from trainer.models import build_model, count_params
 
 
@@ -100,6 +101,51 @@ def test_mfu_arithmetic():
     assert mfu(1.0, 2.0, 4.0) == 0.5
     assert math.isnan(mfu(1.0, 2.0, 0.0))
     assert math.isnan(mfu(1.0, 2.0, math.nan))
+
+
+def test_peak_meter_cpu_is_measured_in_under_a_second_and_scales_with_ranks():
+    t0 = time.perf_counter()
+    meter = PeakMeter("cpu", torch.float32, world_size=3)
+    assert time.perf_counter() - t0 < 1.5  # ~budget_s (0.8 s); a loaded machine only makes products slower
+    assert meter.per_device > 1e8 and meter.peak == 3 * meter.per_device
+    assert meter.source.startswith("best measured fp32 matmul peak (cpu, ") and meter.raises == 0
+    fpt = 1e6
+    assert meter.mfu(0.25 * meter.peak / fpt, fpt) == pytest.approx(0.25)  # below the peak: plain arithmetic
+    assert meter.raises == 0 and math.isnan(meter.mfu(math.nan, fpt)) and meter.mfu(0.0, fpt) == 0.0
+
+
+def test_peak_meter_never_reports_above_one_and_raises_a_low_peak(monkeypatch):
+    """The reported case: the start-up measurement ran under load (69 GFLOP/s against ~180 later), so steps achieved
+    124% of it. MFU stays <= 1: the first step to beat the peak re-measures and takes the best figure; later ones
+    (within remeasure_every_s) raise it to their own figure; each raise is in `source`."""
+    measurements = [69e9, 180e9]
+    calls = []
+    monkeypatch.setattr(metrics, "_measured_peak_cache", {})
+    monkeypatch.setattr(
+        metrics, "measure_matmul_peak", lambda *args: calls.append(args) or measurements[len(calls) - 1]
+    )
+    meter = PeakMeter("cpu", torch.float32, world_size=2, remeasure_every_s=3600)
+    assert meter.peak == 2 * 69e9 and len(calls) == 1
+    fpt = 1e6
+    assert meter.mfu(1.24 * meter.peak / fpt, fpt) == pytest.approx(1.24 * 69 / 180)
+    assert meter.peak == 2 * 180e9 and len(calls) == 2 and meter.raises == 1
+    assert "raised 1x" in meter.source and "re-measurement" in meter.source and "now 0.18 TFLOP/s" in meter.source
+    assert meter.mfu(2 * 150e9 / fpt, fpt) == pytest.approx(150 / 180) and meter.raises == 1  # below: no change
+    assert meter.mfu(2 * 200e9 / fpt, fpt) == 1.0  # beats the re-measured peak: raised to it, not re-measured
+    assert meter.peak == pytest.approx(2 * 200e9) and len(calls) == 2 and "raised 2x" in meter.source
+    assert meter.mfu(2 * 100e9 / fpt, fpt) == pytest.approx(0.5)  # the raised peak stays
+    assert peak_flops(torch.device("cpu"), torch.float32)[0] == pytest.approx(200e9)  # peak_flops shares it
+
+
+def test_peak_meter_gpu_uses_the_spec_sheet(monkeypatch):
+    """On a GPU in the table: the spec sheet, not a measurement, times the ranks; a figure above it (a FLOP count or
+    table entry that is wrong) is clamped to 1 and recorded."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    meter = PeakMeter("cuda", torch.bfloat16, world_size=8)
+    assert meter.peak == 8 * 989e12 and meter.source.startswith("spec sheet: H100 dense bf16 peak")
+    assert meter.mfu(1e6, 8 * 989e12 * 0.4 / 1e6) == pytest.approx(0.4)
+    assert meter.mfu(1e6, 8 * 989e12 * 1.2 / 1e6) == 1.0
+    assert meter.raises == 1 and "beat the spec sheet" in meter.source
 
 
 def test_mem_peak_gb_cpu_is_process_rss():

@@ -107,12 +107,15 @@ def _synchronize(device: torch.device) -> None:
 
 
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype, budget_s: float = 1.0) -> float:
-    """FLOP/s of the fastest of several square matmuls on `device` in `dtype` (2048 x 2048 on CPU, 4096 on
-    accelerators; smaller when one takes over a tenth of the ~`budget_s` budget, e.g. fp16 on CPU).
+    """FLOP/s of the fastest of the square matmuls on `device` in `dtype` that fit in ~`budget_s` of wall time (at
+    least three; 2048 x 2048 on CPU, 4096 on accelerators; smaller when one takes over a tenth of the budget, e.g.
+    fp16 on CPU).
 
     Used where no spec sheet applies (CPUs, unknown accelerators). It runs on the current torch thread count, so it
     is the peak this process can reach, the one its MFU is measured against. The best single product, not a mean: a
-    shared machine's neighbours only ever slow a trial down, and the same rule every time keeps MFU comparable."""
+    shared machine's neighbours only ever slow a trial down, and the same rule every time keeps MFU comparable. The
+    budget is wall time, so a loaded machine does not make the measurement take longer (only read lower)."""
+    start = time.perf_counter()
     size = 2048 if device.type == "cpu" else 4096
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
@@ -130,9 +133,10 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, budget_s: floa
         size //= 2
         a, b = a[:size, :size].contiguous(), b[:size, :size].contiguous()
         one = one_product()
-    trials = max(5, min(50, int(budget_s / max(one, 1e-6))))
-    best = min([one] + [one_product() for _ in range(trials)])
-    return 2.0 * size**3 / best
+    times = [one]
+    while len(times) < 3 or time.perf_counter() - start < budget_s:
+        times.append(one_product())
+    return 2.0 * size**3 / min(times)
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
@@ -157,10 +161,89 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak: float) -> float:
-    """Model FLOPs utilisation: tokens_per_s * flops_per_token / peak (all for the same devices); NaN without a peak."""
+    """Model FLOPs utilisation: tokens_per_s * flops_per_token / peak (all for the same devices); NaN without a peak.
+    Plain arithmetic against a fixed peak: a training loop logs PeakMeter.mfu, which keeps the figure honest."""
     if not (peak > 0 and math.isfinite(peak)):
         return math.nan
     return tokens_per_s * flops_per_token / peak
+
+
+class PeakMeter:
+    """The peak FLOP/s that MFU is measured against, for `world_size` ranks of `device` computing in `dtype`, and MFU
+    against it: one figure, never above 1.0.
+
+    A peak must be one that load cannot shrink. GPUs in the spec-sheet table: the table's dense peak. CPUs and
+    accelerators missing from it: the best of several short matmul products at start-up (about `budget_s`; shared with
+    peak_flops' cache). Load on a shared machine only ever makes a measurement low, so when a step's achieved FLOP/s
+    beats the peak, the peak was measured low: it is measured again (at most once per `remeasure_every_s`) and becomes
+    the best of the old peak, the new measurement and the achieved figure. A figure above a spec sheet means the FLOP
+    count or the table is wrong: the peak is raised to it as a last resort. Every raise is recorded in `source`.
+
+    Attributes: `peak` (FLOP/s of all ranks together), `per_device`, `source` (where the peak comes from, and any
+    raise), `raises` (how many times a step beat the peak)."""
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        world_size: int = 1,
+        *,
+        budget_s: float = 0.8,
+        remeasure_every_s: float = 30.0,
+    ) -> None:
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise UserError(f"PeakMeter: world_size={world_size!r} must be a positive integer")
+        self.device, self.dtype, self.world_size = torch.device(device), dtype, world_size
+        self.budget_s, self.remeasure_every_s = budget_s, remeasure_every_s
+        key = _precision_key(dtype)
+        found = None
+        if self.device.type == "cuda":
+            found = gpu_peak_from_table(torch.cuda.get_device_name(self.device), dtype)
+        self.measured = found is None  # False: a spec sheet, which load cannot shrink and is never re-measured
+        if found is not None:
+            self.per_device, self._base = found
+        else:
+            self._cache_key = (self.device.type, self.device.index, dtype, key, torch.get_num_threads())
+            cached = _measured_peak_cache.get(self._cache_key, 0.0)
+            self.per_device = max(cached, measure_matmul_peak(self.device, dtype, budget_s))
+            _measured_peak_cache[self._cache_key] = self.per_device
+            threads = f", {torch.get_num_threads()} threads" if self.device.type == "cpu" else ""
+            self._base = f"best measured {key} matmul peak ({self.device}{threads})"
+        self._remeasured_at: float | None = None  # the first step to beat the peak always re-measures
+        self.raises = 0
+        self.source = self._base
+
+    @property
+    def peak(self) -> float:
+        """Peak FLOP/s of all ranks together."""
+        return self.per_device * self.world_size
+
+    def mfu(self, tokens_per_s: float, flops_per_token: float) -> float:
+        """Model FLOPs utilisation of a step that processed `tokens_per_s` (all ranks) at `flops_per_token`: achieved
+        FLOP/s / peak, in [0, 1]; NaN when the inputs are not finite. Raises the peak first if the step beat it."""
+        achieved = tokens_per_s * flops_per_token
+        if not math.isfinite(achieved) or achieved < 0:
+            return math.nan
+        if achieved > self.peak:
+            self._raise(achieved / self.world_size)
+        return min(1.0, achieved / self.peak)  # above 1 only by rounding once raised: the last-resort clamp
+
+    def _raise(self, achieved_per_device: float) -> None:
+        remeasured = 0.0
+        now = time.monotonic()
+        if self.measured and (self._remeasured_at is None or now - self._remeasured_at >= self.remeasure_every_s):
+            remeasured = measure_matmul_peak(self.device, self.dtype, self.budget_s)
+            self._remeasured_at = time.monotonic()
+        self.per_device = max(self.per_device, achieved_per_device, remeasured)
+        self.raises += 1
+        if self.measured:
+            _measured_peak_cache[self._cache_key] = max(_measured_peak_cache.get(self._cache_key, 0.0), self.per_device)
+            how = "steps beat it: the best of it, their figure and a re-measurement"
+        else:
+            how = "steps beat the spec sheet (check the FLOP count): their figure"
+        self.source = (
+            f"{self._base}; raised {self.raises}x as {how}, now {self.per_device / 1e12:.4g} TFLOP/s per device"
+        )
 
 
 def mem_peak_gb(device: torch.device) -> float:
