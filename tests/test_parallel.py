@@ -207,6 +207,80 @@ def test_export_from_sharded_checkpoint_loads_in_transformers(gpt_runs, layout, 
         torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=1e-5, atol=1e-5)
 
 
+# --- the Llama family: the same table -----------------------------------------------------------------------------
+
+# GQA (4 query heads over 2 key/value heads, so tp 2 keeps whole groups), untied head, QK-norm (Qwen3)
+LLAMA = {"model.arch": "llama", "model.n_head": 4, "model.n_kv_heads": 2, "model.qk_norm": True}
+LLAMA_LAYOUTS = {
+    "ddp2_accum2": (2, {"train.micro_batch": 1, "train.grad_accum": 2}),
+    "fsdp_zero2_compile": (
+        2,
+        {"parallel.engine": "fsdp", "parallel.zero_stage": 2, "train.micro_batch": 2, "train.compile": True},
+    ),
+    "fsdp_zero3_ac_full": (
+        2,
+        {"parallel.engine": "fsdp", "train.micro_batch": 2, "train.activation_checkpointing": "full"},
+    ),
+    "tp2_ac_selective": (2, {"parallel.tp": 2, "train.activation_checkpointing": "selective"}),
+    "tp2_compile": (2, {"parallel.tp": 2, "train.compile": True}),
+    "fsdp2_x_tp2": (4, {"parallel.engine": "fsdp", "parallel.tp": 2, "train.micro_batch": 2}),
+    "ds_zero1": (2, {"parallel.engine": "deepspeed", "parallel.zero_stage": 1, "train.micro_batch": 2}),
+    "ds_zero2_accum2": (
+        2,
+        {"parallel.engine": "deepspeed", "parallel.zero_stage": 2, "train.micro_batch": 1, "train.grad_accum": 2},
+    ),
+    "ds_zero3_offload": (
+        2,
+        {"parallel.engine": "deepspeed", "parallel.zero_stage": 3, "parallel.offload": "cpu", "train.micro_batch": 2},
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def llama_runs(tmp_path_factory, corpus, gpt_tok):
+    root = tmp_path_factory.mktemp("llama_layouts")
+    done: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in done:
+            nproc, overrides = LLAMA_LAYOUTS.get(name, (1, {}))
+            cfg = tiny_config(root / name, corpus, gpt_tok, **BASE, **LLAMA, **overrides)
+            path = write_config(cfg, root / f"{name}.yaml")
+            r = (
+                run_cli("trainer", "train", str(path), env={"OMP_NUM_THREADS": "1"})
+                if nproc == 1
+                else launch(nproc, path)
+            )
+            assert r.returncode == 0, r.stderr[-3000:]
+            done[name] = root / name
+        return done[name]
+
+    return get
+
+
+@pytest.mark.parametrize("layout", list(LLAMA_LAYOUTS))
+def test_llama_layout_matches_single_process(llama_runs, layout):
+    run = llama_runs(layout)
+    nproc, overrides = LLAMA_LAYOUTS[layout]
+    start = read_metrics(run)[0]
+    assert (start["arch"], start["world_size"], start["tp"]) == ("llama", nproc, overrides.get("parallel.tp", 1))
+    assert_matches(llama_runs("single"), run, weights_atol=1e-4 if overrides.get("train.compile") else 1e-5)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_llama_mixed_precision_tracks_fp32(llama_runs, tmp_path, corpus, gpt_tok, precision):
+    overrides = {"parallel.engine": "fsdp", "train.micro_batch": 2, "train.precision": precision}
+    cfg = tiny_config(tmp_path / "run", corpus, gpt_tok, **BASE, **LLAMA, **overrides)
+    r = launch(2, write_config(cfg, tmp_path / "c.yaml"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref, got = step_records(llama_runs("single")), step_records(tmp_path / "run")
+    assert ref.keys() == got.keys()
+    for step in ref:
+        assert abs(got[step]["loss"] - ref[step]["loss"]) < 0.05, (step, got[step]["loss"], ref[step]["loss"])
+        assert abs(got[step]["grad_norm"] / ref[step]["grad_norm"] - 1) < 0.1, (step, got[step], ref[step])
+    assert ref[STEPS]["loss"] < ref[1]["loss"] - 0.3
+
+
 # --- reshard-resume: stop one layout with SIGTERM to the whole process group, resume under another ----------------
 
 RESUME = {**BASE, "train.steps": 60, "train.eval_every": 0, "log.every": 1}

@@ -52,6 +52,13 @@ def rope_frequencies(cfg: LlamaConfig, device: torch.device) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+def rotary(cfg: LlamaConfig, t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (T, head_dim) of positions 0..T-1, in fp32."""
+    angles = torch.outer(torch.arange(t, device=device, dtype=torch.float32), rope_frequencies(cfg, device))
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE in the rotate-half layout: x (B, H, T, D) with cos/sin (T, D), the two halves of D paired."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -59,10 +66,12 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention: n_head query heads share n_kv_heads key/value heads in groups; causal."""
+    """Grouped-query self-attention: n_head query heads share n_kv_heads key/value heads in groups; causal. It makes
+    its own rotary tables (a few KiB): its only input is the hidden state, as tensor parallelism's plans expect."""
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
+        self.config = cfg
         self.head_dim = cfg.head_dim
         self.dropout = cfg.dropout
         self.wq = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
@@ -72,9 +81,10 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """(B, T, d_model) -> (B, T, d_model); cos/sin (T, head_dim) of the positions."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, d_model) -> (B, T, d_model)."""
         b, t, _ = x.shape
+        cos, sin = (r.to(x.dtype) for r in rotary(self.config, t, x.device))
         # -1 heads: the local counts, n_head / tp and n_kv_heads / tp when the projections are column-sharded
         q = self.wq(x).view(b, t, -1, self.head_dim)
         k = self.wk(x).view(b, t, -1, self.head_dim)
@@ -112,8 +122,8 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x)))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -149,21 +159,12 @@ class Llama(nn.Module):
             if isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
-    def rotary(self, t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (T, head_dim) of positions 0..T-1, in fp32."""
-        inv_freq = rope_frequencies(self.config, device)
-        angles = torch.outer(torch.arange(t, device=device, dtype=torch.float32), inv_freq)
-        angles = torch.cat((angles, angles), dim=-1)
-        return angles.cos(), angles.sin()
-
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         t = input_ids.shape[-1]
         check_seq_len(t, self.config.max_seq_len)
         x = self.emb_dropout(self.tok_emb(input_ids))
-        cos, sin = self.rotary(t, input_ids.device)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for block in self.blocks.values():
-            x = block(x, cos, sin)
+            x = block(x)
         return self.output(x, labels)
 
     def output(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -17,7 +17,6 @@ def apply(model: nn.Module, tp_mesh: DeviceMesh) -> None:
         norms=("attn_norm", "mlp_norm"),
         columns=("attn.wq", "attn.wk", "attn.wv", "mlp.gate", "mlp.up"),
         rows=("attn.wo", "mlp.down"),
-        attn_extra_inputs=2,  # cos, sin of the whole sequence
     )
     if model.config.qk_norm:  # (B, T, local heads, head_dim): sharded over the heads dimension
         plan.update(
@@ -27,4 +26,8 @@ def apply(model: nn.Module, tp_mesh: DeviceMesh) -> None:
         parallelize_module(block, tp_mesh, plan)
     top = {"tok_emb": vocab_embedding(), "norm": sequence_norm(), "lm_head": vocab_head(Shard(1))}
     parallelize_module(model, tp_mesh, top)
+    # The embedding's output (the local shard DTensor.to_local returns) goes straight into block 0; when that block is
+    # compiled, its backward hands the reduce-scatter a plain gradient ('Tensor' object has no attribute
+    # '_local_tensor'). A copy breaks the alias (GPT's sum with the position embedding does the same).
+    model.tok_emb.register_forward_hook(lambda module, args, out: out.clone())
     model.tie_weights()
