@@ -28,22 +28,37 @@ def test_flops_per_token_gpt2_small_by_hand():
     assert flops_per_token(n_nonemb, 12, 768, 1024, causal=False) == flops_per_token(n_nonemb, 12, 768, 1024, True)
 
 
-@pytest.mark.parametrize("arch", ["gpt", "bert"])
-def test_flops_per_token_matches_pytorchs_flop_counter(arch):
+FLOP_MODELS = {
+    "gpt": ("gpt", {"n_head": 4}),
+    "bert": ("bert", {"n_head": 4}),
+    "llama-gqa-untied": ("llama", {"n_head": 4, "n_kv_heads": 2}),
+    "qwen3-tied-head_dim": (
+        "llama",
+        {"n_head": 4, "n_kv_heads": 2, "head_dim": 32, "qk_norm": True, "tie_embeddings": True},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", FLOP_MODELS)
+def test_flops_per_token_matches_pytorchs_flop_counter(name):
     """PyTorch's FlopCounterMode over a real forward + backward (attention on its math path, so its matmuls are
-    counted too) gives the formula's FLOPs exactly, once the formula's 6 FLOPs per token for each bias and norm
-    parameter (in N by the nanoGPT/PaLM convention; no matmul) are taken out. A wrong factor anywhere (the
-    attention term, the tied LM head, forward vs backward) breaks the equality."""
+    counted too) gives the trainer's FLOPs per token (the figure MFU uses) exactly, once the formula's 6 FLOPs per
+    token for each bias and norm parameter (in N by the nanoGPT/PaLM convention; no matmul) are taken out. A wrong
+    factor anywhere (the attention term and its width when head_dim * n_head != d_model, a tied or untied LM head,
+    forward vs backward) breaks the equality."""
+    from trainer.build import model_flops_per_token
+
+    arch, dims = FLOP_MODELS[name]
     n_layer, d_model, vocab, batch, seq = 2, 64, 512, 2, 64
-    model = build_model(arch, n_layer=n_layer, n_head=4, d_model=d_model, vocab_size=vocab, max_seq_len=seq)
+    model = build_model(arch, n_layer=n_layer, d_model=d_model, vocab_size=vocab, max_seq_len=seq, **dims)
     ids = torch.randint(0, vocab, (batch, seq))
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(ids).float().sum().backward()
     counted = counter.get_total_flops() / (batch * seq)
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     not_matmul = sum(p.numel() for p in model.parameters() if p.dim() < 2 and id(p) not in embeddings)
-    formula = flops_per_token(count_params(model, exclude_embeddings=True), n_layer, d_model, seq, arch == "gpt", vocab)
-    assert counted + 6 * not_matmul == formula
+    counts = {"n_params_non_embedding": count_params(model, exclude_embeddings=True)}
+    assert counted + 6 * not_matmul == model_flops_per_token(model.config, counts, seq)
 
 
 def test_flops_per_token_rejects_negative_sizes():

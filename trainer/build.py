@@ -17,7 +17,7 @@ from trainer.engines.deepspeed import deepspeed_config
 from trainer.errors import SharedError, UserError
 from trainer.init_from import hf_model_dims, load_hf_weights
 from trainer.init_from import verify as verify_hf_checkpoint
-from trainer.metrics import flops_per_token, peak_flops
+from trainer.metrics import PeakMeter, flops_per_token
 from trainer.models import ModelConfig, count_params, family, model_from_config, resolve_model_config
 from trainer.monitor import MetricsLogger
 from trainer.optim import OptimizerSettings
@@ -132,10 +132,11 @@ def model_flops_per_token(model_cfg: ModelConfig, counts: dict, seq_len: int) ->
     return flops_per_token(
         counts["n_params_non_embedding"],
         model_cfg.n_layer,
-        model_cfg.attention_dim,
+        model_cfg.d_model,
         seq_len,
         causal=family(model_cfg.arch).objective == "causal",
         vocab_size=model_cfg.vocab_size if model_cfg.tied_head else 0,
+        attention_dim=model_cfg.attention_dim,
     )
 
 
@@ -168,7 +169,7 @@ def build_run(
         save_config(cfg, cfg.run_dir / "config.yaml")
 
     # measured on an idle process: before the data workers start tokenizing beside it
-    peak, peak_source = peak_flops(device, DTYPES[cfg.train.precision])
+    peak = PeakMeter(device, DTYPES[cfg.train.precision], dims.world_size)
     # The data workers start next: they fork before the model and optimizer exist (no memory of theirs to share)
     # and tokenize the first block of every stream while the model is built and compiled.
     stream = build_data_stream(
@@ -216,17 +217,17 @@ def build_run(
             train_sources=train_sources,
             valid_sources=valid_sources,
             flops_per_token=model_flops_per_token(model_cfg, counts, cfg.data.seq_len),
-            peak_flops=peak * dims.world_size,
+            peak=peak,
             stream=stream,
         )
-        announce(run, counts, resume_from, peak_source)
+        announce(run, counts, resume_from)
         return run
     except BaseException:
         stream.close()  # the workers must not outlive a failed start
         raise
 
 
-def announce(run: Run, counts: dict, resume_from, peak_source: str) -> None:
+def announce(run: Run, counts: dict, resume_from) -> None:
     """The `start` record of metrics.jsonl and the start lines: what was built, on what layout, from where."""
     cfg, dims, t, logger, state = run.cfg, run.dims, run.cfg.train, run.logger, run.state
     layout = run.engine.layout()
@@ -246,8 +247,8 @@ def announce(run: Run, counts: dict, resume_from, peak_source: str) -> None:
             "preset": cfg.model.preset,
             "device": str(run.device),
             "precision": t.precision,
-            "peak_flops": run.peak_flops,
-            "peak_flops_source": peak_source,
+            "peak_flops": run.peak.peak,
+            "peak_flops_source": run.peak.source,
             "data_sources": {src.name: src.weight for src in run.train_sources},
             "data_shuffle": cfg.data.shuffle,
             "data_streams": cfg.data.streams,

@@ -14,7 +14,7 @@ import torch
 from trainer.checkpoint import set_rng_state
 from trainer.errors import UserError
 from trainer.evaluate import run_evaluation
-from trainer.metrics import mem_peak_gb, mfu
+from trainer.metrics import mem_peak_gb
 from trainer.monitor import Throughput
 from trainer.optim import lr_at
 from trainer.parallel import ParallelDims, all_reduce_sum
@@ -130,7 +130,11 @@ def step_record(run: Run, window: Throughput, lr: float, loss: float, grad_norm:
         "mem_peak_gb": mem_peak_gb(run.device),
         "skipped_steps": run.state.skipped_steps,
     }
-    record["mfu"] = mfu(record["tokens_per_s"], run.flops_per_token, run.peak_flops)
+    raises = run.peak.raises
+    record["mfu"] = run.peak.mfu(record["tokens_per_s"], run.flops_per_token)
+    record["peak_flops"] = run.peak.peak  # what mfu is against: a step that beat the measured peak raised it
+    if run.peak.raises > raises:
+        run.logger.print(f"step {run.state.step}: MFU peak raised: {run.peak.source}")
     if len(run.train_sources) > 1:
         record.update({f"samples_{name}": n for name, n in run.stream.consumed().items()})
     return record

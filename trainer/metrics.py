@@ -52,7 +52,13 @@ _measured_peak_cache: dict[tuple, float] = {}
 
 
 def flops_per_token(
-    n_params_non_embedding: int, n_layer: int, d_model: int, seq_len: int, causal: bool, vocab_size: int = 0
+    n_params_non_embedding: int,
+    n_layer: int,
+    d_model: int,
+    seq_len: int,
+    causal: bool,
+    vocab_size: int = 0,
+    attention_dim: int | None = None,
 ) -> float:
     """Training (forward + backward) FLOPs per token: 6*N + 12*L*d*T + 6*d*V.
 
@@ -60,6 +66,8 @@ def flops_per_token(
     - 12*L*d*T: attention scores (QK^T) and the weighted sum (AV), 2*2*d*T FLOPs per token per layer forward, times 3.
       Counted over the full T x T score matrix for causal and bidirectional models alike (the PaLM / nanoGPT /
       torchtitan convention), so `causal` does not change the count and MFU stays comparable with published numbers.
+      d is the width of the query/key products over all heads: `attention_dim` (n_head * head_dim) where that is not
+      d_model (Qwen3).
     - 6*d*V: the output projection to the vocabulary (LM head / MLM decoder). It is real compute even when its
       weight is tied to the embedding, which keeps it out of N; pass vocab_size=0 to leave it out.
     """
@@ -73,7 +81,8 @@ def flops_per_token(
         if value < 0:
             raise UserError(f"flops_per_token: {name}={value} is negative; pass the model's real size")
     del causal  # same count either way, see the docstring
-    return 6.0 * n_params_non_embedding + 12.0 * n_layer * d_model * seq_len + 6.0 * d_model * vocab_size
+    attention = d_model if attention_dim is None else attention_dim
+    return 6.0 * n_params_non_embedding + 12.0 * n_layer * attention * seq_len + 6.0 * d_model * vocab_size
 
 
 def _precision_key(dtype: torch.dtype) -> str:

@@ -12,6 +12,7 @@ from trainer.config import Config
 from trainer.data import SampleStream, Source
 from trainer.data.from_config import gather_data_state
 from trainer.engines import Engine
+from trainer.metrics import PeakMeter
 from trainer.models import Family, ModelConfig
 from trainer.monitor import MetricsLogger
 from trainer.parallel import ParallelDims
@@ -47,7 +48,7 @@ class Run:
     train_sources: list[Source]
     valid_sources: list[Source]  # empty: no evaluation
     flops_per_token: float
-    peak_flops: float  # of all ranks together
+    peak: PeakMeter  # the peak FLOP/s of all ranks together, and MFU against it
     stream: SampleStream  # this rank's training batches (workers started before the model was built)
 
     @property
