@@ -32,7 +32,13 @@ def hf_checkpoint(path: Path, kind: str = "llama") -> Path:
     """A tiny random checkpoint saved by transformers itself, with our tokenizer beside it."""
     torch.manual_seed(0)
     common = {"vocab_size": 304, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2}
-    if kind == "llama":
+    if kind == "gpt2":
+        config = transformers.GPT2Config(vocab_size=304, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+        model = transformers.GPT2LMHeadModel(config)
+    elif kind == "bert":
+        config = transformers.BertConfig(**common, num_attention_heads=4, max_position_embeddings=64)
+        model = transformers.BertForMaskedLM(config)
+    elif kind == "llama":
         config = transformers.LlamaConfig(
             **common, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rope_theta=5e5
         )
@@ -52,15 +58,18 @@ def hf_checkpoint(path: Path, kind: str = "llama") -> Path:
             if "norm" in name:
                 p.add_(0.2 * torch.randn_like(p))
     model.save_pretrained(path)
-    shutil.copy(TOKENIZER, path / "tokenizer.json")
+    shutil.copy(LEGACY / ("bert" if kind == "bert" else "gpt") / "tokenizer.json", path / "tokenizer.json")
     return path
 
 
-def run_config(tmp_path: Path, init_from: Path, **overrides) -> dict:
+ARCH = {"llama": "llama", "qwen3": "llama", "gpt2": "gpt", "bert": "bert"}
+
+
+def run_config(tmp_path: Path, init_from: Path, kind: str = "llama", **overrides) -> dict:
     shutil.copy(LEGACY / "corpus.txt", tmp_path / "corpus.txt")
     cfg = {
         "run": {"dir": str(tmp_path / "run"), "seed": 3},
-        "model": {"arch": "llama", "init_from": str(init_from)},
+        "model": {"arch": ARCH[kind], "init_from": str(init_from)},
         "data": {"train": [str(tmp_path / "corpus.txt")], "seq_len": SEQ, "num_workers": 0, "streams": 4},
         "train": {"steps": 1, "micro_batch": MICRO, "grad_accum": ACCUM, "warmup_steps": 0, "eval_every": 0},
         "checkpoint": {"every": 0},
@@ -72,13 +81,14 @@ def run_config(tmp_path: Path, init_from: Path, **overrides) -> dict:
     return cfg
 
 
-def transformers_loss(ckpt: Path, corpus: Path) -> float:
+def transformers_loss(ckpt: Path, corpus: Path, kind: str = "llama") -> float:
     """transformers' token-mean loss on the run's first global batch (the trainer's own stream, one rank)."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    auto = transformers.AutoModelForMaskedLM if kind == "bert" else transformers.AutoModelForCausalLM
+    model = auto.from_pretrained(ckpt).eval()
     stream = build_stream(
         [str(corpus)],
         tokenizer_path=ckpt / "tokenizer.json",
-        objective="causal",
+        objective="masked" if kind == "bert" else "causal",
         seq_len=SEQ,
         seed=3,
         dp_rank=0,
@@ -94,21 +104,22 @@ def transformers_loss(ckpt: Path, corpus: Path) -> float:
     return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100).item()
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "gpt2", "bert"])
 def test_step_one_has_transformers_loss_and_export_round_trips(kind, tmp_path):
     ckpt = hf_checkpoint(tmp_path / "hf", kind)
-    train(load_config(write_config(run_config(tmp_path, ckpt), tmp_path / "cfg.yaml")))
+    train(load_config(write_config(run_config(tmp_path, ckpt, kind), tmp_path / "cfg.yaml")))
     (step1,) = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
-    assert math.isclose(step1["loss"], transformers_loss(ckpt, tmp_path / "corpus.txt"), rel_tol=1e-5)
+    assert math.isclose(step1["loss"], transformers_loss(ckpt, tmp_path / "corpus.txt", kind), rel_tol=1e-5)
     # export what was trained, load it back through init_from: the same logits as the checkpoint
     trained = load_model(latest_checkpoint(tmp_path / "run" / "checkpoints"))
     out = export_hf(trained, tmp_path / "exported", tokenizer_json=TOKENIZER)
-    again = build_model("llama", None, **{k: v for k, v in trained.config.to_dict().items() if k != "arch"})
+    again = build_model(ARCH[kind], None, **{k: v for k, v in trained.config.to_dict().items() if k != "arch"})
     load_hf_weights(again, out)
     ids = torch.randint(0, 300, (2, 24))
     with torch.no_grad():
         torch.testing.assert_close(again.eval()(ids), trained(ids), rtol=0, atol=0)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+        auto = transformers.AutoModelForMaskedLM if kind == "bert" else transformers.AutoModelForCausalLM
+        hf = auto.from_pretrained(out).eval()
         torch.testing.assert_close(hf(ids).logits, trained(ids), rtol=1e-4, atol=1e-4)
 
 
@@ -119,6 +130,18 @@ def test_fsdp_zero3_x_tp_ranks_start_from_the_checkpoint(tmp_path):
     cfg["parallel"] = {"engine": "fsdp", "tp": 2, "zero_stage": 3}
     cfg["train"]["micro_batch"] = 1  # 1 x 2 accumulation x 2 dp ranks: the global batch of the one-rank reference
     result = torchrun(4, write_config(cfg, tmp_path / "cfg.yaml"), timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (step1,) = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert math.isclose(step1["loss"], transformers_loss(ckpt, tmp_path / "corpus.txt"), rel_tol=1e-5)
+
+
+def test_deepspeed_zero3_starts_from_the_checkpoint(tmp_path):
+    """2 ranks, DeepSpeed ZeRO-3 (parameters partitioned as they are built): rank 0 fills each gathered parameter."""
+    ckpt = hf_checkpoint(tmp_path / "hf")
+    cfg = run_config(tmp_path, ckpt)
+    cfg["parallel"] = {"engine": "deepspeed", "zero_stage": 3}
+    cfg["train"]["micro_batch"] = 1
+    result = torchrun(2, write_config(cfg, tmp_path / "cfg.yaml"), timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     (step1,) = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
     assert math.isclose(step1["loss"], transformers_loss(ckpt, tmp_path / "corpus.txt"), rel_tol=1e-5)
