@@ -116,3 +116,34 @@ def test_gpt_bos_defaults_to_eos(tmp_path: Path) -> None:
     out = export_hf(build_model("gpt", "gpt-tiny"), tmp_path, special_token_ids={"eos_id": 5, "unk_id": 1})
     config = json.loads((out / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"]) == (5, 5) and "unk_token_id" not in config
+
+
+def test_llama_run_exports_through_the_cli_and_generates_in_transformers(tmp_path, corpus, gpt_tok):
+    """`trainer export` of a Llama run: LlamaForCausalLM loads it with no missing or unexpected tensors, gives
+    load_model's logits, and `generate` runs from the exported tokenizer (end-of-text id in config.json)."""
+    from conftest import run_cli, tiny_config, write_config
+
+    from trainer.checkpoint import load_model
+
+    overrides = {
+        "model.arch": "llama",
+        "model.n_head": 4,
+        "model.n_kv_heads": 2,
+        "train.steps": 2,
+        "checkpoint.every": 2,
+    }
+    cfg = write_config(tiny_config(tmp_path / "run", corpus, gpt_tok, **overrides), tmp_path / "c.yaml")
+    assert run_cli("trainer", "train", str(cfg)).returncode == 0
+    r = run_cli("trainer", "export", str(tmp_path / "run"), "--out", str(tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    hf, info = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    ours = load_model(tmp_path / "run")
+    ids = torch.randint(0, ours.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(hf.eval()(ids).logits, ours(ids), rtol=1e-4, atol=1e-4)
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "hf" / "tokenizer.json"))
+    prompt = tokenizer("To be, or not to be", return_tensors="pt")
+    out = hf.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=hf.config.eos_token_id)
+    assert out.shape == (1, prompt["input_ids"].shape[1] + 5)
+    assert isinstance(tokenizer.decode(out[0]), str) and hf.config.eos_token_id is not None
