@@ -59,6 +59,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from trainer import loop as loop_module
 from trainer import metrics
 from trainer import train as train_module
 from trainer.config import load_config
@@ -77,7 +78,15 @@ VOCAB = 50304  # GPT-2's 50257 padded to a multiple of 64, as nanoGPT does; the 
 CASES = {
     "16M": ({"n_layer": 4, "n_head": 4, "d_model": 256, "d_ff": 1024}, 256, 8, 16, 8, 6),
     "gpt2-small": ({"n_layer": 12, "n_head": 12, "d_model": 768, "d_ff": 3072}, 512, 1, 10, 3, 5),
+    # Llama-style at the 16M case's width: GQA (4 query heads over 2 key/value heads), SwiGLU 704, untied head
+    "llama-16M": ({"n_layer": 4, "n_head": 4, "n_kv_heads": 2, "d_model": 256, "d_ff": 704}, 256, 8, 16, 8, 6),
 }
+
+
+def arch_of(dims: dict) -> str:
+    return "llama" if "n_kv_heads" in dims else "gpt"
+
+
 SETTINGS = OptimizerSettings(lr=1e-4, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
 
 
@@ -96,12 +105,24 @@ def matmul_peak(size: int = 2048, trials: int = 10) -> float:
 
 
 class TransformersLoop:
-    """transformers' GPT2LMHeadModel, model and loss under one torch.compile, plain AdamW: the peer to beat."""
+    """transformers' GPT2LMHeadModel (LlamaForCausalLM for a Llama case), model and loss under one torch.compile,
+    plain AdamW: the peer to beat."""
 
     def __init__(self, dims: dict, seq_len: int, batch: int) -> None:
-        from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
         torch.manual_seed(0)
+        if arch_of(dims) == "llama":
+            llama = LlamaConfig(
+                vocab_size=VOCAB,
+                hidden_size=dims["d_model"],
+                intermediate_size=dims["d_ff"],
+                num_hidden_layers=dims["n_layer"],
+                num_attention_heads=dims["n_head"],
+                num_key_value_heads=dims["n_kv_heads"],
+                max_position_embeddings=seq_len,
+            )
+            self.model = LlamaForCausalLM(llama)
         cfg = GPT2Config(
             vocab_size=VOCAB,
             n_positions=seq_len,
@@ -113,7 +134,8 @@ class TransformersLoop:
             embd_pdrop=0.0,
             attn_pdrop=0.0,
         )
-        self.model = GPT2LMHeadModel(cfg)
+        if arch_of(dims) == "gpt":
+            self.model = GPT2LMHeadModel(cfg)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.1)
 
         def loss_fn(x, y):
@@ -123,10 +145,13 @@ class TransformersLoop:
         self.ids = torch.randint(0, VOCAB, (batch, seq_len + 1))
 
     def flops_per_token(self, seq_len: int) -> float:
-        """6N + 12 L d T, N = every parameter but the position embeddings (the tied head counted once)."""
+        """6N + 12 L d T, N = every parameter but the lookup tables: GPT-2's positions (its tied head counted once),
+        Llama's token embedding (its untied head is a weight of its own)."""
         cfg = self.model.config
-        n = sum(p.numel() for p in self.model.parameters()) - self.model.transformer.wpe.weight.numel()
-        return 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq_len
+        table = getattr(self.model, "transformer", None)
+        lookup = table.wpe.weight if table is not None else self.model.get_input_embeddings().weight
+        n = sum(p.numel() for p in self.model.parameters()) - lookup.numel()
+        return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
 
     def step(self) -> None:
         x, y = self.ids[:, :-1], self.ids[:, 1:]
@@ -143,7 +168,7 @@ class BareLoop:
     def __init__(self, dims: dict, seq_len: int, batch: int, model=None, opt=None) -> None:
         torch.manual_seed(0)
         if model is None:
-            model = build_model("gpt", None, vocab_size=VOCAB, max_seq_len=seq_len, **dims)
+            model = build_model(arch_of(dims), None, vocab_size=VOCAB, max_seq_len=seq_len, **dims)
             apply_compile(model, output=True)
         self.model, self.opt = model, opt or build_optimizer(model, SETTINGS)
         self.ids = torch.randint(0, VOCAB, (batch, seq_len + 1))
@@ -175,7 +200,7 @@ def settled(loop, steps: int) -> float:
 def trainer_config(work: Path, tokenizer: Path, dims: dict, seq_len: int, batch: int, steps: int) -> dict:
     return {
         "run": {"name": "bench", "dir": str(work), "seed": 0},
-        "model": {"arch": "gpt", "vocab_size": VOCAB, "max_seq_len": seq_len, **dims},
+        "model": {"arch": arch_of(dims), "vocab_size": VOCAB, "max_seq_len": seq_len, **dims},
         "data": {"train": [str(CORPUS)], "format": "text", "tokenizer": str(tokenizer), "seq_len": seq_len},
         "train": {"steps": steps, "micro_batch": batch, "warmup_steps": 1, "eval_every": 0, "compile": True},
         "checkpoint": {"every": 0, "keep": 1, "resume": "never"},
@@ -277,13 +302,13 @@ def in_run_overhead(name: str, tmp: Path, tokenizer: Path, rounds: int = 6, step
     dims, seq_len, batch, _, warmup, _ = CASES[name]
     work, cfg_path = tmp / f"{name}-in-run", tmp / f"{name}-in-run.yaml"
     cfg_path.write_text(yaml.safe_dump(trainer_config(work, tokenizer, dims, seq_len, batch, 10**6)))
-    real_loop, real_save = train_module.train_loop, train_module.save_checkpoint
+    real_loop, real_save = train_module.train_loop, loop_module.save_checkpoint
     rates: dict[str, list[float]] = {"trainer": [], "bare": []}
 
     def alternate(run, stop, heartbeat) -> dict:
         bare = BareLoop(dims, seq_len, batch, model=run.engine.module, opt=run.engine.optimizer)
         close, run.stream.close = run.stream.close, lambda: None
-        train_module.save_checkpoint = lambda run, stream: None
+        loop_module.save_checkpoint = lambda run: None
 
         def trainer_window(n: int = steps + 1) -> float:
             run.cfg.train.steps = run.state.step + n
@@ -305,7 +330,7 @@ def in_run_overhead(name: str, tmp: Path, tokenizer: Path, rounds: int = 6, step
                     flush=True,
                 )
         finally:
-            train_module.save_checkpoint = real_save
+            loop_module.save_checkpoint = real_save
             run.stream.close = close
             close()
         run.cfg.train.steps = run.state.step
@@ -402,7 +427,7 @@ def main() -> None:
                     f"rounds {', '.join(f'{v:.2f}' for v in c['vs_peer_rounds'])})"
                 ),
                 ">= 1.0x",
-                "transformers GPT2LMHeadModel + torch.compile(model+loss), plain AdamW",
+                f"transformers {'LlamaForCausalLM' if arch_of(dims) == 'llama' else 'GPT2LMHeadModel'} + torch.compile(model+loss), plain AdamW",
                 verdict(c["vs_peer"], 1.0, True),
             )
         )
