@@ -118,26 +118,31 @@ def assert_matches(reference: Path, run: Path, rtol: float = 1e-4, weights_atol:
     assert_same_weights(reference, run, weights_atol)
 
 
-@pytest.fixture(scope="module")
-def gpt_runs(tmp_path_factory, corpus, gpt_tok):
-    """Runs a layout once per module (the export test reuses them); "single" is the 1-process reference."""
-    root = tmp_path_factory.mktemp("layouts")
+def layout_runner(root: Path, corpus: Path, tokenizer: Path, layouts: dict, **model):
+    """`get(name)`: the run of layout `name` (ranks, overrides), made once; "single" is the 1-process reference."""
     done: dict[str, Path] = {}
 
     def get(name: str) -> Path:
         if name not in done:
-            nproc, overrides = LAYOUTS.get(name, (1, {}))
-            cfg = write_config(tiny_config(root / name, corpus, gpt_tok, **BASE, **overrides), root / f"{name}.yaml")
+            nproc, overrides = layouts.get(name, (1, {}))
+            cfg = tiny_config(root / name, corpus, tokenizer, **BASE, **model, **overrides)
+            path = write_config(cfg, root / f"{name}.yaml")
             r = (
-                run_cli("trainer", "train", str(cfg), env={"OMP_NUM_THREADS": "1"})
+                run_cli("trainer", "train", str(path), env={"OMP_NUM_THREADS": "1"})
                 if nproc == 1
-                else launch(nproc, cfg)
+                else launch(nproc, path)
             )
             assert r.returncode == 0, r.stderr[-3000:]
             done[name] = root / name
         return done[name]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def gpt_runs(tmp_path_factory, corpus, gpt_tok):
+    """Runs a layout once per module (the export test reuses them)."""
+    return layout_runner(tmp_path_factory.mktemp("layouts"), corpus, gpt_tok, LAYOUTS)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -238,24 +243,7 @@ LLAMA_LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def llama_runs(tmp_path_factory, corpus, gpt_tok):
-    root = tmp_path_factory.mktemp("llama_layouts")
-    done: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in done:
-            nproc, overrides = LLAMA_LAYOUTS.get(name, (1, {}))
-            cfg = tiny_config(root / name, corpus, gpt_tok, **BASE, **LLAMA, **overrides)
-            path = write_config(cfg, root / f"{name}.yaml")
-            r = (
-                run_cli("trainer", "train", str(path), env={"OMP_NUM_THREADS": "1"})
-                if nproc == 1
-                else launch(nproc, path)
-            )
-            assert r.returncode == 0, r.stderr[-3000:]
-            done[name] = root / name
-        return done[name]
-
-    return get
+    return layout_runner(tmp_path_factory.mktemp("llama_layouts"), corpus, gpt_tok, LLAMA_LAYOUTS, **LLAMA)
 
 
 @pytest.mark.parametrize("layout", list(LLAMA_LAYOUTS))

@@ -27,7 +27,10 @@ from trainer.run_lock import RunLock
 from trainer.tokenizer import TokenizerInfo
 
 # what a tokenizer must have for each objective, and the `trainer tokenizer` kind that has it
-NEEDED_TOKENS = {"causal": (["eos_id"], "bpe"), "masked": (["cls_id", "sep_id", "mask_id"], "wordpiece")}
+NEEDED_TOKENS = {
+    "causal": (["eos_id"], "`trainer tokenizer --kind bpe` (or `--kind char`)"),
+    "masked": (["cls_id", "sep_id", "mask_id"], "`trainer tokenizer --kind wordpiece`"),
+}
 
 
 def resolve_model(cfg: Config, tok: TokenizerInfo) -> ModelConfig:
@@ -54,8 +57,7 @@ def resolve_model(cfg: Config, tok: TokenizerInfo) -> ModelConfig:
     needed, kind = NEEDED_TOKENS[family(mc.arch).objective]
     if any(getattr(tok, k) is None for k in needed):
         raise UserError(
-            f"tokenizer {cfg.data.tokenizer} lacks the special tokens a {mc.arch} model needs: train one "
-            f"with `trainer tokenizer --kind {kind}`"
+            f"tokenizer {cfg.data.tokenizer} lacks the special tokens a {mc.arch} model needs: train one with {kind}"
         )
     return mc
 

@@ -100,8 +100,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     for source, _ in jobs:
         if not source.raw:
             raise UserError(
-                f"source {source.name} ({source.describe()}) is already prepared (format tokens); "
-                "give `trainer prepare` the raw text/jsonl/parquet files"
+                f"{source.label()} is already prepared (format tokens); give `trainer prepare` the raw "
+                "text/jsonl/parquet files"
             )
     for source, path in jobs:
         old = read_meta(path) if path.is_dir() else None

@@ -18,9 +18,7 @@ from torch import nn
 from trainer.errors import UserError
 from trainer.models import ModelConfig, family
 from trainer.models.hf import CONFIG_FILE, WEIGHTS_FILE, to_hf
-
-# Wrapper prefixes that torch.compile / checkpoint_wrapper add to state_dict keys.
-WRAPPER_PARTS = ("_orig_mod.", "_checkpoint_wrapped_module.")
+from trainer.parallel import unwrapped
 
 
 def export_hf(
@@ -60,9 +58,4 @@ def export_hf(
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict under the model's own names (without compile / checkpoint wrapper parts)."""
-    state = {}
-    for name, tensor in model.state_dict().items():
-        for part in WRAPPER_PARTS:
-            name = name.replace(part, "")
-        state[name] = tensor
-    return state
+    return {unwrapped(name): tensor for name, tensor in model.state_dict().items()}

@@ -20,8 +20,8 @@ from trainer.errors import UserError
 from trainer.models import ModelConfig, family
 from trainer.models.hf import HFCheckpoint, read_config
 from trainer.models.registry import ARCHS
+from trainer.parallel import unwrapped
 
-WRAPPER_PARTS = ("_orig_mod.", "_checkpoint_wrapped_module.")
 IGNORED = re.compile(r"(\.attn\.(masked_)?bias|\.rotary_emb\.inv_freq)$")  # buffers older Hugging Face saves kept
 
 
@@ -54,12 +54,7 @@ def hf_model_dims(directory: str | Path, arch: str, given: dict, preset: str | N
 
 
 def _names(model: nn.Module) -> dict[str, nn.Parameter]:
-    out = {}
-    for name, p in model.named_parameters():
-        for part in WRAPPER_PARTS:
-            name = name.replace(part, "")
-        out[name] = p
-    return out
+    return {unwrapped(name): p for name, p in model.named_parameters()}
 
 
 def _global_shape(p: torch.Tensor) -> tuple[int, ...]:

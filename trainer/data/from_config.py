@@ -19,9 +19,10 @@ def data_sources(cfg: Config) -> tuple[list[Source], list[Source]]:
     valid = parse_sources(d.valid, d.format, d.text_field, key="data.valid") if d.valid else []
     if d.valid_fraction:
         if len(train) != 1 or not train[0].raw:
+            what = f"{len(train)} sources" if len(train) != 1 else train[0].label()
             raise UserError(
-                "data.valid_fraction holds out documents of one raw source (text, jsonl, parquet, datasets); with "
-                "several sources or prepared shards give data.valid instead"
+                f"data.valid_fraction holds out documents of one raw source (text, jsonl, parquet, datasets), and "
+                f"data.train is {what}: give data.valid instead"
             )
         valid = train
     return train, valid

@@ -41,14 +41,12 @@ from trainer.config import ParallelConfig, TrainConfig
 from trainer.engines.base import DTYPES, MicroBatchSteps, fsync, unique_params
 from trainer.errors import UserError
 from trainer.optim import OptimizerSettings, param_groups
-from trainer.parallel import ParallelDims, barrier, materialize
+from trainer.parallel import ParallelDims, barrier, materialize, unwrapped
 
 PAYLOAD_DIR = "deepspeed"  # inside a checkpoint directory
 TAG = "state"  # DeepSpeed's checkpoint tag: its files sit in deepspeed/state/
 UNIVERSAL_TAG = "universal"  # the same state converted to DeepSpeed's universal format, for another layout
 LAYOUT_FILE = "layout.json"  # world size, ZeRO stage and offload of the run that wrote the checkpoint
-# what the ZeRO-3 checkpoint names wrappers add to parameter names (module state dicts drop them themselves)
-WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
 
 def import_deepspeed():
@@ -386,12 +384,7 @@ def consolidate(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress report
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir / PAYLOAD_DIR), tag=TAG)
-    out = {}
-    for name, tensor in state.items():
-        for prefix in WRAPPER_PREFIXES:
-            name = name.replace(prefix, "")
-        out[name] = tensor
-    return out
+    return {unwrapped(name): tensor for name, tensor in state.items()}
 
 
 def to_universal(payload: Path) -> None:

@@ -8,7 +8,7 @@ from trainer.parallel.dims import (
     init_distributed,
     shutdown_distributed,
 )
-from trainer.parallel.parallelize import materialize, parallelize
+from trainer.parallel.parallelize import materialize, parallelize, unwrapped
 from trainer.parallel.tensor_parallel import check_tp_degree, full_value, loss_context
 
 __all__ = [
@@ -23,4 +23,5 @@ __all__ = [
     "materialize",
     "parallelize",
     "shutdown_distributed",
+    "unwrapped",
 ]

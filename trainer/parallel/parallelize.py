@@ -18,6 +18,15 @@ from trainer.models.layers import loss_chunk_rows
 from trainer.parallel.dims import ParallelDims
 from trainer.parallel.tensor_parallel import apply_tensor_parallel
 
+WRAPPER_PARTS = ("_orig_mod.", "_checkpoint_wrapped_module.")  # what compile and checkpoint wrappers add to names
+
+
+def unwrapped(name: str) -> str:
+    """A parameter's name as the plain model has it (the global names checkpoints and exports use)."""
+    for part in WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
     """Recompute block activations in backward: `full` wraps every block, `selective` every other block. (`full`
