@@ -133,6 +133,38 @@ def test_fsdp_zero3_x_tp_ranks_start_from_the_checkpoint(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     (step1,) = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
     assert math.isclose(step1["loss"], transformers_loss(ckpt, tmp_path / "corpus.txt"), rel_tol=1e-5)
+    # round trip under the same layout: export what was trained, start a run from the export at lr 0 (AdamW then
+    # leaves every weight as it is): its checkpoint holds exactly the first run's weights
+    trained = load_model(latest_checkpoint(tmp_path / "run" / "checkpoints"))
+    export_hf(trained, tmp_path / "exported", tokenizer_json=TOKENIZER)
+    again = {**cfg, "run": {"dir": str(tmp_path / "again"), "seed": 3}}
+    again["model"] = {"arch": "llama", "init_from": str(tmp_path / "exported")}
+    again["train"] = {**cfg["train"], "lr": 0.0, "min_lr": 0.0}
+    result = torchrun(4, write_config(again, tmp_path / "again.yaml"), timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reloaded = load_model(latest_checkpoint(tmp_path / "again" / "checkpoints")).state_dict()
+    for name, value in trained.state_dict().items():
+        torch.testing.assert_close(reloaded[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_a_resume_prefers_the_runs_own_checkpoint(tmp_path):
+    """A run started from init_from and stopped resumes from its own checkpoint, not from init_from again: the
+    resumed steps are the uninterrupted run's."""
+    ckpt = hf_checkpoint(tmp_path / "hf")
+    whole = run_config(tmp_path, ckpt)
+    whole["train"]["steps"] = 4
+    train(load_config(write_config(whole, tmp_path / "whole.yaml")))
+    first = {**whole, "run": {"dir": str(tmp_path / "parts"), "seed": 3}, "checkpoint": {"every": 2}}
+    train(load_config(write_config(first, tmp_path / "first.yaml"), ["train.steps=4", "checkpoint.every=2"]))
+    shutil.rmtree(tmp_path / "parts" / "checkpoints" / "step_4")  # as if stopped after step 2
+    (tmp_path / "parts" / "checkpoints" / "latest").write_text("step_2")
+    train(load_config(write_config(first, tmp_path / "first.yaml")))
+    starts = [r for r in read_metrics(tmp_path / "parts") if r.get("event") == "start"]
+    assert starts[-1]["resumed_from_step"] == 2
+    expected = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "run") if "loss" in r}
+    got = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "parts") if "loss" in r}
+    for step in (3, 4):
+        assert math.isclose(got[step], expected[step], rel_tol=1e-6), (step, got[step], expected[step])
 
 
 def test_deepspeed_zero3_starts_from_the_checkpoint(tmp_path):
