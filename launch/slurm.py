@@ -161,7 +161,8 @@ def render(args: argparse.Namespace) -> tuple[str, Path]:
         "max_restarts": str(args.max_restarts),
         "grace_period": str(args.grace_period),
         "train_args": shlex.join(train_args),
-        "run_dir": str(run_dir),
+        "log_dir_quoted": shlex.quote(str(log_dir)),
+        "run_dir_quoted": shlex.quote(str(run_dir)),
         "steps": str(cfg.train.steps),
     }
     script = TEMPLATE.read_text()

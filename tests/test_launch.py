@@ -416,3 +416,25 @@ def test_agent_says_what_it_did_with_a_signal(monkeypatch, capsys, sig, code):
     assert len(lines) == 1
     assert f"got {sig.name} and passed {sig.name} to the ranks" in lines[0] and "77 s" in lines[0]
     assert "resumes from the latest complete checkpoint" in lines[0]
+
+
+def test_slurm_script_keeps_shell_syntax_in_paths_as_data(capsys, tmp_path, slurm_config):
+    """A run dir and a log dir holding `$(...)`, quotes and spaces reach the script's shell as the literal paths: the
+    script quotes them once (log_dir=..., run_dir=...) and only ever expands those variables."""
+    import subprocess
+
+    hostile = tmp_path / 'run $(touch pwned) "x" `id`'
+    cfg = tmp_path / "hostile.yaml"
+    cfg.write_text(f"run: {{name: big, dir: '{hostile}'}}\ndata: {{train: [x.txt], tokenizer: t.json}}\n")
+    logs = tmp_path / "logs $(touch pwned2)"
+    main(["slurm", "--log-dir", str(logs), "--dry-run", "--", str(cfg)])
+    script = capsys.readouterr().out
+    assert "{{" not in script
+    assignments = [line for line in script.splitlines() if line.startswith(("log_dir=", "run_dir="))]
+    assert len(assignments) == 2
+    shell = "\n".join(assignments) + '\nprintf "%s\\n%s" "$log_dir" "$run_dir"'
+    out = subprocess.run(["bash", "-c", shell], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == [str(logs), str(hostile)]
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "pwned2").exists()
+    body = script.split("run_dir=", 1)[1]
+    assert "$(touch" not in body.split("\n", 1)[1]  # after the assignments, the paths appear only as variables
