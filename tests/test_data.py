@@ -440,6 +440,23 @@ def test_trainer_data_prints_the_order(env, tmp_path):
     assert bad.returncode == 2 and "must have 0 <= A < B" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_ctrl_c_during_trainer_data_says_what_stopped(env, tmp_path):
+    """Ctrl-C ends `trainer data` with one line about `trainer data`, not the training run's checkpoint line."""
+    import signal
+
+    config = {"run": {"seed": 1}, "data": {"train": [str(env["root"] / "corpus.txt")], "tokenizer": env["tok"]["gpt"]}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "trainer", "data", str(path), "--range", "0:100000000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=CORPUS.parents[2])
+    assert proc.stdout.readline().startswith("{")  # it is printing samples
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    last = err.strip().splitlines()[-1]
+    assert last == "interrupted (Ctrl-C): `trainer data` stopped" and "Traceback" not in err, err[-2000:]
+
+
 # ---- errors ------------------------------------------------------------------------------------------------------
 
 

@@ -250,12 +250,15 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":
-            print(
-                "interrupted (Ctrl-C): stopped at once, without a checkpoint; the same command resumes from the last "
-                "complete one (SIGTERM or SIGUSR1 would have checkpointed first)",
-                file=sys.stderr,
-                flush=True,
-            )
+            if args.command == "train":
+                line = (
+                    "interrupted (Ctrl-C): stopped at once, without a checkpoint; the same command resumes from the "
+                    "last complete one (SIGTERM or SIGUSR1 would have checkpointed first)"
+                )
+            else:  # no run is at stake: say what stopped and how to finish
+                again = {"prepare": "; run it again: inputs it finished are kept"}.get(args.command, "")
+                line = f"interrupted (Ctrl-C): `trainer {args.command}` stopped{again}"
+            print(line, file=sys.stderr, flush=True)
         sys.exit(130)
 
 
