@@ -52,7 +52,10 @@ def config(run_dir: Path, corpus: Path, tokenizer: Path) -> dict:
 def losses(run_dir: Path) -> dict[int, float]:
     out = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        m = json.loads(line)
+        try:
+            m = json.loads(line)
+        except json.JSONDecodeError:  # the line being written as we read, or one a kill tore (the trainer ends it)
+            continue
         if "loss" in m and "event" not in m:
             out[m["step"]] = m["loss"]
     return out
