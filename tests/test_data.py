@@ -545,6 +545,32 @@ def test_valid_set_errors_name_data_valid(env, tmp_path):
     assert "train" not in message
 
 
+def test_a_valid_set_that_gives_nothing_stops_the_run_before_it_trains(env, tmp_path):
+    """A valid set without documents is found at start-up (each rank reads its first evaluation sample), not at the
+    first evaluation after hours of training: one line, and no run directory written."""
+    from trainer.train import train
+
+    (tmp_path / "blank.txt").write_text("\n\n\n")
+    cfg = load_config(
+        None,
+        [
+            f"data.train=[{env['root'] / 'corpus.txt'}]",
+            f"data.valid=[{tmp_path / 'blank.txt'}]",
+            f"data.tokenizer={env['tok']['gpt']}",
+            f"data.seq_len={SEQ['gpt']}",
+            "model.preset=gpt-tiny",
+            "train.eval_every=1000",
+            "train.steps=2000",
+            "data.num_workers=0",
+            "log.wandb.mode=disabled",
+            f"run.dir={tmp_path / 'run'}",
+        ],
+    )
+    with pytest.raises(UserError, match=r"^data.valid \(.*blank.txt\) has no documents"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
 def test_format_errors_name_the_key_the_path_and_the_fix(env, tmp_path):
     """data.format=tokens with prepared train shards beside a raw jsonl valid set (the reported case): the error
     names data.valid, the file it refused and two fixes. So do the other format refusals."""

@@ -81,6 +81,16 @@ def check_layout(cfg: Config, dims: ParallelDims, model_cfg: ModelConfig) -> Non
         )
 
 
+def check_valid(cfg: Config, dims: ParallelDims, sources: list) -> None:
+    """Reads this rank's first evaluation sample now, so that a valid set that cannot give one (no documents, a bad
+    field) stops the run before it trains, not at its first evaluation."""
+    stream = build_data_stream(cfg, dims, sources, training=False, micro_batch=1)
+    try:
+        next(iter(stream))
+    finally:
+        stream.close()
+
+
 def lock_run_dir(lock: RunLock, dims: ParallelDims) -> None:
     """Rank 0 takes the run directory's lock for the job; a refusal (another job holds it) reaches every rank."""
     refusal = None
@@ -155,6 +165,8 @@ def build_run(
     directory's) is taken before anything is written there."""
     check_layout(cfg, dims, model_cfg)
     train_sources, valid_sources = data_sources(cfg)
+    if valid_sources and cfg.train.eval_every:
+        check_valid(cfg, dims, valid_sources)
     if lock is not None:
         lock_run_dir(lock, dims)
     ckpt = Checkpointer(cfg.run_dir / "checkpoints", cfg.checkpoint.keep, dims)
