@@ -120,6 +120,11 @@ def test_a_new_family_touches_only_its_folder_and_the_registry(tmp_path):
     for path in [*outside, *(REPO / "launch").rglob("*.py")]:
         for number, line in enumerate(path.read_text().splitlines(), 1):
             assert not branch.search(line), f"{path.relative_to(REPO)}:{number} branches on a family: {line.strip()}"
+    # model code stays free of distributed code: only the plans (tensor_parallel.py, tp_plans.py) import it
+    for path in (REPO / "trainer" / "models").rglob("*.py"):
+        if path.name not in ("tensor_parallel.py", "tp_plans.py"):
+            imports = re.search(r"^\s*(import|from) torch\.distributed", path.read_text(), re.MULTILINE)
+            assert imports is None, f"{path.relative_to(REPO)} imports torch.distributed"
     copy = tmp_path / "repo"
     shutil.copytree(REPO / "trainer", copy / "trainer", ignore=shutil.ignore_patterns("__pycache__"))
     family_dir = copy / "trainer" / "models" / "toyllama"
