@@ -73,8 +73,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class Family:
-    """One model family: what `model.arch` names. `tensor_parallel` and `hf` are modules imported on first use (they
-    import torch.distributed and safetensors, which building a model does not need):
+    """One model family: what `model.arch` names. `tensor_parallel` and `hf` are modules imported on first use (they need
+    torch.distributed and safetensors, which building a model does not):
     - `tensor_parallel.apply(model, tp_mesh)` shards a built model in place (DTensor plans);
     - `hf` holds the Hugging Face adapter (`trainer.models.hf.Adapter`) as `ADAPTER`."""
 
