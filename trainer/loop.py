@@ -53,9 +53,10 @@ def train_loop(run: Run, stop: StopSignal, heartbeat: Heartbeat) -> dict:
             state.tokens += run.global_batch * cfg.data.seq_len
             last_step = state.step == t.steps
             log_now = state.step % cfg.log.every == 0 or last_step or stop_now
-            checkpoint_now = bool(cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or last_step
-            checkpoint_now = checkpoint_now or stop_now
-            if log_now or checkpoint_now:
+            every = cfg.checkpoint.every
+            checkpoint_now = bool(every and state.step % every == 0) or last_step or stop_now
+            report_now = log_now or checkpoint_now
+            if report_now:
                 loss_v, norm_v, bad_in_row = health.read(run, loss, grad_norm)
             window.add(time.perf_counter() - t0, run.global_batch * cfg.data.seq_len, t_data)
             if log_now:
@@ -63,7 +64,7 @@ def train_loop(run: Run, stop: StopSignal, heartbeat: Heartbeat) -> dict:
                 logger.log_step(last)
             if run.valid_sources and t.eval_every and (state.step % t.eval_every == 0 or last_step):
                 run_evaluation(run, state.step)
-            if (log_now or checkpoint_now) and bad_in_row >= t.max_bad_steps:
+            if report_now and bad_in_row >= t.max_bad_steps:
                 raise UserError(
                     f"stopped at step {state.step}: {bad_in_row} steps in a row had a non-finite loss or "
                     f"gradient; lower train.lr, raise train.warmup_steps or use train.precision=bf16"
