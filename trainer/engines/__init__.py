@@ -1,6 +1,7 @@
 """Engines own everything data-parallel behind one interface (`Engine`, see base.py): wrapping or sharding the model,
-building the optimizer on the parameters they hold, precision, the micro-batch context, the gradient reduction,
-clipping, and saving/loading their state.
+building the optimizer on the parameters they hold, precision, a whole training step (every micro-batch of it, with
+gradient sync on the last) and an evaluation step, the gradient reduction, clipping, and saving/loading their state.
+A new engine (a pipeline schedule, say) is a sibling of these: the loop sees only the interface.
 
 - `ddp`: DistributedDataParallel (ZeRO stage 0).
 - `fsdp`: FSDP2 `fully_shard` on the dp mesh axis (ZeRO-2 or ZeRO-3), composable with tensor parallelism.
