@@ -123,19 +123,19 @@ class TransformersLoop:
                 max_position_embeddings=seq_len,
             )
             self.model = LlamaForCausalLM(llama)
-        cfg = GPT2Config(
-            vocab_size=VOCAB,
-            n_positions=seq_len,
-            n_embd=dims["d_model"],
-            n_layer=dims["n_layer"],
-            n_head=dims["n_head"],
-            n_inner=dims["d_ff"],
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-        )
-        if arch_of(dims) == "gpt":
-            self.model = GPT2LMHeadModel(cfg)
+        else:
+            gpt2 = GPT2Config(
+                vocab_size=VOCAB,
+                n_positions=seq_len,
+                n_embd=dims["d_model"],
+                n_layer=dims["n_layer"],
+                n_head=dims["n_head"],
+                n_inner=dims["d_ff"],
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+            )
+            self.model = GPT2LMHeadModel(gpt2)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.1)
 
         def loss_fn(x, y):

@@ -65,9 +65,9 @@ def hf_checkpoint(path: Path, kind: str = "llama") -> Path:
 ARCH = {"llama": "llama", "qwen3": "llama", "gpt2": "gpt", "bert": "bert"}
 
 
-def run_config(tmp_path: Path, init_from: Path, kind: str = "llama", **overrides) -> dict:
+def run_config(tmp_path: Path, init_from: Path, kind: str = "llama") -> dict:
     shutil.copy(LEGACY / "corpus.txt", tmp_path / "corpus.txt")
-    cfg = {
+    return {
         "run": {"dir": str(tmp_path / "run"), "seed": 3},
         "model": {"arch": ARCH[kind], "init_from": str(init_from)},
         "data": {"train": [str(tmp_path / "corpus.txt")], "seq_len": SEQ, "num_workers": 0, "streams": 4},
@@ -75,10 +75,6 @@ def run_config(tmp_path: Path, init_from: Path, kind: str = "llama", **overrides
         "checkpoint": {"every": 0},
         "log": {"every": 1, "wandb": {"mode": "disabled"}},
     }
-    for key, value in overrides.items():
-        section, name = key.split(".")
-        cfg[section][name] = value
-    return cfg
 
 
 def transformers_loss(ckpt: Path, corpus: Path, kind: str = "llama") -> float:

@@ -221,10 +221,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
-    if cls is ModelSection:  # keys other than its fields are the family's dimensions, checked in validate()
-        dims = {k: v for k, v in raw.items() if k not in names}
-        raw = {k: v for k, v in raw.items() if k in names}
-        raw["dims"] = {**raw.get("dims", {}), **dims} if isinstance(raw.get("dims", {}), dict) else raw["dims"]
+    if cls is ModelSection:  # every key but arch, preset and init_from is a family dimension, checked in validate()
+        own = ("arch", "preset", "init_from")
+        raw = {**{k: v for k, v in raw.items() if k in own}, "dims": {k: v for k, v in raw.items() if k not in own}}
     for key, value in raw.items():
         full = f"{prefix}{key}"
         if key not in names:
