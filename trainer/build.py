@@ -22,6 +22,8 @@ from trainer.models import ModelConfig, count_params, family, model_from_config,
 from trainer.monitor import MetricsLogger
 from trainer.optim import OptimizerSettings
 from trainer.parallel import ParallelDims, broadcast_object, parallelize
+from trainer.parallel.dims import check_world
+from trainer.parallel.pipeline import PipelinePlan, head_cost_in_blocks, plan_pipeline
 from trainer.run import Run, TrainState
 from trainer.run_lock import RunLock
 from trainer.tokenizer import TokenizerInfo
@@ -72,6 +74,40 @@ def engine_config(cfg: Config, model_cfg: ModelConfig) -> dict | None:
     return deepspeed_config(cfg.train, p, dp=dp, d_model=model_cfg.d_model)
 
 
+def pipeline_plan(cfg: Config, model_cfg: ModelConfig) -> PipelinePlan | None:
+    """The layer split and stage placement (parallel.pp > 1), refused in one line before any process group exists
+    when it cannot run: an engine without pipeline stages, pp not dividing the world, more stages than layers, a
+    split that does not cover the layers, a micro-batch count the schedule cannot run."""
+    p = cfg.parallel
+    if p.pp == 1:
+        if p.pp_split is not None or p.pp_virtual:
+            raise UserError("parallel.pp_split and parallel.pp_virtual apply to pipelines: set parallel.pp >= 2")
+        return None
+    if p.engine == "deepspeed":
+        raise UserError(
+            "parallel.engine=deepspeed does not run under parallel.pp > 1 (DeepSpeed's pipeline engine needs its "
+            "own PipelineModule model and schedule): use parallel.engine=fsdp, which shards each stage over dp"
+        )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dp = check_world(world, p.tp, p.pp)
+    if p.engine == "ddp" and dp > 1:
+        raise UserError(
+            f"parallel.engine=ddp runs pipeline stages only with dp=1 (here {world} ranks / (pp={p.pp} x tp={p.tp}) "
+            f"= dp {dp}): use parallel.engine=fsdp for pp x dp layouts"
+        )
+    with torch.device("meta"):
+        shape_only = model_from_config(model_cfg)
+    return plan_pipeline(
+        p.pp,
+        p.pp_schedule,
+        p.pp_virtual,
+        p.pp_split,
+        model_cfg.n_layer,
+        head_cost_in_blocks(shape_only, cfg.data.seq_len),
+        cfg.train.grad_accum,
+    )
+
+
 def check_layout(cfg: Config, dims: ParallelDims, model_cfg: ModelConfig) -> None:
     """Parallel settings that need the world size or the model shape, refused before anything is built."""
     if cfg.parallel.engine == "ddp" and dims.tp > 1 and dims.dp > 1:
@@ -110,6 +146,7 @@ def build_model(
     model_cfg: ModelConfig,
     ds_config: dict | None = None,
     pretrained: bool = False,
+    pipeline: PipelinePlan | None = None,
 ) -> tuple[Engine, dict]:
     """The engine around the model: built on the meta device (or partitioned as it is built, DeepSpeed ZeRO-3),
     parallelized, then sharded and materialised by the engine: no rank ever holds more than its shard (plus one whole
@@ -135,6 +172,8 @@ def build_model(
         offload=p.offload,
         deepspeed=ds_config,
         load=partial(load_hf_weights, directory=cfg.model.init_from) if pretrained else None,
+        pipeline=pipeline,
+        micro_batches=t.grad_accum,
     )
     return engine, counts
 
@@ -160,6 +199,7 @@ def build_run(
     model_cfg: ModelConfig,
     ds_config: dict | None = None,
     lock: RunLock | None = None,
+    pipeline: PipelinePlan | None = None,
 ) -> Run:
     """Model, engine, checkpoint state and loggers; resumes from a checkpoint when there is one. `lock` (the run
     directory's) is taken before anything is written there."""
@@ -199,7 +239,7 @@ def build_run(
     try:
         # a resume always prefers the run's own checkpoint to model.init_from
         pretrained = bool(cfg.model.init_from) and resume_from is None
-        engine, counts = build_model(cfg, dims, device, model_cfg, ds_config, pretrained)
+        engine, counts = build_model(cfg, dims, device, model_cfg, ds_config, pretrained, pipeline)
         if resume_from is not None:
             rng = ckpt.load(resume_from, engine)
         wb = cfg.log.wandb
@@ -251,6 +291,7 @@ def announce(run: Run, counts: dict, resume_from) -> None:
             "world_size": dims.world_size,
             "dp": dims.dp,
             "tp": dims.tp,
+            "pp": dims.pp,
             **layout,
             "global_batch": run.global_batch,
             "global_batch_tokens": run.global_batch * cfg.data.seq_len,
@@ -272,8 +313,12 @@ def announce(run: Run, counts: dict, resume_from) -> None:
     zero = f" ZeRO-{layout['zero_stage']}" if layout["zero_stage"] else ""
     offloaded = f" (+{layout['offload_bytes'] / 2**20:,.1f} MiB in CPU memory)" if layout.get("offload_bytes") else ""
     tokens = run.global_batch * cfg.data.seq_len
+    grid = f"dp {dims.dp} x tp {dims.tp}"
+    if dims.pp > 1:
+        split = " ".join(f"[{s[0]}-{s[-1]}]" if len(s) > 1 else f"[{s[0]}]" for s in layout["pp_split"])
+        grid = f"pp {dims.pp} x {grid}, {layout['pp_schedule']} over stages of layers {split}"
     logger.print(
-        f"{name}: {counts['n_params']:,} parameters | {layout['engine']}{zero}, dp {dims.dp} x tp {dims.tp} on "
+        f"{name}: {counts['n_params']:,} parameters | {layout['engine']}{zero}, {grid} on "
         f"{run.device.type}, offload {layout['offload']}, model state {layout['model_state_bytes'] / 2**20:,.1f} MiB "
         f"per rank{offloaded} | {run.global_batch} x {cfg.data.seq_len} = {tokens:,} tokens "
         f"per step | {t.steps:,} steps, {t.precision} | run dir {cfg.run_dir}"

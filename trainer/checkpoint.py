@@ -232,13 +232,14 @@ class Checkpointer:
         try:
             written = []
             if self.dims.tp_rank == 0:  # tp peers share one RNG stream (same dropout masks)
-                written.append(tmp / f"rng_dp{self.dims.dp_rank}.pt")
+                written.append(tmp / rng_file_name(self.dims.dp_rank, self.dims.pp_rank))
                 torch.save(rng_state(), written[-1])
             if self.dims.is_main:
                 if tokenizer_path:
                     shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
                     written.append(tmp / "tokenizer.json")
                 layout = {"world_size": self.dims.world_size, "dp": self.dims.dp, "tp": self.dims.tp}
+                layout.update({"pp": self.dims.pp} if self.dims.pp > 1 else {})
                 (tmp / STATE_FILE).write_text(json.dumps({**state, **layout}, indent=1))
                 written.append(tmp / STATE_FILE)
             for path in written:  # each rank flushes its own files before the rename can make them visible
@@ -372,8 +373,18 @@ class Checkpointer:
         state, or None when the checkpoint has none for it (as after a resume on more ranks). The caller sets the
         RNG right before the first step."""
         engine.load(path)
-        rng_file = path / f"rng_dp{self.dims.dp_rank}.pt"
-        return torch.load(rng_file, weights_only=False) if rng_file.is_file() else None
+        for name in dict.fromkeys(
+            [rng_file_name(self.dims.dp_rank, self.dims.pp_rank), rng_file_name(self.dims.dp_rank)]
+        ):
+            if (path / name).is_file():  # a pipeline stage's own stream, else its data-parallel rank's
+                return torch.load(path / name, weights_only=False)
+        return None
+
+
+def rng_file_name(dp_rank: int, pp_rank: int = 0) -> str:
+    """Each pipeline stage of a data-parallel rank draws its own dropout masks: stage 0's file keeps the name every
+    other layout reads."""
+    return f"rng_dp{dp_rank}.pt" if pp_rank == 0 else f"rng_dp{dp_rank}_pp{pp_rank}.pt"
 
 
 def same_model(saved: dict, now: dict) -> bool:

@@ -85,7 +85,11 @@ class ParallelConfig:
     engine: str = "ddp"  # ddp | fsdp (FSDP2) | deepspeed
     # ddp: 0; fsdp: 2 (params kept from forward to backward) or 3 (default, resharded); deepspeed: 1, 2 (default) or 3
     zero_stage: int | None = None
-    tp: int = 1  # tensor-parallel degree (Megatron-style, with sequence parallelism); world size = dp * tp
+    tp: int = 1  # tensor-parallel degree (Megatron-style, with sequence parallelism); world size = pp * dp * tp
+    pp: int = 1  # pipeline-parallel degree: the layers split into stages on pp ranks (micro-batches = grad_accum)
+    pp_schedule: str = "1f1b"  # 1f1b | gpipe | interleaved-1f1b | looped-bfs | zero-bubble | zbv | dualpipev
+    pp_virtual: int = 0  # stages per rank (interleaved and V schedules); 0: 1, or 2 for those schedules
+    pp_split: list[int] | None = None  # layers per stage, in stage order (pp * pp_virtual counts); default: balanced
     offload: str = "none"  # none | cpu: optimizer state (and at ZeRO-3 parameters) in CPU memory; deepspeed only
     deepspeed: dict | None = None  # extra DeepSpeed config settings, merged into the generated one (no contradictions)
     timeout_s: float = 600.0  # collective timeout: a rank stuck this long fails the job, naming the rank
@@ -140,6 +144,7 @@ CHOICES = {
     "train.activation_checkpointing": ("none", "full", "selective"),
     "parallel.engine": ("ddp", "fsdp", "deepspeed"),
     "parallel.offload": ("none", "cpu"),
+    "parallel.pp_schedule": ("1f1b", "gpipe", "interleaved-1f1b", "looped-bfs", "zero-bubble", "zbv", "dualpipev"),
     "log.wandb.mode": ("online", "offline", "disabled"),
 }
 POSITIVE = (
@@ -152,6 +157,7 @@ POSITIVE = (
     "log.every",
     "checkpoint.keep",
     "parallel.tp",
+    "parallel.pp",
 )
 NON_NEGATIVE = (
     "train.warmup_steps",
@@ -165,6 +171,7 @@ NON_NEGATIVE = (
     "data.num_workers",
     "train.sample_tokens",
     "train.max_bad_steps",
+    "parallel.pp_virtual",
 )
 
 
@@ -173,7 +180,7 @@ def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
     if typing.get_origin(tp) is list:
-        return "a list of strings"
+        return "a list of integers" if typing.get_args(tp) == (int,) else "a list of strings"
     return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
@@ -191,6 +198,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except UserError:
                 pass
+    elif origin is list and typing.get_args(tp) == (int,):
+        if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return value
     elif origin is list:
         if isinstance(value, (str, Path)):
             return [str(value)]

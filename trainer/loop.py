@@ -83,12 +83,13 @@ def start_rng(run: Run) -> None:
     """The RNG (dropout) is set last, so nothing in start-up draws from it and a resumed run continues its stream."""
     if run.rng is not None:
         set_rng_state(run.rng)
-    else:  # dropout streams differ per data-parallel rank; tensor-parallel peers draw the same masks
-        torch.manual_seed(run.cfg.run.seed + 1000 * run.dims.dp_rank)
+    else:  # dropout streams differ per data-parallel rank and pipeline stage; tensor-parallel peers draw the same masks
+        torch.manual_seed(run.cfg.run.seed + 1000 * run.dims.dp_rank + 100_000 * run.dims.pp_rank)
 
 
 def global_loss(run: Run, loss_sum: torch.Tensor, global_targets: torch.Tensor) -> torch.Tensor:
-    """The step's loss over the global batch: summed over dp (tp peers hold the same value, counted once)."""
+    """The step's loss over the global batch: summed over dp (tp peers hold the same value, counted once; pipeline
+    stages other than the last hold 0)."""
     local = loss_sum.reshape(1) if run.dims.tp_rank == 0 else torch.zeros(1, device=run.device)
     return all_reduce_sum(local, run.dims, "world")[0] / global_targets
 

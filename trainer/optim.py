@@ -10,10 +10,13 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 
-def param_groups(model: nn.Module, weight_decay: float, shape=lambda p: p.shape) -> list[dict]:
-    """Decay applies to 2-D weight matrices of linear layers; norms, biases and embeddings are not decayed. `shape`
-    gives a parameter's logical shape where its tensor is a partition (DeepSpeed ZeRO-3)."""
-    no_decay_ids = set()
+def param_groups(
+    model: nn.Module, weight_decay: float, shape=lambda p: p.shape, no_decay: frozenset[int] = frozenset()
+) -> list[dict]:
+    """Decay applies to 2-D weight matrices of linear layers; norms, biases and embeddings are not decayed, nor the
+    parameters whose ids are in `no_decay` (a pipeline's copy of a tied head: an embedding). `shape` gives a
+    parameter's logical shape where its tensor is a partition (DeepSpeed ZeRO-3)."""
+    no_decay_ids = set(no_decay)
     for module in model.modules():
         if isinstance(module, (nn.Embedding, nn.LayerNorm)):
             no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
@@ -36,11 +39,13 @@ class OptimizerSettings:
     eps: float
 
 
-def build_optimizer(model: nn.Module, settings: OptimizerSettings) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, settings: OptimizerSettings, no_decay: frozenset[int] = frozenset()
+) -> torch.optim.AdamW:
     """AdamW over `model`'s parameters as they are after sharding (plain tensors or DTensors), in PyTorch's fused
     implementation (one pass over each parameter's state, on CPU and CUDA) rather than the default, which on CPU walks
     every parameter with six separate element-wise kernels: a tenth of the time at 124M parameters."""
-    groups = param_groups(model, settings.weight_decay)
+    groups = param_groups(model, settings.weight_decay, no_decay=no_decay)
     # A fused call takes one kind of tensor: where tensor parallelism leaves some parameters plain (BERT's embedding
     # norm) beside DTensors, the default implementation steps them instead.
     kinds = {isinstance(p, DTensor) for group in groups for p in group["params"]}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.build import build_run, engine_config, resolve_model
+from trainer.build import build_run, engine_config, pipeline_plan, resolve_model
 from trainer.config import Config
 from trainer.loop import train_loop
 from trainer.parallel import check_tp_degree, init_distributed, shutdown_distributed
@@ -32,14 +32,16 @@ def _train(cfg: Config, stop: StopSignal) -> dict:
     model_cfg = resolve_model(cfg, tok)
     # a degree that cannot split the model is refused before any process group exists
     check_tp_degree(p.tp, model_cfg.tp_divisors(), cfg.data.seq_len)
+    pipeline = pipeline_plan(cfg, model_cfg)
     ds_config = engine_config(cfg, model_cfg)
-    dims, device = init_distributed(p.tp, need_group=p.engine != "ddp" or p.tp > 1, timeout_s=p.timeout_s)
+    need_group = p.engine != "ddp" or p.tp > 1 or p.pp > 1
+    dims, device = init_distributed(p.tp, need_group=need_group, timeout_s=p.timeout_s, pp=p.pp)
     if device.type == "cuda":  # fp32 matmuls (precision=fp32, and what autocast leaves in fp32) on TF32 tensor cores
         torch.set_float32_matmul_precision("high")
     heartbeat = Heartbeat(dims, p.timeout_s).start()
     lock = RunLock(cfg.run_dir)
     try:
-        run = build_run(cfg, dims, device, tok, model_cfg, ds_config, lock)
+        run = build_run(cfg, dims, device, tok, model_cfg, ds_config, lock, pipeline)
         failed = True
         try:
             result = train_loop(run, stop, heartbeat)

@@ -1,11 +1,13 @@
 """Engines own everything data-parallel behind one interface (`Engine`, see base.py): wrapping or sharding the model,
 building the optimizer on the parameters they hold, precision, a whole training step (every micro-batch of it, with
 gradient sync on the last) and an evaluation step, the gradient reduction, clipping, and saving/loading their state.
-A new engine (a pipeline schedule, say) is a sibling of these: the loop sees only the interface.
+A new engine is a sibling of these: the loop sees only the interface.
 
 - `ddp`: DistributedDataParallel (ZeRO stage 0).
 - `fsdp`: FSDP2 `fully_shard` on the dp mesh axis (ZeRO-2 or ZeRO-3), composable with tensor parallelism.
 - `deepspeed`: DeepSpeed ZeRO-1/2/3 with optional CPU offload (imported only when chosen: it is an optional extra).
+- pipeline (parallel.pp > 1): stages on the pp mesh axis run by a torch.distributed.pipelining schedule, each stage
+  tensor-parallel and FSDP-sharded as above (engines/pipeline.py).
 """
 
 from __future__ import annotations
@@ -69,12 +71,15 @@ def build_engine(
     offload: str = "none",
     deepspeed: dict | None = None,
     load: Callable[[nn.Module], None] | None = None,
+    pipeline=None,
+    micro_batches: int = 1,
 ) -> Engine:
     """The engine `name` around the model `make_model` builds and `prepare` parallelizes (tensor parallel, activation
     checkpointing, compile; data parallelism is the engine's). The model is built on the meta device (for DeepSpeed
     ZeRO-3 inside `deepspeed.zero.Init`, which partitions it as it is built); the engine materialises its weights
     from `seed` (then `load(model)` when given: a pretrained checkpoint) and builds the optimizer on them. `deepspeed` is
-    the generated DeepSpeed config."""
+    the generated DeepSpeed config. `pipeline` (a PipelinePlan, pp > 1) splits the model into stages run by a
+    schedule over `micro_batches` per step, `name` then saying what shards each stage over dp."""
     common = {
         "dims": dims,
         "device": device,
@@ -84,6 +89,18 @@ def build_engine(
         "seed": seed,
         "load": load,
     }
+    if pipeline is not None:
+        from trainer.engines.pipeline import PipelineEngine
+
+        return PipelineEngine(
+            make_model,
+            prepare,
+            plan=pipeline,
+            data_parallel=name,
+            micro_batches=micro_batches,
+            zero_stage=zero_stage,
+            **common,
+        )
     if name == "deepspeed":
         from trainer.engines.deepspeed import DeepSpeedEngine
 

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor, Partial, Replicate
 
 from trainer.errors import UserError
@@ -150,10 +150,10 @@ def _sharded_mesh_dims(t: DTensor) -> tuple[int, ...]:
 
 
 @torch.no_grad()
-def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+def global_grad_norm(grads: list[torch.Tensor], across: dist.ProcessGroup | None = None) -> torch.Tensor:
     """The L2 norm of all gradients as one vector, whatever mix of plain tensors and DTensors (sharded on any mesh
     axes) they are: squared local norms are summed over the mesh axes each tensor is sharded on, with one all-reduce
-    per distinct (mesh, sharded axes) group."""
+    per distinct (mesh, sharded axes) group, then over `across` (the pipeline stages, each holding other layers)."""
     device = grads[0].to_local().device if isinstance(grads[0], DTensor) else grads[0].device
     total = torch.zeros((), dtype=torch.float32, device=device)
     groups: dict[tuple, list[torch.Tensor]] = defaultdict(list)
@@ -172,6 +172,8 @@ def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
             for dim in sharded:
                 dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=mesh.get_group(dim))
         total += sq
+    if across is not None and dist.get_world_size(across) > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=across)
     return total.sqrt()
 
 
@@ -188,44 +190,52 @@ def reduce_partial_grads(params: list[nn.Parameter]) -> None:
 
 def optimizer_step(
     params: list[nn.Parameter],
-    optimizer: torch.optim.Optimizer,
+    optimizers: torch.optim.Optimizer | list[torch.optim.Optimizer],
     scaler: LossScaler,
     *,
     grad_clip: float,
     lr: float,
     loss_finite: torch.Tensor | bool = True,
+    norm_across: dist.ProcessGroup | None = None,
+    not_in_norm: frozenset[int] = frozenset(),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The shared end of a step: reduce pending tp sums, take the global norm of the unscaled gradients, and update
     with them unscaled and clipped to `grad_clip` (0: no clipping) unless the norm or the loss (`loss_finite`) is not
-    finite; zero the gradients. Returns (norm before clipping, applied) as 0-dim device tensors.
+    finite; zero the gradients. Returns (norm before clipping, applied) as 0-dim device tensors. A pipeline passes one
+    optimizer per stage, the stages' group as `norm_across`, and the ids of parameters that copy another's
+    (a tied head on the last stage) as `not_in_norm`.
 
     Nothing here waits for the device. With PyTorch's fused AdamW (every engine but a mixed DTensor/plain layout) the
     unscale and the clip factor go into its `grad_scale` and the skip into its `found_inf`, as torch.amp.GradScaler
     drives it: the kernel divides the gradients as it reads them and leaves weights, moments and step count untouched
     on an overflow. The unfused fallback scales the gradients first and reads the verdict on the host."""
     reduce_partial_grads(params)
+    optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(()), torch.ones((), dtype=torch.bool)
     scale = scaler.scale_tensor
-    norm = global_grad_norm(grads)
+    norm = global_grad_norm([p.grad for p in params if p.grad is not None and id(p) not in not_in_norm], norm_across)
     if scaler.enabled:
         norm = norm / scale
     finite = torch.isfinite(norm) & torch.as_tensor(loss_finite, device=norm.device)
     # the clip factor: max_norm / norm where the norm exceeds max_norm (the epsilon as in torch's clip_grad_norm_)
     clip = (grad_clip / (norm + 1e-6)).clamp(max=1.0) if grad_clip > 0 else torch.ones_like(norm)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    if optimizer.defaults.get("fused"):
-        optimizer.grad_scale = scale / clip if scaler.enabled else clip.reciprocal()
-        optimizer.found_inf = (~finite).to(torch.float32)
-        optimizer.step()
-    else:
-        torch._foreach_mul_([_local(g) for g in grads], (clip / scale) if scaler.enabled else clip)
-        if bool(finite):
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if optimizer.defaults.get("fused"):
+            optimizer.grad_scale = scale / clip if scaler.enabled else clip.reciprocal()
+            optimizer.found_inf = (~finite).to(torch.float32)
             optimizer.step()
+        else:
+            group_grads = [_local(p.grad) for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            torch._foreach_mul_(group_grads, (clip / scale) if scaler.enabled else clip)
+            if bool(finite):
+                optimizer.step()
     scaler.update(finite)
-    optimizer.zero_grad(set_to_none=True)
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
     return norm, finite
 
 
@@ -269,7 +279,7 @@ class TorchEngine(MicroBatchSteps):
         )
 
     def save(self, directory: Path) -> None:
-        save_sharded(directory, self.module, self.optimizer, {"scaler": self.scaler.state_dict()})
+        save_sharded(directory, [(self.module, self.optimizer)], {"scaler": self.scaler.state_dict()})
 
     def load(self, directory: Path) -> None:
         if not (directory / DCP_DIR).is_dir():
@@ -277,7 +287,7 @@ class TorchEngine(MicroBatchSteps):
                 f"checkpoint {directory} has no {DCP_DIR}/ state (written by parallel.engine=deepspeed or an older "
                 f"version): resume it with the engine that wrote it, or start a fresh run"
             )
-        extra = load_sharded(directory, self.module, self.optimizer, {"scaler": self.scaler.state_dict()})
+        extra = load_sharded(directory, [(self.module, self.optimizer)], {"scaler": self.scaler.state_dict()})
         self.scaler.load_state_dict(extra["scaler"])
 
     def local_params(self) -> int:
@@ -289,20 +299,60 @@ def unique_params(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def save_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict) -> None:
-    """Every rank writes its shards of model and optimizer state (keyed by parameter name) into `directory/dcp`;
-    DCP's file writer fsyncs each file before the collective save returns."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd, "extra": extra}
+# Optimizer state keyed "state.<parameter name>.<exp_avg|exp_avg_sq|step>": the same keys whatever holds the parameter
+# (one model, or the pipeline stage that has it). Hyper-parameters (param_groups) come from the config, not the file.
+FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _renamed(key: str, aliases: dict[str, str]) -> str:
+    """An optimizer state key under the name the whole model gives the parameter (a tied head's copy: the
+    embedding's)."""
+    for alias, name in aliases.items():
+        if key.startswith(f"state.{alias}."):
+            return f"state.{name}." + key[len(f"state.{alias}.") :]
+    return key
+
+
+def _gather(parts: list[tuple[nn.Module, torch.optim.Optimizer]], aliases: dict[str, str]) -> tuple[list, dict, dict]:
+    states = [get_state_dict(module, optimizer, options=FLAT) for module, optimizer in parts]
+    model, optim = {}, {}
+    for model_sd, optim_sd in states:
+        model.update(model_sd)
+        optim.update({_renamed(k, aliases): v for k, v in optim_sd.items() if k.startswith("state.")})
+    return states, model, optim
+
+
+def save_sharded(
+    directory: Path,
+    parts: list[tuple[nn.Module, torch.optim.Optimizer]],
+    extra: dict,
+    aliases: dict[str, str] | None = None,
+) -> None:
+    """Every rank writes its shards of model and optimizer state (keyed by parameter name) of each of its (module,
+    optimizer) parts into `directory/dcp`; DCP's file writer fsyncs each file before the collective save returns.
+    `aliases`: parameter names saved under another name's optimizer state (a pipeline's tied head copy)."""
+    _, model, optim = _gather(parts, aliases or {})
+    state = {"model": model, "optim": optim, "extra": extra}
     dcp.save(state, checkpoint_id=str(directory / DCP_DIR), no_dist=not dist.is_initialized())
 
 
-def load_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict) -> dict:
+def load_sharded(
+    directory: Path,
+    parts: list[tuple[nn.Module, torch.optim.Optimizer]],
+    extra: dict,
+    aliases: dict[str, str] | None = None,
+) -> dict:
     """Reads model and optimizer state saved by any layout into this one (DCP reshards); returns `extra` filled in."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd, "extra": extra}
+    aliases = aliases or {}
+    states, model, optim = _gather(parts, aliases)
+    state = {"model": model, "optim": optim, "extra": extra}
     dcp.load(state, checkpoint_id=str(directory / DCP_DIR), no_dist=not dist.is_initialized())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for (module, optimizer), (model_sd, optim_sd) in zip(parts, states):
+        loaded = {
+            k: (state["optim"][_renamed(k, aliases)] if k.startswith("state.") else v) for k, v in optim_sd.items()
+        }
+        model_sd = {k: state["model"][k] for k in model_sd}
+        set_state_dict(module, optimizer, model_state_dict=model_sd, optim_state_dict=loaded, options=FLAT)
     return state["extra"]
 
 

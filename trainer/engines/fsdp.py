@@ -30,6 +30,24 @@ def prefetch_forward(root: FSDPModule, blocks: list[FSDPModule]) -> None:
         module.set_modules_to_forward_prefetch([nxt])
 
 
+def shard_model(model: nn.Module, dims: ParallelDims, zero_stage: int, precision: str) -> None:
+    """FSDP2 over the dp mesh axis: one group per block, then the root (what is left: embeddings, final norm, head)."""
+    compute = None if precision == "fp32" else DTYPES[precision]
+    mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+    mesh = dims.submesh("dp")
+    reshard = zero_stage == 3
+    for block in model.blocks.values():
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
+    # The root group (embeddings, tied head, final norm) follows the stage too: at ZeRO-3 the tied vocabulary matrix,
+    # often the largest single tensor, is not held whole between forward and backward.
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
+    prefetch_forward(model, list(model.blocks.values()))
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)  # a plain sum over dp ranks (FSDP averages by default)
+            module.set_force_sum_reduction_for_comms(True)  # SUM, not PREMUL_SUM, which gloo lacks
+
+
 class FSDPEngine(TorchEngine):
     name = "fsdp"
 
@@ -47,20 +65,7 @@ class FSDPEngine(TorchEngine):
         load=None,
     ) -> None:
         self.zero_stage = zero_stage
-        compute = None if precision == "fp32" else DTYPES[precision]
-        mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
-        mesh = dims.submesh("dp")
-        reshard = zero_stage == 3
-        for block in model.blocks.values():
-            fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
-        # The root group (embeddings, tied head, final norm) follows the stage too: at ZeRO-3 the tied vocabulary matrix,
-        # often the largest single tensor, is not held whole between forward and backward.
-        fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
-        prefetch_forward(model, list(model.blocks.values()))
-        for module in model.modules():
-            if isinstance(module, FSDPModule):
-                module.set_gradient_divide_factor(1.0)  # a plain sum over dp ranks (FSDP averages by default)
-                module.set_force_sum_reduction_for_comms(True)  # SUM, not PREMUL_SUM, which gloo lacks
+        shard_model(model, dims, zero_stage, precision)
         materialize(model, device, seed, load)
         super().__init__(model, dims=dims, device=device, precision=precision, grad_clip=grad_clip, optim=optim)
 

@@ -53,3 +53,9 @@ def sequence_norm() -> SequenceParallel:
 def vocab_head(input_layout) -> ColwiseParallel:
     """The LM head, column-parallel over the vocabulary; its logits stay a vocab-sharded DTensor."""
     return ColwiseParallel(input_layouts=input_layout, output_layouts=Shard(-1), use_local_output=False)
+
+
+def present(model, plan: dict) -> dict:
+    """The entries of a top-level plan whose module this model holds (a pipeline stage lacks the embeddings or the
+    head of the others)."""
+    return {name: style for name, style in plan.items() if getattr(model, name.split(".")[0]) is not None}

@@ -1,11 +1,13 @@
 """The process grid: `ParallelDims` (degrees, this rank's coordinates, the device mesh) and collectives that name the
 mesh axis they reduce over.
 
-Ranks are laid out as `arange(world).view(dp, tp)`: tensor-parallel peers are neighbouring ranks (the same node, where
-the fast links are), data-parallel peers are `tp` apart. Every reduction says which axis it spans:
+Ranks are laid out as `arange(world).view(pp, dp, tp)`: tensor-parallel peers are neighbouring ranks (the same node,
+where the fast links are), data-parallel peers are `tp` apart and pipeline stages `dp * tp` apart (across nodes: a
+stage boundary sends one activation per micro-batch). Every reduction says which axis it spans:
 
 - `dp`: sums over data-parallel ranks (target-token counts, losses, eval totals): each dp rank sees other samples,
-  while its tp peers see the same samples and would count them again.
+  while its tp peers see the same samples and would count them again, and so would its pipeline peers.
+- `pp`: the pipeline stages of one (dp, tp) coordinate (squared gradient norms: each stage holds other layers).
 - `world`: everything (the stop flag: any rank that got a signal stops the whole job).
 """
 
@@ -24,26 +26,31 @@ from trainer.errors import UserError
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """Degrees of parallelism (world = dp * tp), this rank's place in the grid, and the mesh (None on one process
-    without a process group)."""
+    """Degrees of parallelism (world = pp * dp * tp), this rank's place in the grid, and the mesh (None on one
+    process without a process group)."""
 
     world_size: int
     rank: int
     local_rank: int
     dp: int
     tp: int = 1
+    pp: int = 1
     mesh: DeviceMesh | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.dp * self.tp != self.world_size:
+        if self.pp * self.dp * self.tp != self.world_size:
             raise UserError(
-                f"dp={self.dp} x tp={self.tp} does not equal the world size {self.world_size}: "
-                f"set parallel.tp to a divisor of {self.world_size}"
+                f"pp={self.pp} x dp={self.dp} x tp={self.tp} does not equal the world size {self.world_size}: "
+                f"set parallel.pp and parallel.tp so that their product divides {self.world_size}"
             )
 
     @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.dp * self.tp)
+
+    @property
     def dp_rank(self) -> int:
-        return self.rank // self.tp
+        return (self.rank // self.tp) % self.dp
 
     @property
     def tp_rank(self) -> int:
@@ -54,7 +61,7 @@ class ParallelDims:
         return self.rank == 0
 
     def group(self, axis: str) -> dist.ProcessGroup | None:
-        """The process group of `axis` ("dp", "tp" or "world"); None when there is no process group."""
+        """The process group of `axis` ("pp", "dp", "tp" or "world"); None when there is no process group."""
         if self.mesh is None:
             return None
         if axis == "world":
@@ -68,19 +75,26 @@ class ParallelDims:
 JOINED = {"group": False}  # set once this process has joined a process group (the CLI words errors by it)
 
 
+def check_world(world: int, tp: int, pp: int = 1) -> int:
+    """The data-parallel degree world / (pp * tp), or one line when pp * tp does not divide the world size."""
+    if world % (tp * pp):
+        what = f"parallel.tp={tp}" if pp == 1 else f"parallel.pp={pp} x parallel.tp={tp} = {pp * tp}"
+        raise UserError(
+            f"{what} does not divide the world size {world}: launch a multiple of {tp * pp} ranks or lower "
+            f"{'parallel.tp' if pp == 1 else 'parallel.pp or parallel.tp'}"
+        )
+    return world // (tp * pp)
+
+
 def init_distributed(
-    tp: int = 1, need_group: bool = False, timeout_s: float = 600
+    tp: int = 1, need_group: bool = False, timeout_s: float = 600, pp: int = 1
 ) -> tuple[ParallelDims, torch.device]:
     """Reads torchrun's RANK/WORLD_SIZE/LOCAL_RANK, joins the process group (NCCL on GPUs, gloo on CPU) and builds the
-    (dp, tp) mesh. A single process joins a group of one only when `need_group` (FSDP and DTensor need a mesh)."""
+    (pp, dp, tp) mesh. A single process joins a group of one only when `need_group` (FSDP and DTensor need a mesh)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if world % tp:
-        raise UserError(
-            f"parallel.tp={tp} does not divide the world size {world}: launch a multiple of {tp} ranks or "
-            f"lower parallel.tp"
-        )
+    dp = check_world(world, tp, pp)
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -99,8 +113,8 @@ def init_distributed(
                 device_id = device if device.type == "cuda" else None
                 dist.init_process_group(backend=backend, device_id=device_id, timeout=timeout)
             JOINED["group"] = True
-        mesh = init_device_mesh(device.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
-    dims = ParallelDims(world_size=world, rank=rank, local_rank=local_rank, dp=world // tp, tp=tp, mesh=mesh)
+        mesh = init_device_mesh(device.type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
+    dims = ParallelDims(world_size=world, rank=rank, local_rank=local_rank, dp=dp, tp=tp, pp=pp, mesh=mesh)
     return dims, device
 
 
@@ -110,7 +124,7 @@ def shutdown_distributed() -> None:
 
 
 def all_reduce_sum(t: torch.Tensor, dims: ParallelDims, axis: str) -> torch.Tensor:
-    """In-place SUM of `t` over the ranks of `axis` ("dp" or "world"); returns `t`."""
+    """In-place SUM of `t` over the ranks of `axis` ("pp", "dp" or "world"); returns `t`."""
     group = dims.group(axis)
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)

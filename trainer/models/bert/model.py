@@ -49,6 +49,9 @@ class MLMHead(nn.Module):
 class BERT(nn.Module):
     """BERT masked LM: `forward(input_ids, token_type_ids=None, attention_mask=None) -> logits (B, T, vocab_size)`."""
 
+    # a pipeline stage without them: see GPT
+    PIPELINE_FIRST, PIPELINE_LAST = ("tok_emb", "pos_emb", "type_emb", "ln_emb"), ("head", "lm_head")
+
     def __init__(self, cfg: BERTConfig) -> None:
         super().__init__()
         self.config = cfg
@@ -66,8 +69,10 @@ class BERT(nn.Module):
         self.init_weights()
 
     def tie_weights(self) -> None:
-        """Make the decoder share the word embedding's Parameter (call again after replacing either)."""
-        self.lm_head.weight = self.tok_emb.weight
+        """Make the decoder share the word embedding's Parameter (call again after replacing either); a pipeline
+        stage holding one of them only keeps its own copy."""
+        if self.lm_head is not None and self.tok_emb is not None:
+            self.lm_head.weight = self.tok_emb.weight
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -92,17 +97,19 @@ class BERT(nn.Module):
         token_type_ids: (B, T) segment ids, default all 0. attention_mask: (B, T), 1 for real tokens and 0 for padding;
         padded keys are hidden from every query (padded positions still get logits, which the loss should ignore).
         """
-        t = input_ids.shape[-1]
-        check_seq_len(t, self.config.max_seq_len)
-        positions = torch.arange(t, device=input_ids.device)
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        x = self.tok_emb(input_ids) + self.pos_emb(positions) + self.type_emb(token_type_ids)
-        x = self.emb_dropout(self.ln_emb(x))
+        x = input_ids  # a pipeline stage after the first: the previous stage's hidden state
+        if self.tok_emb is not None:
+            t = input_ids.shape[-1]
+            check_seq_len(t, self.config.max_seq_len)
+            positions = torch.arange(t, device=input_ids.device)
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(input_ids)
+            x = self.tok_emb(input_ids) + self.pos_emb(positions) + self.type_emb(token_type_ids)
+            x = self.emb_dropout(self.ln_emb(x))
         attn_bias = None if attention_mask is None else attention_mask[:, None, None, :].to(torch.bool)
         for block in self.blocks.values():
             x = block(x, attn_bias)
-        return self.output(x, labels)
+        return x if self.lm_head is None else self.output(x, labels)
 
     def output(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """MLM transform and tied decoder, then the loss when `labels` are given (one unit to compile, as GPT's)."""

@@ -8,7 +8,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import PrepareModuleInput, parallelize_module
 
-from trainer.models.tp_plans import block_plan, positions_embedding, sequence_norm, vocab_embedding, vocab_head
+from trainer.models.tp_plans import block_plan, positions_embedding, present, sequence_norm, vocab_embedding, vocab_head
 
 BLOCK = block_plan(
     norms=("ln_attn", "ln_mlp"),
@@ -32,5 +32,5 @@ def apply(model: nn.Module, tp_mesh: DeviceMesh) -> None:
         ),
         "lm_head": vocab_head(Replicate()),
     }
-    parallelize_module(model, tp_mesh, top)
+    parallelize_module(model, tp_mesh, present(model, top))
     model.tie_weights()

@@ -34,7 +34,12 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     """GPT-2 language model: `forward(input_ids (B, T)) -> logits (B, T, vocab_size)`, or with `labels` (B, T) the
-    summed next-token cross-entropy over the targets (labels != -100), without returning the logits."""
+    summed next-token cross-entropy over the targets (labels != -100), without returning the logits.
+
+    A pipeline stage is this model with the parts of `PIPELINE_FIRST` or `PIPELINE_LAST` set to None: without the
+    embeddings it takes the previous stage's hidden state (B, T, d_model), without the head it returns its own."""
+
+    PIPELINE_FIRST, PIPELINE_LAST = ("tok_emb", "pos_emb"), ("ln_f", "lm_head")
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -51,8 +56,10 @@ class GPT(nn.Module):
         self.init_weights()
 
     def tie_weights(self) -> None:
-        """Make the LM head share the token embedding's Parameter (call again after replacing either)."""
-        self.lm_head.weight = self.tok_emb.weight
+        """Make the LM head share the token embedding's Parameter (call again after replacing either); a pipeline
+        stage holding one of them only keeps its own copy."""
+        if self.lm_head is not None and self.tok_emb is not None:
+            self.lm_head.weight = self.tok_emb.weight
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -69,14 +76,16 @@ class GPT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, T) with T <= max_seq_len -> next-token logits (B, T, vocab_size); with labels (B, T), the
-        summed token loss (a scalar)."""
-        t = input_ids.shape[-1]
-        check_seq_len(t, self.config.max_seq_len)
-        positions = torch.arange(t, device=input_ids.device)
-        x = self.emb_dropout(self.tok_emb(input_ids) + self.pos_emb(positions))
+        summed token loss (a scalar). A pipeline stage after the first takes a hidden state instead of token ids."""
+        x = input_ids
+        if self.tok_emb is not None:
+            t = input_ids.shape[-1]
+            check_seq_len(t, self.config.max_seq_len)
+            positions = torch.arange(t, device=input_ids.device)
+            x = self.emb_dropout(self.tok_emb(input_ids) + self.pos_emb(positions))
         for block in self.blocks.values():
             x = block(x)
-        return self.output(x, labels)
+        return x if self.lm_head is None else self.output(x, labels)
 
     def output(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Final norm and LM head, then the loss when `labels` are given: one unit, so that compiling it fuses the

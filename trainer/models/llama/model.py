@@ -131,6 +131,8 @@ class Llama(nn.Module):
     """`forward(input_ids (B, T)) -> logits (B, T, vocab_size)`, or with `labels` (B, T) the summed next-token
     cross-entropy over the targets (labels != -100)."""
 
+    PIPELINE_FIRST, PIPELINE_LAST = ("tok_emb",), ("norm", "lm_head")  # a stage without them: see GPT
+
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.config = cfg
@@ -146,7 +148,7 @@ class Llama(nn.Module):
 
     def tie_weights(self) -> None:
         """With tie_embeddings, make the LM head share the token embedding's Parameter (again after replacing either)."""
-        if self.config.tie_embeddings:
+        if self.config.tie_embeddings and self.lm_head is not None and self.tok_emb is not None:
             self.lm_head.weight = self.tok_emb.weight
 
     @torch.no_grad()
@@ -160,12 +162,13 @@ class Llama(nn.Module):
                 nn.init.ones_(module.weight)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        t = input_ids.shape[-1]
-        check_seq_len(t, self.config.max_seq_len)
-        x = self.emb_dropout(self.tok_emb(input_ids))
+        x = input_ids  # a pipeline stage after the first: the previous stage's hidden state
+        if self.tok_emb is not None:
+            check_seq_len(input_ids.shape[-1], self.config.max_seq_len)
+            x = self.emb_dropout(self.tok_emb(input_ids))
         for block in self.blocks.values():
             x = block(x)
-        return self.output(x, labels)
+        return x if self.lm_head is None else self.output(x, labels)
 
     def output(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Final norm and LM head, then the loss when `labels` are given (one unit to compile, as GPT's)."""

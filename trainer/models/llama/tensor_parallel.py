@@ -9,7 +9,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard
 from torch.distributed.tensor.parallel import SequenceParallel, parallelize_module
 
-from trainer.models.tp_plans import block_plan, sequence_norm, vocab_embedding, vocab_head
+from trainer.models.tp_plans import block_plan, present, sequence_norm, vocab_embedding, vocab_head
 
 
 def apply(model: nn.Module, tp_mesh: DeviceMesh) -> None:
@@ -25,9 +25,10 @@ def apply(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     for block in model.blocks.values():
         parallelize_module(block, tp_mesh, plan)
     top = {"tok_emb": vocab_embedding(), "norm": sequence_norm(), "lm_head": vocab_head(Shard(1))}
-    parallelize_module(model, tp_mesh, top)
+    parallelize_module(model, tp_mesh, present(model, top))
     # The embedding's output (the local shard DTensor.to_local returns) goes straight into block 0; when that block is
     # compiled, its backward hands the reduce-scatter a plain gradient ('Tensor' object has no attribute
     # '_local_tensor'). A copy breaks the alias (GPT's sum with the position embedding does the same).
-    model.tok_emb.register_forward_hook(lambda module, args, out: out.clone())
+    if model.tok_emb is not None:
+        model.tok_emb.register_forward_hook(lambda module, args, out: out.clone())
     model.tie_weights()
