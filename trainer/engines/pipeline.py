@@ -187,6 +187,9 @@ class PipelineEngine:
         """Both copies of a tied matrix get the sum of their gradients (as the one shared parameter of a single
         process would)."""
         for pair in self.tied:
+            for p in pair:  # the same layout on both sides (tp leaves an embedding's gradient replicated)
+                if isinstance(p.grad, DTensor) and p.grad.placements != p.placements:
+                    p.grad = p.grad.redistribute(p.device_mesh, p.placements)
             grads = [p.grad for p in pair]
             local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
             total = local[0] if len(local) == 1 else local[0].add_(local[1])
