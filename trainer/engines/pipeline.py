@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch._functorch.config
 import torch.distributed as dist
 from torch import nn
 from torch.distributed import pipelining
@@ -45,7 +46,7 @@ from trainer.errors import UserError
 from trainer.models.layers import token_loss_sum
 from trainer.optim import OptimizerSettings, build_optimizer
 from trainer.parallel import ParallelDims, all_reduce_sum, full_value, loss_context
-from trainer.parallel.pipeline import SCHEDULES, PipelinePlan, materialize_stages, stage_module
+from trainer.parallel.pipeline import SCHEDULES, SPLIT_BACKWARD, PipelinePlan, materialize_stages, stage_module
 
 
 def tied_names(model: nn.Module) -> dict[str, str]:
@@ -83,6 +84,8 @@ class PipelineEngine:
         self.dtype = DTYPES[precision]
         self.autocast = data_parallel != "fsdp" and precision != "fp32"  # FSDP casts parameters itself
         self.grad_clip = grad_clip
+        if plan.schedule in SPLIT_BACKWARD:
+            torch._functorch.config.donated_buffer = False  # see SPLIT_BACKWARD
         with torch.device("meta"):
             whole = make_model()
         self.aliases = tied_names(whole)

@@ -78,7 +78,7 @@ class Heartbeat:
 
     def failure(self, exc: BaseException) -> PeerFailure:
         """The one-line failure this rank reports when a collective failed with `exc`."""
-        me = f"rank {self.dims.rank} ({self.host})"
+        me = f"rank {self.dims.rank}{self._stage(self.dims.rank)} ({self.host})"
         detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         records = self._records()
         if records is None:
@@ -95,14 +95,15 @@ class Heartbeat:
             silent = [r for r in others if later.get(r, records[r])["time"] == records[r]["time"]]
             now = time.time()
         behind = [r for r in others if r not in silent and records[r]["step"] < self.step]
-        names = [f"rank {r} (never reported)" for r in range(self.dims.world_size) if r not in records]
+        names = [f"rank {r}{self._stage(r)} (never reported)" for r in range(self.dims.world_size) if r not in records]
         names += [
-            f"rank {r} on {records[r]['host']} (pid {records[r]['pid']}, last reported step {records[r]['step']}, "
-            f"silent for {now - records[r]['time']:.0f} s)"
+            f"rank {r}{self._stage(r)} on {records[r]['host']} (pid {records[r]['pid']}, last reported step "
+            f"{records[r]['step']}, silent for {now - records[r]['time']:.0f} s)"
             for r in silent
         ]
         names += [
-            f"rank {r} on {records[r]['host']} (pid {records[r]['pid']}, behind at step {records[r]['step']})"
+            f"rank {r}{self._stage(r)} on {records[r]['host']} (pid {records[r]['pid']}, behind at step "
+            f"{records[r]['step']})"
             for r in behind
         ]
         if not names:
@@ -111,6 +112,10 @@ class Heartbeat:
             f"{'; '.join(names)} stopped responding; {me} stopped at step {self.step + 1} (collective timeout "
             f"parallel.timeout_s={self.timeout_s:g}): see that rank's log [{detail}]"
         )
+
+    def _stage(self, rank: int) -> str:
+        """`rank`'s pipeline stage (its pp coordinate), in words; nothing without a pipeline."""
+        return f" [pipeline stage {rank // (self.dims.dp * self.dims.tp)}]" if self.dims.pp > 1 else ""
 
     def _records(self) -> dict[int, dict] | None:
         if self.store is None:

@@ -38,6 +38,12 @@ SCHEDULES = {
 }
 
 
+# schedules that split a stage's backward into an input part and a later weight part (zero-bubble): the weight part
+# reuses the graph the input part ran through (retain_graph), which compiled graphs refuse while they donate their
+# saved buffers to the backward (PyTorch issue 161904); the engine turns the donation off for them
+SPLIT_BACKWARD = ("zero-bubble", "zbv", "dualpipev")
+
+
 @dataclass(frozen=True)
 class PipelinePlan:
     """The pipeline of a run: `split[s]` layers in stage s (stages in model order), stage s on pp rank
