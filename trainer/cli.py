@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
         # Before the ranks join a process group every rank checks the same config and fails the same way: rank 0
         # says it once. After, an error may be one rank's own (its data, its files): that rank says it, prefixed.
         if rank in (None, "0") or (JOINED["group"] and not isinstance(e, SharedError)):
-            prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
+            stage = f", pipeline stage {JOINED['stage']}" if JOINED["stage"] is not None else ""
+            prefix = f"[rank {rank}{stage}] " if rank not in (None, "0") else ""
             print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     except OSError as e:

@@ -117,6 +117,10 @@ class PipelineEngine:
         )
         self._targets = torch.ones((), device=device)
         self._losses: list[torch.Tensor] = []
+        mine = torch.tensor([float(self._state_bytes())], device=device)
+        every = [torch.zeros_like(mine) for _ in range(plan.pp)]
+        dist.all_gather(every, mine, group=dims.group("pp"))
+        self.stage_bytes = [int(b) for b in torch.cat(every).tolist()]  # per pp rank, for the start record
 
     # ---- setup -----------------------------------------------------------------------------------------------
     def _tie_group(self) -> None:
@@ -273,18 +277,24 @@ class PipelineEngine:
         extra = load_sharded(directory, parts, {"scaler": self.scaler.state_dict()}, self.aliases)
         self.scaler.load_state_dict(extra["scaler"])
 
-    def layout(self) -> dict:
-        """This rank's model state (16 bytes per local parameter with fp32 AdamW; ZeRO-2 also holds its stage's
-        gathered parameters), and the pipeline: schedule, the layers of each stage, this rank's stages."""
+    def _state_bytes(self) -> int:
+        """This rank's model state: 16 bytes per local parameter with fp32 AdamW; ZeRO-2 also holds its stages'
+        gathered parameters."""
         n_local = sum(local_numel(p) for part in self.parts for p in unique_params(part))
         gathered = n_local * self.dims.dp if self.name == "fsdp" and self.zero_stage == 2 else 0
+        return 16 * n_local + 4 * gathered
+
+    def layout(self) -> dict:
+        """The model state of this rank and of each pp rank (the stages it holds: `pp_stage_ranks`), the schedule and
+        the layers of each stage."""
         return {
             "engine": self.name,
             "zero_stage": self.zero_stage,
             "offload": "none",
-            "model_state_bytes": 16 * n_local + 4 * gathered,
+            "model_state_bytes": self.stage_bytes[self.dims.pp_rank],
             "pp": self.plan.pp,
             "pp_schedule": self.plan.schedule,
             "pp_split": self.plan.describe(),
-            "pp_stages": self.stage_ids,
+            "pp_stage_ranks": list(self.plan.stage_rank),
+            "pp_rank_model_state_bytes": self.stage_bytes,
         }

@@ -72,7 +72,8 @@ class ParallelDims:
         return None if self.mesh is None else self.mesh[axis]
 
 
-JOINED = {"group": False}  # set once this process has joined a process group (the CLI words errors by it)
+# set once this process has joined a process group, and its pipeline stage (the CLI words errors by them)
+JOINED: dict = {"group": False, "stage": None}
 
 
 def check_world(world: int, tp: int, pp: int = 1) -> int:
@@ -115,6 +116,7 @@ def init_distributed(
             JOINED["group"] = True
         mesh = init_device_mesh(device.type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
     dims = ParallelDims(world_size=world, rank=rank, local_rank=local_rank, dp=dp, tp=tp, pp=pp, mesh=mesh)
+    JOINED["stage"] = dims.pp_rank if pp > 1 else None
     return dims, device
 
 
