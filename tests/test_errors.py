@@ -224,3 +224,43 @@ def test_deepspeed_checkpoint_refused_by_another_engine_or_stage(tmp_path, capsy
     main(["train", str(path)])
     line = cli_error(capsys, "train", str(path), "parallel.engine=deepspeed", "train.steps=4")
     assert "was written by parallel.engine=ddp or fsdp (DCP)" in line, line
+
+
+@pytest.mark.parametrize(
+    ("world", "overrides", "expected"),
+    [
+        (
+            3,
+            ["parallel.pp=2", "parallel.engine=fsdp"],
+            "parallel.pp=2 x parallel.tp=1 = 2 does not divide the world size 3",
+        ),
+        (2, ["parallel.pp=2", "parallel.engine=deepspeed"], "parallel.engine=deepspeed does not run under parallel.pp"),
+        (4, ["parallel.pp=2", "train.grad_accum=2"], "use parallel.engine=fsdp for pp x dp layouts"),
+        (2, ["parallel.pp=2", "parallel.pp_schedule=interleaved-1f1b"], "makes 4 stages, more than the model's 2"),
+        (2, ["parallel.pp=2", "parallel.pp_split=[1,2]", "train.grad_accum=2"], "does not cover the model's 2 layers"),
+        (2, ["parallel.pp=2", "parallel.pp_split=[2]", "train.grad_accum=2"], "has 1 entries but the pipeline has 2"),
+        (2, ["parallel.pp=2"], "needs at least 2 micro-batches per step (one per stage), got train.grad_accum=1"),
+        (2, ["parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.pp_virtual=3"], "runs 2 stages per rank"),
+        (2, ["parallel.pp=2", "parallel.pp_schedule=lol"], "parallel.pp_schedule='lol' is not one of 1f1b"),
+        (1, ["parallel.pp_split=[2]"], "apply to pipelines: set parallel.pp >= 2"),
+    ],
+    ids=[
+        "world",
+        "deepspeed",
+        "ddp_dp",
+        "stages",
+        "split_cover",
+        "split_len",
+        "micro_batches",
+        "virtual",
+        "name",
+        "pp1",
+    ],
+)
+def test_pipeline_refused_up_front(tmp_path, capsys, monkeypatch, corpus, gpt_tok, world, overrides, expected):
+    """The launcher's world size is known before any process group: a pipeline that cannot run is one line."""
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    path = write_config(tiny_config(tmp_path / "r", corpus, gpt_tok), tmp_path / "c.yaml")
+    line = cli_error(capsys, "train", str(path), *overrides)
+    assert expected in line, line
+    assert not (tmp_path / "r").exists()
