@@ -314,14 +314,14 @@ def announce(run: Run, counts: dict, resume_from) -> None:
     offloaded = f" (+{layout['offload_bytes'] / 2**20:,.1f} MiB in CPU memory)" if layout.get("offload_bytes") else ""
     tokens = run.global_batch * cfg.data.seq_len
     grid = f"dp {dims.dp} x tp {dims.tp}"
-    state = f"{layout['model_state_bytes'] / 2**20:,.1f}"
+    state_mib = f"{layout['model_state_bytes'] / 2**20:,.1f}"
     if dims.pp > 1:
         split = " ".join(f"[{s[0]}-{s[-1]}]" if len(s) > 1 else f"[{s[0]}]" for s in layout["pp_split"])
         grid = f"pp {dims.pp} x {grid}, {layout['pp_schedule']} over stages of layers {split}"
-        state = "/".join(f"{b / 2**20:,.1f}" for b in layout["pp_rank_model_state_bytes"]) + " (pp ranks in order)"
+        state_mib = "/".join(f"{b / 2**20:,.1f}" for b in layout["pp_rank_model_state_bytes"]) + " (pp ranks in order)"
     logger.print(
         f"{name}: {counts['n_params']:,} parameters | {layout['engine']}{zero}, {grid} on "
-        f"{run.device.type}, offload {layout['offload']}, model state {state} MiB per rank{offloaded} | {run.global_batch} x {cfg.data.seq_len} = {tokens:,} tokens "
+        f"{run.device.type}, offload {layout['offload']}, model state {state_mib} MiB per rank{offloaded} | {run.global_batch} x {cfg.data.seq_len} = {tokens:,} tokens "
         f"per step | {t.steps:,} steps, {t.precision} | run dir {cfg.run_dir}"
     )
     logger.print(describe_data(cfg, run.train_sources, dims.dp))

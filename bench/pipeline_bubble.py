@@ -1,0 +1,209 @@
+"""The pipeline bubble of each schedule, for p = 2 and 4 stages (ranks) and m = 4 and 8 micro-batches, next to theory;
+and each pp rank's memory: model state and peak activations held.
+
+How it is measured: the stages of a real model (GPT, 8 layers, d_model 256, seq 128, micro-batch 4, vocab 8192; the
+layers split by the trainer's default split, the head on the last stage) are timed on this machine, one at a time:
+forward, full backward, and the two halves zero-bubble schedules split it into (input gradient, then weight
+gradient). Each schedule's own action order, per rank (`torch.distributed.pipelining`'s `get_schedule_ops`, the
+order its runtime executes), is then played with those durations: an action starts when its rank is free and its
+inputs exist (the previous stage's forward of that micro-batch, the next stage's backward of it, its own input
+gradient before a weight gradient). Each rank's idle time over the step is its bubble. Four stage processes cannot
+be timed side by side on a 2-core machine without measuring the contention instead; p2p transfer time is left out
+(gloo on one host makes it noise here; it adds to every schedule alike on a real cluster).
+
+Theory: 1F1B and GPipe idle (p-1)/(m+p-1) of the step; interleaving v stages per rank cuts it to
+(p-1)/(v m + p-1); zero-bubble schedules fill it with weight gradients (ideally 0 once m >= p).
+
+Run: python bench/pipeline_bubble.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch.distributed import pipelining
+from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
+
+from trainer.models import build_model
+from trainer.parallel.pipeline import SCHEDULES, balanced_split, head_cost_in_blocks, plan_pipeline, stage_module
+
+MODEL = {"n_layer": 8, "n_head": 4, "d_model": 256, "vocab_size": 8192, "max_seq_len": 128, "dropout": 0.0}
+MICRO_BATCH, SEQ = 4, 128
+NAMES = ["1f1b", "gpipe", "interleaved-1f1b", "zero-bubble", "zbv"]
+
+
+def timed(fn, repeats: int = 5) -> float:
+    fn()  # warm-up
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def stage_costs(n_stages: int) -> tuple[list[dict], list[int]]:
+    """Per stage: seconds of F, B (full backward), I (input gradient), W (weight gradient) for one micro-batch, the
+    activation bytes one micro-batch keeps for backward, and the stage's parameters."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        whole = build_model("gpt", **MODEL)
+    split = balanced_split(MODEL["n_layer"], n_stages, head_cost_in_blocks(whole, SEQ))
+    plan = plan_pipeline(n_stages, "1f1b", 0, split, MODEL["n_layer"], 0.0, n_stages)
+    costs = []
+    x = torch.randint(0, MODEL["vocab_size"], (MICRO_BATCH, SEQ))
+    labels = torch.randint(0, MODEL["vocab_size"], (MICRO_BATCH, SEQ))
+    for s in range(n_stages):
+        part = stage_module(whole, plan, s).to_empty(device="cpu")
+        for p in part.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+        first, last = s == 0, s == n_stages - 1
+        inp = x if first else torch.randn(MICRO_BATCH, SEQ, MODEL["d_model"], requires_grad=True)
+        costs.append(measure_stage(part, inp, labels if last else None, first))
+    return costs, split
+
+
+def measure_stage(part: torch.nn.Module, inp: torch.Tensor, labels: torch.Tensor | None, first: bool) -> dict:
+    def forward():
+        return part(inp) if labels is None else part(inp, labels=labels)
+
+    def seed(out):
+        return None if labels is not None else torch.ones_like(out)
+
+    saved = [0]
+
+    def pack(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    f = timed(forward)
+    b = timed(lambda: torch.autograd.backward((out := forward()), seed(out))) - f
+    if first:  # no input gradient to the first stage: its backward is all weight gradient
+        i, w = 0.0, b
+    else:
+        out = forward()
+        i = timed(lambda: torch.autograd.grad(out, [inp], seed(out), retain_graph=True))
+        w = max(b - i, 0.0)
+    return {"F": f, "B": b, "I": i, "W": w, "act": saved[0], "params": sum(p.numel() for p in part.parameters())}
+
+
+KINDS = {"FORWARD": "F", "FULL_BACKWARD": "B", "BACKWARD_INPUT": "I", "BACKWARD_WEIGHT": "W"}
+
+
+def action_orders(schedule: str, p: int, m: int) -> list[list[tuple[str, int, int]]]:
+    """Per rank, the (kind, stage, micro-batch) compute actions in the order the schedule runs them. Multi-stage
+    schedules: their own `pipeline_order` (through torch's get_schedule_ops). One stage per rank (GPipe, 1F1B): the
+    order their `_step_microbatches` runs, written out here (torch 2.13's visualizer numbers later ranks' micro-batches
+    from 1): GPipe all forwards then all backwards; 1F1B p - r forwards on rank r, then backward/forward pairs, then
+    the remaining backwards."""
+    if schedule == "gpipe":
+        return [[("F", r, i) for i in range(m)] + [("B", r, i) for i in range(m)] for r in range(p)]
+    if schedule == "1f1b":
+        orders = []
+        for r in range(p):
+            warm = min(m, p - r)
+            order = [("F", r, i) for i in range(warm)]
+            for i in range(m - warm):
+                order += [("B", r, i), ("F", r, warm + i)]
+            orders.append(order + [("B", r, i) for i in range(m - warm, m)])
+        return orders
+    cls_name, _, per_rank = SCHEDULES[schedule]
+    ops = get_schedule_ops(getattr(pipelining, cls_name), p, m, per_rank or 2)
+    return [
+        [
+            (KINDS[a.computation_type.name], a.stage_index, a.microbatch_index)
+            for a in rank
+            if a is not None and a.computation_type.name in KINDS
+        ]
+        for rank in ops
+    ]
+
+
+def play(schedule: str, p: int, m: int, costs: list[dict]) -> dict:
+    """Plays the schedule's per-rank action order with the measured durations of its stages (`costs`: one entry per
+    stage, p or 2p of them; see the module docstring)."""
+    per_rank = SCHEDULES[schedule][2]
+    v = per_rank or 2
+    queues = action_orders(schedule, p, m)
+    n_stages = p * v
+    done: dict[tuple, float] = {}
+    free = [0.0] * p
+    busy = [0.0] * p
+    held, peak = [0] * p, [0] * p  # micro-batches whose activations a rank holds
+    pos = [0] * p
+    while any(pos[r] < len(queues[r]) for r in range(p)):
+        progressed = False
+        for r in range(p):
+            while pos[r] < len(queues[r]):
+                kind, s, mb = queues[r][pos[r]]
+                if kind == "F":
+                    deps, key = ([("F", s - 1, mb)] if s > 0 else []), ("F", s, mb)
+                elif kind in ("B", "I"):  # a full backward also gives the previous stage its input gradient
+                    deps, key = [("F", s, mb)] + ([("I", s + 1, mb)] if s < n_stages - 1 else []), ("I", s, mb)
+                else:
+                    deps, key = [("I", s, mb)], ("W", s, mb)
+                if any(d not in done for d in deps):
+                    break
+                start = max([free[r]] + [done[d] for d in deps])
+                duration = costs[s][kind]
+                done[key] = free[r] = start + duration
+                busy[r] += duration
+                if kind == "F":
+                    held[r] += 1
+                    peak[r] = max(peak[r], held[r])
+                elif kind in ("B", "W"):
+                    held[r] -= 1
+                pos[r] += 1
+                progressed = True
+        if not progressed:
+            raise RuntimeError(f"{schedule}: the action order deadlocks")
+    step = max(free)
+    return {
+        "bubble": [1 - b / step for b in busy],
+        "peak_in_flight": [pk / v for pk in peak],  # in micro-batches of a whole rank's layers
+        "step_s": step,
+    }
+
+
+def main() -> None:
+    print(
+        f"pipeline bubble: GPT {MODEL['n_layer']} layers x {MODEL['d_model']}, vocab {MODEL['vocab_size']}, "
+        f"micro-batch {MICRO_BATCH} x {SEQ} tokens, fp32 on CPU ({torch.get_num_threads()} threads)"
+    )
+    for p in (2, 4):
+        costs, split = stage_costs(p)
+        virtual, _ = stage_costs(2 * p)  # interleaved and V schedules: 2 stages per rank
+        print(f"\np = {p}: default split {split} layers (head on the last stage); per stage, one micro-batch:")
+        for s, c in enumerate(costs):
+            print(
+                f"  stage {s}: F {c['F'] * 1e3:6.1f} ms  B {c['B'] * 1e3:6.1f} ms (I {c['I'] * 1e3:5.1f} + W "
+                f"{c['W'] * 1e3:5.1f})  activations {c['act'] / 2**20:6.1f} MiB/micro-batch  model state "
+                f"{16 * c['params'] / 2**20:6.1f} MiB"
+            )
+        print(
+            f"  {'schedule':18s} {'m':>2s}  {'bubble (mean)':>13s}  {'theory':>7s}  {'per rank':24s} "
+            f"{'peak activations held (micro-batches per rank)':s}"
+        )
+        for m in (4, 8):
+            for name in NAMES:
+                if name == "1f1b" and m < p:
+                    continue
+                v = SCHEDULES[name][2] or 2
+                r = play(name, p, m, costs if v == 1 else virtual)
+                theory = {
+                    "1f1b": (p - 1) / (m + p - 1),
+                    "gpipe": (p - 1) / (m + p - 1),
+                    "interleaved-1f1b": (p - 1) / (v * m + p - 1),
+                }.get(name)
+                theory_s = f"{theory:7.1%}" if theory is not None else "   ~0 %"
+                ranks = " ".join(f"{b:5.1%}" for b in r["bubble"])
+                held = " ".join(f"{h:.1f}" for h in r["peak_in_flight"])
+                print(f"  {name:18s} {m:2d}  {statistics.mean(r['bubble']):13.1%}  {theory_s}  {ranks:24s} {held}")
+
+
+if __name__ == "__main__":
+    main()
