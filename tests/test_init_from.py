@@ -143,6 +143,18 @@ def test_fsdp_zero3_x_tp_ranks_start_from_the_checkpoint(tmp_path):
         torch.testing.assert_close(reloaded[name], value, rtol=0, atol=0, msg=name)
 
 
+def test_pipeline_stages_start_from_the_checkpoint(tmp_path):
+    """pp 2 (1F1B over the 2 accumulation micro-batches) from GPT-2's checkpoint: each stage reads its layers, the
+    last stage's copy of the tied head reads the embedding; step 1's loss is transformers' loss."""
+    ckpt = hf_checkpoint(tmp_path / "hf", "gpt2")
+    cfg = run_config(tmp_path, ckpt, "gpt2")
+    cfg["parallel"] = {"pp": 2}
+    result = torchrun(2, write_config(cfg, tmp_path / "cfg.yaml"), timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (step1,) = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert math.isclose(step1["loss"], transformers_loss(ckpt, tmp_path / "corpus.txt", "gpt2"), rel_tol=1e-5)
+
+
 def test_a_resume_prefers_the_runs_own_checkpoint(tmp_path):
     """A run started from init_from and stopped resumes from its own checkpoint, not from init_from again: the
     resumed steps are the uninterrupted run's."""

@@ -79,6 +79,8 @@ def check_checkpoint(ckpt: HFCheckpoint, cfg: ModelConfig, params: dict[str, tor
     for e in entries:
         if e.hf not in have:
             raise UserError(f"{ckpt.directory}: tensor {e.hf} is missing (a {cfg.arch} model of this shape has it)")
+        if not all(o in params for o in e.ours):  # a pipeline stage: verify() checked the whole model's shapes
+            continue
         shape = _hf_shape(e, [_global_shape(params[o]) for o in e.ours])
         if ckpt.shape(e.hf) != shape:
             raise UserError(
@@ -106,13 +108,19 @@ def verify(directory: str | Path, cfg: ModelConfig) -> None:
 
 
 @torch.no_grad()
-def load_hf_weights(model: nn.Module, directory: str | Path) -> None:
+def load_hf_weights(model: nn.Module, directory: str | Path, aliases: dict[str, str] | None = None) -> None:
     """Copies the checkpoint's weights into `model` (as the engine materialised it: whole, DTensor shards, or DeepSpeed
-    ZeRO-3 partitions); every rank calls it."""
+    ZeRO-3 partitions); every rank calls it. A pipeline stage gets the tensors of the parameters it holds, its copy of
+    a tied head (`aliases`: {"lm_head.weight": "tok_emb.weight"}) the embedding's."""
     ckpt = HFCheckpoint(directory)
     params = _names(model)
+    for alias, name in (aliases or {}).items():
+        if alias in params and name not in params:
+            params[name] = params[alias]
     entries = check_checkpoint(ckpt, model.config, params)
     for e in entries:
+        if not all(o in params for o in e.ours):
+            continue
         targets = [params[o] for o in e.ours]
         if hasattr(targets[0], "ds_id"):  # DeepSpeed ZeRO-3: gathered, written by rank 0, partitioned again
             import deepspeed

@@ -95,9 +95,9 @@ class PipelineEngine:
             for part in self.parts:
                 shard_model(part, dims, zero_stage, precision)
         materialize_stages(whole, self.parts, device, seed)
-        if load is not None:
+        if load is not None:  # a pretrained checkpoint (model.init_from): each stage reads what it holds
             for part in self.parts:
-                load(part)
+                load(part, aliases=self.aliases)
         # the tied head's copy on the last stage (and the embedding it copies, on the first)
         self.tied: list[tuple[nn.Parameter, ...]] = []
         self.copies: frozenset[int] = frozenset()
