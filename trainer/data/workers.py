@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import gc
 import multiprocessing
 import os
 import signal
@@ -271,7 +272,15 @@ class BlockSource:
                 generator=torch.Generator().manual_seed(0),
                 worker_init_fn=_init_worker,
             )
-            self._items = iter(loader)
+            # Forked workers must never free objects they inherit: a process group left over from an earlier run in
+            # this process (a user's script, a test) would wait forever in its destructor for threads the fork did
+            # not copy. Unreachable cycles are collected here, and the rest is frozen for the children's collector.
+            gc.collect()
+            gc.freeze()
+            try:
+                self._items = iter(loader)
+            finally:
+                gc.unfreeze()
 
     def __del__(self) -> None:
         self.close()  # a worker waiting to build a block would keep the DataLoader's own shutdown waiting
