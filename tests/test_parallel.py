@@ -290,6 +290,8 @@ PP_LAYOUTS = {
         {**PP, "parallel.engine": "fsdp", "parallel.zero_stage": 3, "train.grad_accum": 2},
     ),
     "pp2_x_tp2": (4, {**PP, "parallel.tp": 2}),
+    # 3-D: 8 ranks on the one (pp, dp, tp) mesh
+    "pp2_x_fsdp2_x_tp2": (8, {**PP, "parallel.engine": "fsdp", "parallel.tp": 2, "train.grad_accum": 2}),
     # an explicit split: one layer on the first stage, three on the second
     "pp2_split_1_3": (2, {**PP, "parallel.pp_split": [1, 3]}),
 }
