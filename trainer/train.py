@@ -8,7 +8,7 @@ import torch
 from trainer.build import build_run, engine_config, pipeline_plan, resolve_model
 from trainer.config import Config
 from trainer.loop import train_loop
-from trainer.parallel import check_tp_degree, init_distributed, shutdown_distributed
+from trainer.parallel import barrier, check_tp_degree, init_distributed, shutdown_distributed
 from trainer.parallel.health import Heartbeat, is_collective_failure
 from trainer.run_lock import RunLock
 from trainer.stop import StopSignal
@@ -45,6 +45,9 @@ def _train(cfg: Config, stop: StopSignal) -> dict:
         failed = True
         try:
             result = train_loop(run, stop, heartbeat)
+            # every rank is done before any tears its connections down: a rank that closed them while a peer still
+            # had point-to-point traffic in flight (pipeline stages) could abort that peer at exit
+            barrier()
             failed = False
             return result
         finally:
