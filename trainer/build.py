@@ -318,10 +318,12 @@ def announce(run: Run, counts: dict, resume_from) -> None:
     if dims.pp > 1:
         split = " ".join(f"[{s[0]}-{s[-1]}]" if len(s) > 1 else f"[{s[0]}]" for s in layout["pp_split"])
         grid = f"pp {dims.pp} x {grid}, {layout['pp_schedule']} over stages of layers {split}"
-        state_mib = "/".join(f"{b / 2**20:,.1f}" for b in layout["pp_rank_model_state_bytes"]) + " (pp ranks in order)"
+        per_pp_rank = layout["pp_rank_model_state_bytes"]
+        state_mib = "/".join(f"{b / 2**20:,.1f}" for b in per_pp_rank) + " (pp ranks in order)"
     logger.print(
         f"{name}: {counts['n_params']:,} parameters | {layout['engine']}{zero}, {grid} on "
-        f"{run.device.type}, offload {layout['offload']}, model state {state_mib} MiB per rank{offloaded} | {run.global_batch} x {cfg.data.seq_len} = {tokens:,} tokens "
+        f"{run.device.type}, offload {layout['offload']}, model state {state_mib} MiB per rank{offloaded} | "
+        f"{run.global_batch} x {cfg.data.seq_len} = {tokens:,} tokens "
         f"per step | {t.steps:,} steps, {t.precision} | run dir {cfg.run_dir}"
     )
     logger.print(describe_data(cfg, run.train_sources, dims.dp))

@@ -71,15 +71,17 @@ def _hf_shape(entry, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
 
 
 def check_checkpoint(ckpt: HFCheckpoint, cfg: ModelConfig, params: dict[str, torch.Tensor]) -> list:
-    """The adapter's entries for `cfg`, once every tensor is known present with its shape and nothing is left over."""
+    """The adapter's entries for `cfg` whose parameters `params` holds (all of them but on a pipeline stage), once
+    every tensor is known present with its shape and nothing is left over."""
     entries = family(cfg.arch).adapter.entries(cfg)
+    held = [e for e in entries if all(o in params for o in e.ours)]
     have = ckpt.names()
     expected = {e.hf for e in entries}
     file_of = ckpt.weight_map
     for e in entries:
         if e.hf not in have:
             raise UserError(f"{ckpt.directory}: tensor {e.hf} is missing (a {cfg.arch} model of this shape has it)")
-        if not all(o in params for o in e.ours):  # a pipeline stage: verify() checked the whole model's shapes
+        if e not in held:  # a pipeline stage: verify() checked the whole model's shapes
             continue
         shape = _hf_shape(e, [_global_shape(params[o]) for o in e.ours])
         if ckpt.shape(e.hf) != shape:
@@ -94,7 +96,7 @@ def check_checkpoint(ckpt: HFCheckpoint, cfg: ModelConfig, params: dict[str, tor
             f"{ckpt.directory / file_of[extra[0]]}: tensor {extra[0]} is not part of a {cfg.arch} model of this "
             f"config ({len(extra)} such tensors): the checkpoint does not match its config.json"
         )
-    return entries
+    return held
 
 
 def verify(directory: str | Path, cfg: ModelConfig) -> None:
@@ -119,8 +121,6 @@ def load_hf_weights(model: nn.Module, directory: str | Path, aliases: dict[str, 
             params[name] = params[alias]
     entries = check_checkpoint(ckpt, model.config, params)
     for e in entries:
-        if not all(o in params for o in e.ours):
-            continue
         targets = [params[o] for o in e.ours]
         if hasattr(targets[0], "ds_id"):  # DeepSpeed ZeRO-3: gathered, written by rank 0, partitioned again
             import deepspeed

@@ -282,17 +282,21 @@ class TorchEngine(MicroBatchSteps):
         save_sharded(directory, [(self.module, self.optimizer)], {"scaler": self.scaler.state_dict()})
 
     def load(self, directory: Path) -> None:
-        if not (directory / DCP_DIR).is_dir():
-            raise UserError(
-                f"checkpoint {directory} has no {DCP_DIR}/ state (written by parallel.engine=deepspeed or an older "
-                f"version): resume it with the engine that wrote it, or start a fresh run"
-            )
+        require_dcp(directory)
         extra = load_sharded(directory, [(self.module, self.optimizer)], {"scaler": self.scaler.state_dict()})
         self.scaler.load_state_dict(extra["scaler"])
 
     def local_params(self) -> int:
         """Parameters this rank holds (its shards, or everything)."""
         return sum(local_numel(p) for p in unique_params(self.module))
+
+
+def require_dcp(directory: Path) -> None:
+    if not (directory / DCP_DIR).is_dir():
+        raise UserError(
+            f"checkpoint {directory} has no {DCP_DIR}/ state (written by parallel.engine=deepspeed or an older "
+            f"version): resume it with the engine that wrote it, or start a fresh run"
+        )
 
 
 def unique_params(model: nn.Module) -> list[nn.Parameter]:

@@ -32,20 +32,19 @@ from torch.distributed import pipelining
 from torch.distributed.tensor import DTensor
 
 from trainer.engines.base import (
-    DCP_DIR,
     DTYPES,
     LossScaler,
     load_sharded,
     local_numel,
     optimizer_step,
+    require_dcp,
     save_sharded,
     unique_params,
 )
 from trainer.engines.fsdp import shard_model
-from trainer.errors import UserError
 from trainer.models.layers import token_loss_sum
 from trainer.optim import OptimizerSettings, build_optimizer
-from trainer.parallel import ParallelDims, all_reduce_sum, full_value, loss_context
+from trainer.parallel import ParallelDims, all_reduce_sum, full_value, loss_context, unwrapped
 from trainer.parallel.pipeline import SCHEDULES, SPLIT_BACKWARD, PipelinePlan, materialize_stages, stage_module
 
 
@@ -139,12 +138,12 @@ class PipelineEngine:
         held = {}
         for part in self.parts:
             for name, p in part.named_parameters():
-                held[name.replace("_orig_mod.", "").replace("_checkpoint_wrapped_module.", "")] = p
+                held[unwrapped(name)] = p
         for alias, name in self.aliases.items():
             pair = tuple(held[n] for n in (name, alias) if n in held)
             if pair:
                 self.tied.append(pair)
-        self.copies = frozenset(id(held[alias]) for alias in self.aliases if alias in held and self.plan.n_stages > 1)
+        self.copies = frozenset(id(held[alias]) for alias in self.aliases if alias in held)
 
     # ---- the step --------------------------------------------------------------------------------------------
     def _loss(self, loss_sum: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -165,13 +164,13 @@ class PipelineEngine:
         local_targets = sum(int((b["labels"] != -100).sum()) for b in batches)
         targets = torch.tensor([float(local_targets)], device=self.device)
         self._targets = all_reduce_sum(targets, self.dims, "dp")[0]
-        self._losses: list[torch.Tensor] = []
+        self._losses = []
         ids = torch.cat([b["input_ids"] for b in batches]).to(self.device)
         labels = torch.cat([b["labels"] for b in batches]).to(self.device)
         with loss_context(self.dims.tp), self._precision():
             self.schedule.step(ids, target=labels, labels=labels, return_outputs=False)
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
-        for loss in self._losses[-len(batches) :] if self._losses else []:
+        for loss in self._losses[-len(batches) :]:  # not on stages other than the last: they hold 0
             loss_sum += loss
         return loss_sum, self._targets
 
@@ -268,11 +267,7 @@ class PipelineEngine:
         )
 
     def load(self, directory: Path) -> None:
-        if not (directory / DCP_DIR).is_dir():
-            raise UserError(
-                f"checkpoint {directory} has no {DCP_DIR}/ state (written by parallel.engine=deepspeed or an older "
-                f"version): resume it with the engine that wrote it, or start a fresh run"
-            )
+        require_dcp(directory)
         parts = list(zip(self.parts, self.optimizers))
         extra = load_sharded(directory, parts, {"scaler": self.scaler.state_dict()}, self.aliases)
         self.scaler.load_state_dict(extra["scaler"])

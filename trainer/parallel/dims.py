@@ -46,7 +46,11 @@ class ParallelDims:
 
     @property
     def pp_rank(self) -> int:
-        return self.rank // (self.dp * self.tp)
+        return self.pp_of(self.rank)
+
+    def pp_of(self, rank: int) -> int:
+        """The pipeline coordinate of any `rank`."""
+        return rank // (self.dp * self.tp)
 
     @property
     def dp_rank(self) -> int:

@@ -115,7 +115,7 @@ class Heartbeat:
 
     def _stage(self, rank: int) -> str:
         """`rank`'s pipeline stage (its pp coordinate), in words; nothing without a pipeline."""
-        return f" [pipeline stage {rank // (self.dims.dp * self.dims.tp)}]" if self.dims.pp > 1 else ""
+        return f" [pipeline stage {self.dims.pp_of(rank)}]" if self.dims.pp > 1 else ""
 
     def _records(self) -> dict[int, dict] | None:
         if self.store is None:

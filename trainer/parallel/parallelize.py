@@ -70,6 +70,16 @@ def parallelize(model: nn.Module, dims: ParallelDims, activation_checkpointing: 
     return model
 
 
+def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Writes the whole tensor `full` into `param`: all of it, or this rank's shard of a DTensor."""
+    if isinstance(param, DTensor):
+        mesh = param.device_mesh
+        whole = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim)
+        param.to_local().copy_(whole.redistribute(mesh, param.placements).to_local())
+    else:
+        param.copy_(full)
+
+
 class _ShardedInit(TorchFunctionMode):
     """Makes random init of a sharded (DTensor) parameter equal to the init of the whole tensor: the full tensor is
     drawn from the global RNG, as a single process would draw it, and this rank keeps its shard. Only one parameter is
@@ -83,8 +93,7 @@ class _ShardedInit(TorchFunctionMode):
                 mean, std = list(args[1:3]) + [kwargs.get("mean", 0.0), kwargs.get("std", 1.0)][len(args[1:3]) :]
                 full = torch.empty(param.shape, dtype=param.dtype, device=param.to_local().device)
                 full.normal_(mean, std, generator=kwargs.get("generator"))
-                replicated = DTensor.from_local(full, param.device_mesh, [Replicate()] * param.device_mesh.ndim)
-                param.to_local().copy_(replicated.redistribute(param.device_mesh, param.placements).to_local())
+                copy_full_into(param, full)
                 return param
         return func(*args, **kwargs)
 

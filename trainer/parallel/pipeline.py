@@ -25,6 +25,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from trainer.errors import UserError
+from trainer.parallel.parallelize import copy_full_into, unwrapped
 
 # name users know (torchtitan's) -> (torch class, stage placement, stages per rank: None = any >= 2)
 SCHEDULES = {
@@ -195,18 +196,6 @@ def stage_module(model: nn.Module, plan: PipelinePlan, stage: int) -> nn.Module:
     return part
 
 
-def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
-    """Writes the whole tensor `full` into `param`: all of it, or this rank's shard of a DTensor."""
-    from torch.distributed.tensor import DTensor, Replicate
-
-    if isinstance(param, DTensor):
-        mesh = param.device_mesh
-        whole = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim)
-        param.to_local().copy_(whole.redistribute(mesh, param.placements).to_local())
-    else:
-        param.copy_(full)
-
-
 class _StageInit(TorchFunctionMode):
     """Runs the whole (meta-device) model's init in its order, so the RNG stream is the single process's: each
     in-place init of a meta parameter is done on a whole scratch tensor and copied into every stage parameter of that
@@ -220,7 +209,8 @@ class _StageInit(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         t = args[0] if args else kwargs.get("tensor")
-        in_place = getattr(func, "__name__", "").endswith("_") and not getattr(func, "__name__", "").startswith("__")
+        name = getattr(func, "__name__", "")
+        in_place = name.endswith("_") and not name.startswith("__")
         if not (in_place and isinstance(t, torch.Tensor) and t.is_meta):
             return func(*args, **kwargs)
         scratch = torch.empty(t.shape, dtype=t.dtype, device=self.device)
@@ -237,8 +227,6 @@ class _StageInit(TorchFunctionMode):
 def materialize_stages(model: nn.Module, parts: list[nn.Module], device: torch.device, seed: int) -> None:
     """Allocates this rank's stage modules (built on the meta device, possibly sharded) and initialises them with the
     weights `torch.manual_seed(seed); model.init_weights()` gives the whole model. `model` stays on the meta device."""
-    from trainer.parallel.parallelize import unwrapped
-
     canonical = {}  # every name of a whole-model parameter (a tied head's too) -> that parameter
     for name, p in model.named_parameters(remove_duplicate=False):
         canonical[name] = p
