@@ -25,11 +25,10 @@ import statistics
 import time
 
 import torch
-from torch.distributed import pipelining
-from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
 
 from trainer.models import build_model
 from trainer.parallel.pipeline import SCHEDULES, balanced_split, head_cost_in_blocks, plan_pipeline, stage_module
+from trainer.plan.schedule import play
 
 MODEL = {"n_layer": 8, "n_head": 4, "d_model": 256, "vocab_size": 8192, "max_seq_len": 128, "dropout": 0.0}
 MICRO_BATCH, SEQ = 4, 128
@@ -91,84 +90,6 @@ def measure_stage(part: torch.nn.Module, inp: torch.Tensor, labels: torch.Tensor
         i = timed(lambda: torch.autograd.grad(out, [inp], seed(out), retain_graph=True))
         w = max(b - i, 0.0)
     return {"F": f, "B": b, "I": i, "W": w, "act": saved[0], "params": sum(p.numel() for p in part.parameters())}
-
-
-KINDS = {"FORWARD": "F", "FULL_BACKWARD": "B", "BACKWARD_INPUT": "I", "BACKWARD_WEIGHT": "W"}
-
-
-def action_orders(schedule: str, p: int, m: int) -> list[list[tuple[str, int, int]]]:
-    """Per rank, the (kind, stage, micro-batch) compute actions in the order the schedule runs them. Multi-stage
-    schedules: their own `pipeline_order` (through torch's get_schedule_ops). One stage per rank (GPipe, 1F1B): the
-    order their `_step_microbatches` runs, written out here (torch 2.13's visualizer numbers later ranks' micro-batches
-    from 1): GPipe all forwards then all backwards; 1F1B p - r forwards on rank r, then backward/forward pairs, then
-    the remaining backwards."""
-    if schedule == "gpipe":
-        return [[("F", r, i) for i in range(m)] + [("B", r, i) for i in range(m)] for r in range(p)]
-    if schedule == "1f1b":
-        orders = []
-        for r in range(p):
-            warm = min(m, p - r)
-            order = [("F", r, i) for i in range(warm)]
-            for i in range(m - warm):
-                order += [("B", r, i), ("F", r, warm + i)]
-            orders.append(order + [("B", r, i) for i in range(m - warm, m)])
-        return orders
-    cls_name, _, per_rank = SCHEDULES[schedule]
-    ops = get_schedule_ops(getattr(pipelining, cls_name), p, m, per_rank or 2)
-    return [
-        [
-            (KINDS[a.computation_type.name], a.stage_index, a.microbatch_index)
-            for a in rank
-            if a is not None and a.computation_type.name in KINDS
-        ]
-        for rank in ops
-    ]
-
-
-def play(schedule: str, p: int, m: int, costs: list[dict]) -> dict:
-    """Plays the schedule's per-rank action order with the measured durations of its stages (`costs`: one entry per
-    stage, p or 2p of them; see the module docstring)."""
-    per_rank = SCHEDULES[schedule][2]
-    v = per_rank or 2
-    queues = action_orders(schedule, p, m)
-    n_stages = p * v
-    done: dict[tuple, float] = {}
-    free = [0.0] * p
-    busy = [0.0] * p
-    held, peak = [0] * p, [0] * p  # micro-batches whose activations a rank holds
-    pos = [0] * p
-    while any(pos[r] < len(queues[r]) for r in range(p)):
-        progressed = False
-        for r in range(p):
-            while pos[r] < len(queues[r]):
-                kind, s, mb = queues[r][pos[r]]
-                if kind == "F":
-                    deps, key = ([("F", s - 1, mb)] if s > 0 else []), ("F", s, mb)
-                elif kind in ("B", "I"):  # a full backward also gives the previous stage its input gradient
-                    deps, key = [("F", s, mb)] + ([("I", s + 1, mb)] if s < n_stages - 1 else []), ("I", s, mb)
-                else:
-                    deps, key = [("I", s, mb)], ("W", s, mb)
-                if any(d not in done for d in deps):
-                    break
-                start = max([free[r]] + [done[d] for d in deps])
-                duration = costs[s][kind]
-                done[key] = free[r] = start + duration
-                busy[r] += duration
-                if kind == "F":
-                    held[r] += 1
-                    peak[r] = max(peak[r], held[r])
-                elif kind in ("B", "W"):
-                    held[r] -= 1
-                pos[r] += 1
-                progressed = True
-        if not progressed:
-            raise RuntimeError(f"{schedule}: the action order deadlocks")
-    step = max(free)
-    return {
-        "bubble": [1 - b / step for b in busy],
-        "peak_in_flight": [pk / v for pk in peak],  # in micro-batches of a whole rank's layers
-        "step_s": step,
-    }
 
 
 def main() -> None:

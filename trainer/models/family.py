@@ -62,6 +62,26 @@ class ModelConfig:
         """Whether the output projection shares the token embedding's weight."""
         return True
 
+    def saved_bytes(self, b: int, s: int, tp: int, e: int) -> dict[str, int]:
+        """Bytes the forward saves for backward, per micro-batch of b x s tokens at tensor-parallel degree tp with
+        sequence parallelism (e: bytes per activation element; norm statistics, attention log-sum-exps and the
+        log-softmax are fp32), by part: `block` (one transformer block), `block_input` (a checkpointed block: its
+        input, the residual stream), `first` (the embeddings), `last` (final norm, head and loss) and `last_chunked`
+        (the same with the head and loss computed in checkpointed chunks). What a pre-LayerNorm block with GELU MLP
+        and SDPA saves (GPT-2; BERT's post-LN block saves the same amounts): the norms' inputs and fp32 mean and
+        rstd, the attention and MLP inputs (gathered over the sequence under tp), q, k, v, the attention output and
+        its log-sum-exp, the MLP hidden before and after GELU. Families with another block override it."""
+        h, f, bs, a = self.d_model, self.d_ff, b * s, self.n_head
+        block = (2 * bs * h + 6 * bs * h // tp + 2 * bs * f // tp) * e + (4 * bs // tp + b * a // tp * s) * 4
+        head = (bs * h // tp + bs * h) * e + 2 * bs // tp * 4
+        return {
+            "block": block,
+            "block_input": bs * h // tp * e,
+            "first": bs * 8 + s * 8,  # token ids, positions
+            "last": head + bs * -(-self.vocab_size // tp) * 4 + bs * 8,  # + fp32 log-softmax, labels
+            "last_chunked": head + bs * 8,
+        }
+
     def tp_divisors(self) -> dict[str, int]:
         """The dimensions (config key -> value) a tensor-parallel degree must divide."""
         return {"model.n_head": self.n_head, "model.d_ff": self.d_ff, "model.vocab_size": self.vocab_size}

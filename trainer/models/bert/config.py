@@ -31,6 +31,17 @@ class BERTConfig(ModelConfig):
     """Number of segment (token type) ids."""
     layer_norm_eps: float = 1e-12
 
+    def saved_bytes(self, b: int, s: int, tp: int, e: int) -> dict[str, int]:
+        """As GPT-2's block (see ModelConfig); the embeddings add the segment ids and their LayerNorm, the MLM head
+        its dense layer, GELU and LayerNorm before the decoder."""
+        out = super().saved_bytes(b, s, tp, e)
+        h, bs = self.d_model, b * s
+        out["first"] += bs * 8 + bs * h * e + 2 * bs * 4
+        extra = 2 * bs * h * e  # the dense output and the GELU output
+        out["last"] += extra
+        out["last_chunked"] += extra
+        return out
+
     def fill_defaults(self) -> None:
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model

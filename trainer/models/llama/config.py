@@ -46,6 +46,27 @@ class LlamaConfig(ModelConfig):
     dropout: float = 0.0
     """Dropout of attention probabilities and residual branches (0 in every published recipe)."""
 
+    def saved_bytes(self, b: int, s: int, tp: int, e: int) -> dict[str, int]:
+        """Llama's block (see ModelConfig for the parts): two RMSNorms (input, fp32 rstd, normalised), the attention
+        and MLP inputs gathered over the sequence, q, k and v (grouped key/value heads), the rotary tables, the
+        attention output and log-sum-exp, SwiGLU's gate, up, SiLU and product; with qk_norm, its norms' inputs."""
+        h, f, bs, a, kv, hd = self.d_model, self.d_ff, b * s, self.n_head, self.n_kv_heads, self.head_dim
+        q_dim, kv_dim = a * hd, kv * hd
+        block = (
+            4 * bs * h // tp + 2 * bs * h + 2 * bs * q_dim // tp + 2 * bs * kv_dim // tp + 4 * bs * f // tp
+        ) * e + (2 * bs // tp + b * a // tp * s) * 4
+        block += 2 * s * hd * e  # cos, sin
+        if self.qk_norm:
+            block += 2 * bs * (q_dim + kv_dim) // tp * e + bs * (a + kv) // tp * 4
+        head = (2 * bs * h // tp + bs * h) * e + bs // tp * 4
+        return {
+            "block": block,
+            "block_input": bs * h // tp * e,
+            "first": bs * 8,
+            "last": head + bs * -(-self.vocab_size // tp) * 4 + bs * 8,
+            "last_chunked": head + bs * 8,
+        }
+
     def fill_defaults(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_head

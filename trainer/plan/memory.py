@@ -1,0 +1,419 @@
+"""The memory formula: bytes per rank of one training step, by category, for a model and a layout.
+
+Everything is counted from the model's real parameter shapes (built on the meta device), the engines' sharding rules
+and each family's count of what its forward saves for backward (`ModelConfig.saved_bytes`):
+
+- `parameters`: what a rank keeps between steps. ddp: every parameter of its tp shard (4 B each in fp32); fsdp: its
+  FSDP2 shard of every parameter (dim 0 split over dp, padded to a multiple of dp); DeepSpeed ZeRO-1/2: every
+  parameter in the training dtype, ZeRO-3: its 1/dp partition (small parameters kept whole).
+- `gradients`: held when backward ends: ddp the whole (its all-reduce buckets), fsdp its shard, DeepSpeed ZeRO-1
+  the whole, ZeRO-2/3 its partition plus one reduce bucket.
+- `optimizer`: AdamW's two fp32 moments of the rank's shard (DeepSpeed: plus the fp32 master partition); under
+  `offload=cpu` in CPU memory instead (`cpu`).
+- `gathered`: parameters (and buffers) held beyond the shard at the peak: fsdp ZeRO-2 the whole tp shard from
+  forward to backward; ZeRO-3 the root group (embeddings and head, gathered for the whole forward and backward) and
+  one block; gradients accumulating unsharded over micro-batches (fsdp with grad_accum > 1); DeepSpeed ZeRO-3 its
+  prefetch bucket.
+- `activations`: saved for backward, per micro-batch: each block's by the checkpointing mode (full: its input only;
+  selective: every other block's input only), the embeddings' and the head's; times the micro-batches a pipeline
+  rank holds at once (its schedule played out).
+- `logits`: the loss's transients at the start of backward (the gradients of the fp32 log-softmax and of the logits),
+  or one chunk's worth under full checkpointing.
+- `peak`: the larger of the start of backward (parameters, optimizer, what gradients exist by then, gathered,
+  activations, logits) and the optimizer step (parameters, gradients, optimizer).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+from trainer.errors import UserError
+from trainer.models import ModelConfig, family, model_from_config
+from trainer.models.layers import loss_chunk_rows
+from trainer.parallel.pipeline import SCHEDULES, PipelinePlan, head_cost_in_blocks, plan_pipeline
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+COLUMN = ("wq", "wk", "wv", "fc_in", "gate", "up")  # column-parallel: dim 0 split over tp (bias too)
+ROW = ("wo", "fc_out", "down")  # row-parallel: dim 1 split (bias whole)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way to run a config: engine and ZeRO stage, the (pp, dp, tp) degrees, checkpointing, micro-batching."""
+
+    engine: str = "ddp"
+    zero_stage: int = 0
+    offload: str = "none"
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    pp_schedule: str = "1f1b"
+    pp_virtual: int = 0
+    activation_checkpointing: str = "none"
+    micro_batch: int = 1
+    grad_accum: int = 1
+    precision: str = "fp32"
+
+    @property
+    def world(self) -> int:
+        return self.pp * self.dp * self.tp
+
+    @classmethod
+    def from_config(cls, cfg, world: int) -> Layout:
+        p, t = cfg.parallel, cfg.train
+        if world % (p.tp * p.pp):
+            raise UserError(
+                f"--gpus {world} is not a multiple of parallel.tp x parallel.pp = {p.tp * p.pp}: choose a GPU count "
+                f"they divide"
+            )
+        return cls(
+            engine=p.engine,
+            zero_stage=p.zero_stage,
+            offload=p.offload,
+            dp=world // (p.tp * p.pp),
+            tp=p.tp,
+            pp=p.pp,
+            pp_schedule=p.pp_schedule,
+            pp_virtual=p.pp_virtual,
+            activation_checkpointing=t.activation_checkpointing,
+            micro_batch=t.micro_batch,
+            grad_accum=t.grad_accum,
+            precision=t.precision,
+        )
+
+    def overrides(self) -> list[str]:
+        """The `section.key=value` overrides that run this layout."""
+        out = [f"parallel.engine={self.engine}", f"parallel.zero_stage={self.zero_stage}"]
+        if self.offload != "none":
+            out.append(f"parallel.offload={self.offload}")
+        if self.tp > 1:
+            out.append(f"parallel.tp={self.tp}")
+        if self.pp > 1:
+            out += [f"parallel.pp={self.pp}", f"parallel.pp_schedule={self.pp_schedule}"]
+        out += [
+            f"train.activation_checkpointing={self.activation_checkpointing}",
+            f"train.micro_batch={self.micro_batch}",
+            f"train.grad_accum={self.grad_accum}",
+        ]
+        return out
+
+    def describe(self) -> str:
+        zero = f" ZeRO-{self.zero_stage}" if self.zero_stage else ""
+        off = " +offload" if self.offload != "none" else ""
+        pp = f" pp{self.pp} {self.pp_schedule}" if self.pp > 1 else ""
+        return (
+            f"{self.engine}{zero}{off} dp{self.dp} tp{self.tp}{pp}, AC {self.activation_checkpointing}, "
+            f"micro-batch {self.micro_batch} x {self.grad_accum}"
+        )
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    shape: tuple[int, ...]
+    tp_dim: int | None  # the dim tensor parallelism splits, or None (replicated)
+    layer: int | None  # its block, or None outside the blocks
+    part: str  # "block", "first" (embeddings), "last" (final norm and head) or "tied" (first, copied on the last)
+    decay: bool = True  # in AdamW's weight-decay group (the order DeepSpeed flattens parameters in)
+
+    def local_shape(self, tp: int) -> tuple[int, ...]:
+        if self.tp_dim is None or tp == 1:
+            return self.shape
+        s = list(self.shape)
+        s[self.tp_dim] = math.ceil(s[self.tp_dim] / tp)
+        return tuple(s)
+
+
+_PARAMS: dict[str, tuple] = {}
+
+
+def model_params(model_cfg: ModelConfig) -> tuple[Param, ...]:
+    """Every distinct parameter of the model with its tensor-parallel split and where it lives."""
+    key = repr(sorted(model_cfg.to_dict().items()))
+    if key not in _PARAMS:
+        _PARAMS[key] = _model_params(model_cfg)
+    return _PARAMS[key]
+
+
+def _model_params(model_cfg: ModelConfig) -> tuple[Param, ...]:
+    with torch.device("meta"):
+        model = model_from_config(model_cfg)
+    first, last = model.PIPELINE_FIRST, model.PIPELINE_LAST
+    tied = {id(model.lm_head.weight)} if model_cfg.tied_head else set()
+    out = []
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        layer = int(parts[1]) if parts[0] == "blocks" else None
+        owner = parts[-2] if len(parts) >= 2 else ""
+        module = model.get_submodule(".".join(parts[:-1])) if len(parts) > 1 else model
+        if layer is not None:
+            tp_dim = 0 if owner in COLUMN else (1 if owner in ROW and parts[-1] == "weight" else None)
+        elif isinstance(module, torch.nn.Embedding) and parts[0] != "pos_emb" or parts[0] == "lm_head":
+            tp_dim = 0  # vocab-parallel
+        elif parts[0] == "pos_emb":
+            tp_dim = 0
+        else:
+            tp_dim = None
+        if layer is not None:
+            part = "block"
+        elif id(p) in tied:
+            part = "tied"
+        else:
+            part = "first" if parts[0] in first else ("last" if parts[0] in last else "first")
+        decay = p.dim() >= 2 and not isinstance(module, (torch.nn.Embedding, torch.nn.LayerNorm))
+        out.append(Param(name, tuple(p.shape), tp_dim, layer, part, decay))
+    return tuple(out)
+
+
+def n_params(model_cfg: ModelConfig) -> int:
+    return sum(math.prod(p.shape) for p in model_params(model_cfg))
+
+
+def pipeline_of(model_cfg: ModelConfig, layout: Layout, seq_len: int) -> PipelinePlan | None:
+    """The trainer's own stage split and placement for the layout (UserError where the schedule cannot run)."""
+    if layout.pp == 1:
+        return None
+    with torch.device("meta"):
+        shape_only = model_from_config(model_cfg)
+    return plan_pipeline(
+        layout.pp,
+        layout.pp_schedule,
+        layout.pp_virtual,
+        None,
+        model_cfg.n_layer,
+        head_cost_in_blocks(shape_only, seq_len),
+        layout.grad_accum,
+    )
+
+
+def stage_params(params: tuple[Param, ...], plan: PipelinePlan | None, stage: int | None) -> list[Param]:
+    """The parameters a pipeline stage holds (all of them without a pipeline); a tied head is copied on the last."""
+    if plan is None:
+        return list(params)
+    layers = set(plan.layers(stage))
+    is_first, is_last = stage == 0, stage == plan.n_stages - 1
+    held = {"block": False, "first": is_first, "last": is_last, "tied": is_first or is_last}  # tied: a copy on the last
+    return [p for p in params if (p.layer in layers if p.part == "block" else held[p.part])]
+
+
+def _numel(shapes) -> int:
+    return sum(math.prod(s) for s in shapes)
+
+
+def _fsdp_shard(shapes, dp: int) -> int:
+    """FSDP2's per-rank numel: dim 0 split in ceil(d0 / dp) rows (the padding is allocated on every rank)."""
+    return sum(math.ceil(s[0] / dp) * math.prod(s[1:]) if s else 1 for s in shapes)
+
+
+@dataclass
+class Breakdown:
+    """Bytes per rank of one category set, for the worst pp rank (`per_pp_rank` has them all)."""
+
+    parameters: int = 0
+    gradients: int = 0
+    optimizer: int = 0
+    gathered: int = 0
+    activations: int = 0
+    logits: int = 0
+    transient: int = 0
+    cpu: int = 0
+    offloaded: dict = field(default_factory=dict)  # category -> bytes kept in CPU memory (offload=cpu)
+    peak: int = 0
+    peak_at: str = ""
+    per_pp_rank: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _in_flight(plan: PipelinePlan, layout: Layout, stage_act: list[int], stage_cost: list[float]) -> dict:
+    """Per pp rank, the most activation bytes held at once and whether gradients exist by then: the schedule's
+    actions played out with each stage's one micro-batch of activations."""
+    from trainer.plan.schedule import play
+
+    costs = [{"F": c, "B": 2 * c, "I": c, "W": c} for c in stage_cost]
+    return play(layout.pp_schedule, layout.pp, layout.grad_accum, costs, [float(a) for a in stage_act])
+
+
+def estimate(model_cfg: ModelConfig, layout: Layout, seq_len: int) -> Breakdown:
+    """Per-rank bytes of a training step of `layout` (see the module docstring); the worst pp rank's."""
+    params = model_params(model_cfg)
+    plan = pipeline_of(model_cfg, layout, seq_len)
+    stages = list(range(plan.n_stages)) if plan else [None]
+    ranks = [plan.stages_of(r) for r in range(layout.pp)] if plan else [[None]]
+    b, s = layout.micro_batch, seq_len
+    ce = DTYPE_BYTES[layout.precision]  # compute dtype
+    ac = layout.activation_checkpointing
+    acts, costs = [], []
+    for stage in stages:
+        layers = list(plan.layers(stage)) if plan else list(range(model_cfg.n_layer))
+        first = stage in (None, 0)
+        last = stage is None or stage == plan.n_stages - 1
+        chunk = loss_chunk_rows(model_cfg.vocab_size) if ac == "full" and layout.tp == 1 else 0
+        saved = model_cfg.saved_bytes(b, s, layout.tp, ce)
+        total = 0
+        for i, _ in enumerate(layers):
+            checkpointed = ac == "full" or (ac == "selective" and i % 2 == 0)
+            total += saved["block_input"] if checkpointed else saved["block"]
+        total += (saved["first"] if first else 0) + ((saved["last_chunked"] if chunk else saved["last"]) if last else 0)
+        acts.append(total)
+        costs.append(len(layers) + (4.0 if last else 0.0))
+    per_rank = []
+    played = _in_flight(plan, layout, acts, costs) if plan else {"peak_held_bytes": [acts[0]]}
+    for r, held_stages in enumerate(ranks):
+        mine = [p for st in held_stages for p in stage_params(params, plan, st)]
+        # gradients from an earlier micro-batch exist when the rank holds the most activations
+        grads_by_then = played["peak_after_backward"][r] if plan else layout.grad_accum > 1
+        per_rank.append(
+            _rank_bytes(
+                model_cfg, layout, mine, played["peak_held_bytes"][r], grads_by_then, held_stages, plan, seq_len, ce
+            )
+        )
+    worst = max(per_rank, key=lambda x: x.peak)
+    worst.per_pp_rank = [x.as_dict() for x in per_rank]
+    return worst
+
+
+def _rank_bytes(
+    model_cfg: ModelConfig,
+    layout: Layout,
+    mine: list[Param],
+    activations: float,
+    grads_by_then: bool,
+    stages: list,
+    plan: PipelinePlan | None,
+    seq_len: int,
+    ce: int,
+) -> Breakdown:
+    dp, tp = layout.dp, layout.tp
+    shapes = [p.local_shape(tp) for p in mine]
+    n_tp = _numel(shapes)  # this rank's parameters before dp sharding
+    out = Breakdown()
+    last = plan is None or (plan.n_stages - 1) in stages
+    b, s, v = layout.micro_batch, seq_len, model_cfg.vocab_size
+    if last:
+        chunk = loss_chunk_rows(v) if layout.activation_checkpointing == "full" and tp == 1 else 0
+        rows = min(chunk, b * s) if chunk else b * s
+        # at the loss's backward: the fp32 gradients of the log-softmax and of the logits (loss_parallel under tp and
+        # a recomputed chunk hold one more vocab-wide tensor)
+        out.logits = (3 if chunk or tp > 1 else 2) * rows * math.ceil(v / tp) * 4
+    # backward's working set through one block: the MLP hidden's two gradients and a few residual-width ones (and a
+    # pipeline stage's send and receive buffers), when no loss transient is larger
+    h, f = model_cfg.d_model, model_cfg.d_ff
+    out.transient = (2 * b * s * f + 5 * b * s * h) // tp * ce
+    out.activations = int(activations)
+    m = layout.grad_accum
+    if layout.engine in ("ddp", "fsdp"):
+        shard = n_tp if layout.engine == "ddp" else _fsdp_shard(shapes, dp)
+        out.parameters = 4 * shard
+        out.gradients = 4 * shard
+        if layout.engine == "ddp" and tp > 1:
+            # an untied vocab- or position-parallel embedding's gradient is a shard of a whole-size tensor
+            out.gradients += sum(
+                4 * math.prod(p.shape) * (tp - 1) // tp for p in mine if p.part == "first" and p.tp_dim is not None
+            )
+        out.optimizer = 8 * shard
+        # ddp: the all-reduce buckets (dp > 1) or the gradients of earlier micro-batches; a pipeline rank's exist
+        # only once it has run a backward
+        buckets = layout.engine == "ddp" and dp > 1 and plan is None  # DDP's buckets hold them from the start
+        grads_early = out.gradients if layout.engine == "ddp" and (buckets or grads_by_then) else 0
+        if layout.engine == "fsdp":
+            if plan is not None and m > 1:
+                # torch's pipeline stages keep their gathered parameters and unsharded gradients over the step
+                out.gathered = ce * n_tp + (4 * n_tp if grads_by_then else 0)
+            elif layout.zero_stage == 2:
+                out.gathered = ce * n_tp + (4 * n_tp if m > 1 else 0)
+            else:
+                root = _numel([p.local_shape(tp) for p in mine if p.part != "block"])
+                blocks = [p for p in mine if p.part == "block"]
+                per_block = _numel([p.local_shape(tp) for p in blocks]) / max(1, len({p.layer for p in blocks}))
+                out.gathered = int(ce * (root + per_block)) + (4 * n_tp if m > 1 else 0)
+            if ce != 4 and out.gathered:
+                pass
+    else:
+        grads_early = _deepspeed(out, model_cfg, layout, mine, n_tp)
+    state = out.parameters + out.optimizer
+    where = "start of backward"
+    block_bytes = model_cfg.saved_bytes(b, s, tp, ce)["block"]
+    backward_start = state + grads_early + out.gathered + out.activations + max(out.logits, out.transient)
+    if layout.activation_checkpointing != "none":  # a checkpointed block recomputed in backward, with its gradients
+        recompute = state + grads_early + out.gathered + out.activations + block_bytes + out.transient
+        if recompute > backward_start:
+            backward_start, where = recompute, "recomputing a checkpointed block"
+    step = state + out.gradients
+    out.peak = max(backward_start, step)
+    out.peak_at = where if backward_start >= step else "optimizer step"
+    return out
+
+
+def _deepspeed(out: Breakdown, model_cfg: ModelConfig, layout: Layout, mine: list[Param], n: int) -> int:
+    """DeepSpeed's ZeRO-1/2/3 buffers as its optimizers allocate them (the engine's generated config: reduce bucket
+    d_model^2 elements, ZeRO-3 persistence threshold 10 d_model); returns the gradient bytes already held when
+    backward starts."""
+    dp = layout.dp
+    pbytes = DTYPE_BYTES[layout.precision]
+    bucket = model_cfg.d_model * model_cfg.d_model
+    if layout.zero_stage == 3:
+        # every parameter partitioned on its own; those under the threshold also kept whole on every rank
+        small = [p for p in mine if math.prod(p.shape) <= 10 * model_cfg.d_model]
+        part = sum(math.ceil(math.prod(p.shape) / dp) for p in mine)
+        whole_small = _numel([p.shape for p in small])
+        out.parameters = pbytes * (part + whole_small)
+        out.gradients = 4 * part + 4 * bucket  # the flat gradient partition (allocated once) and the reduce bucket
+        out.optimizer = 12 * part  # fp32 master partition and the two moments
+        # gathered parameters stay until their reuse distance passes stage3_max_reuse_distance (1e9): in practice the
+        # whole model, up to stage3_max_live_parameters (1e9)
+        out.gathered = pbytes * min(n - whole_small, 10**9)
+        early = out.gradients
+    else:
+        # ZeRO-1/2: each weight-decay group flattened, padded to a multiple of 2 dp, split in dp partitions; the
+        # gradient buffer holds every parameter that reaches into the rank's partition, whole
+        part, grads = 0, [0] * dp
+        for decay in (True, False):
+            sizes = [math.prod(p.shape) for p in mine if p.decay == decay]
+            total = sum(sizes)
+            padded = math.ceil(total / (2 * dp)) * 2 * dp
+            size = padded // dp
+            part += size
+            for r in range(dp):
+                lo, hi, start = r * size, (r + 1) * size, 0
+                for k in sizes:
+                    if start < hi and start + k > lo:
+                        grads[r] += k
+                    start += k
+        out.parameters = pbytes * n
+        out.gradients = 4 * max(grads)
+        out.optimizer = 12 * part
+        early = 0  # allocated as backward reduces the first bucket, freed after the step
+    if layout.offload == "cpu":
+        # the optimizer step runs on the CPU: fp32 master, moments and the master's gradient there (ZeRO-3: also the
+        # parameter partitions); ZeRO-1/2 also keep a fp32 gradient partition and a largest-parameter staging buffer
+        # there, and on the device a partition-sized parameter buffer and a staging buffer
+        largest = 4 * max((math.prod(p.shape) for p in mine), default=0)
+        moved = {"optimizer": 16 * part}
+        if layout.zero_stage == 3:
+            moved["parameters"] = pbytes * part
+            out.parameters -= pbytes * part
+        else:
+            moved["gradients"] = 4 * part + largest
+            out.gradients = largest
+            out.gathered = pbytes * part
+        out.optimizer = 0
+        out.offloaded = moved
+        out.cpu = sum(moved.values())
+    return early
+
+
+def layout_with(layout: Layout, **changes) -> Layout:
+    return replace(layout, **changes)
+
+
+def schedule_names() -> list[str]:
+    return list(SCHEDULES)
+
+
+def family_of(model_cfg: ModelConfig):
+    return family(model_cfg.arch)
