@@ -28,6 +28,9 @@ from trainer.run import Run, TrainState
 from trainer.run_lock import RunLock
 from trainer.tokenizer import TokenizerInfo
 
+# the formula's categories the start record states (trainer/plan/memory.py)
+PREDICTED = ("parameters", "gradients", "optimizer", "gathered", "activations", "logits", "cpu")
+
 # what a tokenizer must have for each objective, and the `trainer tokenizer` kind that has it
 NEEDED_TOKENS = {
     "causal": (["eos_id"], "`trainer tokenizer --kind bpe` (or `--kind char`)"),
@@ -200,9 +203,11 @@ def build_run(
     ds_config: dict | None = None,
     lock: RunLock | None = None,
     pipeline: PipelinePlan | None = None,
+    predicted=None,
 ) -> Run:
     """Model, engine, checkpoint state and loggers; resumes from a checkpoint when there is one. `lock` (the run
-    directory's) is taken before anything is written there."""
+    directory's) is taken before anything is written there. `predicted`: the memory formula's breakdown per rank
+    (`trainer.plan.memory.Breakdown`), stated at start."""
     check_layout(cfg, dims, model_cfg)
     train_sources, valid_sources = data_sources(cfg)
     if valid_sources and cfg.train.eval_every:
@@ -274,14 +279,14 @@ def build_run(
             peak=peak,
             stream=stream,
         )
-        announce(run, counts, resume_from)
+        announce(run, counts, resume_from, predicted)
         return run
     except BaseException:
         stream.close()  # the workers must not outlive a failed start
         raise
 
 
-def announce(run: Run, counts: dict, resume_from) -> None:
+def announce(run: Run, counts: dict, resume_from, predicted=None) -> None:
     """The `start` record of metrics.jsonl and the start lines: what was built, on what layout, from where."""
     cfg, dims, t, logger, state = run.cfg, run.dims, run.cfg.train, run.logger, run.state
     layout = run.engine.layout()
@@ -307,12 +312,16 @@ def announce(run: Run, counts: dict, resume_from) -> None:
             "data_sources": {src.name: src.weight for src in run.train_sources},
             "data_shuffle": cfg.data.shuffle,
             "data_streams": cfg.data.streams,
+            "predicted_peak_bytes": predicted.peak if predicted else None,
+            "predicted_peak_at": predicted.peak_at if predicted else None,
+            "predicted_bytes": {k: getattr(predicted, k) for k in PREDICTED} if predicted else None,
         }
     )
     name = run.family.title + (f" {cfg.model.preset}" if cfg.model.preset else "")
     zero = f" ZeRO-{layout['zero_stage']}" if layout["zero_stage"] else ""
     offloaded = f" (+{layout['offload_bytes'] / 2**20:,.1f} MiB in CPU memory)" if layout.get("offload_bytes") else ""
     tokens = run.global_batch * cfg.data.seq_len
+    peak = f", predicted peak {predicted.peak / 2**20:,.1f} MiB" if predicted else ""
     grid = f"dp {dims.dp} x tp {dims.tp}"
     state_mib = f"{layout['model_state_bytes'] / 2**20:,.1f}"
     if dims.pp > 1:
@@ -322,7 +331,7 @@ def announce(run: Run, counts: dict, resume_from) -> None:
         state_mib = "/".join(f"{b / 2**20:,.1f}" for b in per_pp_rank) + " (pp ranks in order)"
     logger.print(
         f"{name}: {counts['n_params']:,} parameters | {layout['engine']}{zero}, {grid} on "
-        f"{run.device.type}, offload {layout['offload']}, model state {state_mib} MiB per rank{offloaded} | "
+        f"{run.device.type}, offload {layout['offload']}, model state {state_mib} MiB per rank{offloaded}{peak} | "
         f"{run.global_batch} x {cfg.data.seq_len} = {tokens:,} tokens "
         f"per step | {t.steps:,} steps, {t.precision} | run dir {cfg.run_dir}"
     )

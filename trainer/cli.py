@@ -1,4 +1,4 @@
-"""`trainer` command line: train, tokenizer, prepare, export, report.
+"""`trainer` command line: train, tokenizer, prepare, data, export, plan, report.
 
 Bad input ends with one line `error: ...` on stderr and exit code 2, never a traceback."""
 
@@ -160,6 +160,30 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"exported {ckpt} to {out} (config.json, model.safetensors{', tokenizer.json' if special else ''})")
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from trainer.config import load_config
+    from trainer.plan.hardware import accelerator
+    from trainer.plan.report import run_plan
+
+    cfg = load_config(args.config, args.overrides)
+    acc = accelerator(
+        args.gpu, args.gpu_memory, args.peak_tflops, args.intra_node_gbps, args.inter_node_gbps, args.gpus_per_node
+    )
+    if not 0 < args.headroom <= 1 or not 0 < args.efficiency <= 1:
+        raise UserError("--headroom and --efficiency are fractions in (0, 1]")
+    run_plan(
+        cfg,
+        args.config,
+        args.overrides,
+        args.gpus,
+        acc,
+        headroom=args.headroom,
+        efficiency=args.efficiency,
+        as_json=args.json,
+        measure=args.measure,
+    )
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from trainer.report import make_report
 
@@ -208,6 +232,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True)
     e.set_defaults(func=cmd_export)
 
+    pl = sub.add_parser(
+        "plan", help="per-rank memory of the config's layout and the layouts that fit a cluster, ranked by step time"
+    )
+    pl.add_argument("config")
+    pl.add_argument("overrides", nargs="*", help="section.key=value overrides, as for train")
+    pl.add_argument("--gpus", type=int, required=True, help="GPUs in the job")
+    pl.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: the GPU's usual 8)")
+    pl.add_argument("--gpu", help="h100 (default), h200, b200, a100, a100-40g, l40s, a10g, v100, mi300x")
+    pl.add_argument("--gpu-memory", help="memory per GPU, e.g. 80GiB (overrides the table's)")
+    pl.add_argument("--peak-tflops", type=float, help="dense bf16 peak TFLOP/s per GPU (overrides the table's)")
+    pl.add_argument("--intra-node-gbps", type=float, help="GB/s per GPU within a node, one direction")
+    pl.add_argument("--inter-node-gbps", type=float, help="GB/s per GPU across nodes, one direction")
+    pl.add_argument("--efficiency", type=float, default=0.45, help="share of peak FLOP/s reached (default 0.45)")
+    pl.add_argument("--headroom", type=float, default=0.9, help="usable share of GPU memory (default 0.9)")
+    pl.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
+    pl.add_argument("--measure", action="store_true", help="also measure the layout's peak on fake tensors")
+    pl.set_defaults(func=cmd_plan)
+
     rp = sub.add_parser("report", help="draw loss, learning rate and throughput curves of a run into a PNG")
     rp.add_argument("run_dir")
     rp.set_defaults(func=cmd_report)
@@ -215,7 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "plan" and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides += extra  # overrides after the options: `trainer plan CONFIG --gpus 8 parallel.tp=2`
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.stop = None
     if args.command == "train":
         from trainer.lifetime import follow_parent

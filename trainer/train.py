@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 
 from trainer.build import build_run, engine_config, pipeline_plan, resolve_model
@@ -10,6 +13,7 @@ from trainer.config import Config
 from trainer.loop import train_loop
 from trainer.parallel import barrier, check_tp_degree, init_distributed, shutdown_distributed
 from trainer.parallel.health import Heartbeat, is_collective_failure
+from trainer.plan.memory import device_memory, predict_run
 from trainer.run_lock import RunLock
 from trainer.stop import StopSignal
 from trainer.tokenizer import load_tokenizer
@@ -26,6 +30,22 @@ def train(cfg: Config, stop: StopSignal | None = None) -> dict:
         stop.restore()
 
 
+def warn_if_too_big(predicted, device: torch.device, dims) -> None:
+    """Before the model is built: say so when the formula's peak per rank exceeds what a rank has (a warning, not a
+    refusal: the formula can be wrong, and the user may know better)."""
+    if predicted is None or not dims.is_main:
+        return
+    have = device_memory(device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if have is not None and predicted.peak > have[0]:
+        print(
+            f"warning: the predicted peak of {predicted.peak / 2**30:,.2f} GiB per rank ({predicted.peak_at}) exceeds "
+            f"{have[1]} of {have[0] / 2**30:,.2f} GiB: this run will likely run out of memory; `trainer plan CONFIG "
+            f"--gpus {dims.world_size}` lists layouts that fit",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def _train(cfg: Config, stop: StopSignal) -> dict:
     p = cfg.parallel
     tok = load_tokenizer(cfg.data.tokenizer)
@@ -36,12 +56,14 @@ def _train(cfg: Config, stop: StopSignal) -> dict:
     ds_config = engine_config(cfg, model_cfg)
     need_group = p.engine != "ddp" or p.tp > 1 or p.pp > 1
     dims, device = init_distributed(p.tp, need_group=need_group, timeout_s=p.timeout_s, pp=p.pp)
+    predicted = predict_run(cfg, model_cfg, dims.world_size)
+    warn_if_too_big(predicted, device, dims)
     if device.type == "cuda":  # fp32 matmuls (precision=fp32, and what autocast leaves in fp32) on TF32 tensor cores
         torch.set_float32_matmul_precision("high")
     heartbeat = Heartbeat(dims, p.timeout_s).start()
     lock = RunLock(cfg.run_dir)
     try:
-        run = build_run(cfg, dims, device, tok, model_cfg, ds_config, lock, pipeline)
+        run = build_run(cfg, dims, device, tok, model_cfg, ds_config, lock, pipeline, predicted)
         failed = True
         try:
             result = train_loop(run, stop, heartbeat)

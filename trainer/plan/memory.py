@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
 
@@ -56,6 +57,7 @@ class Layout:
     micro_batch: int = 1
     grad_accum: int = 1
     precision: str = "fp32"
+    pp_split: tuple[int, ...] | None = None
 
     @property
     def world(self) -> int:
@@ -82,6 +84,7 @@ class Layout:
             micro_batch=t.micro_batch,
             grad_accum=t.grad_accum,
             precision=t.precision,
+            pp_split=tuple(p.pp_split) if p.pp_split else None,
         )
 
     def overrides(self) -> list[str]:
@@ -93,6 +96,10 @@ class Layout:
             out.append(f"parallel.tp={self.tp}")
         if self.pp > 1:
             out += [f"parallel.pp={self.pp}", f"parallel.pp_schedule={self.pp_schedule}"]
+            if self.pp_virtual:
+                out.append(f"parallel.pp_virtual={self.pp_virtual}")
+            if self.pp_split:
+                out.append(f"parallel.pp_split=[{','.join(map(str, self.pp_split))}]")
         out += [
             f"train.activation_checkpointing={self.activation_checkpointing}",
             f"train.micro_batch={self.micro_batch}",
@@ -172,19 +179,24 @@ def n_params(model_cfg: ModelConfig) -> int:
     return sum(math.prod(p.shape) for p in model_params(model_cfg))
 
 
+_HEAD_COST: dict[tuple, float] = {}
+
+
 def pipeline_of(model_cfg: ModelConfig, layout: Layout, seq_len: int) -> PipelinePlan | None:
     """The trainer's own stage split and placement for the layout (UserError where the schedule cannot run)."""
     if layout.pp == 1:
         return None
-    with torch.device("meta"):
-        shape_only = model_from_config(model_cfg)
+    key = (repr(sorted(model_cfg.to_dict().items())), seq_len)
+    if key not in _HEAD_COST:
+        with torch.device("meta"):
+            _HEAD_COST[key] = head_cost_in_blocks(model_from_config(model_cfg), seq_len)
     return plan_pipeline(
         layout.pp,
         layout.pp_schedule,
         layout.pp_virtual,
-        None,
+        list(layout.pp_split) if layout.pp_split else None,
         model_cfg.n_layer,
-        head_cost_in_blocks(shape_only, seq_len),
+        _HEAD_COST[key],
         layout.grad_accum,
     )
 
@@ -229,6 +241,35 @@ class Breakdown:
         return asdict(self)
 
 
+def stage_activations(
+    model_cfg: ModelConfig, layout: Layout, seq_len: int, n_layers: int, first: bool, last: bool
+) -> int:
+    """Bytes one micro-batch saves for backward on a stage of `n_layers` blocks (with the embeddings when `first`,
+    the head and loss when `last`): full checkpointing keeps each block's input only (and computes the head and loss
+    in chunks), selective does so for every other block."""
+    ac = layout.activation_checkpointing
+    saved = model_cfg.saved_bytes(layout.micro_batch, seq_len, layout.tp, DTYPE_BYTES[layout.precision])
+    chunk = ac == "full" and layout.tp == 1
+    total = 0
+    for i in range(n_layers):
+        checkpointed = ac == "full" or (ac == "selective" and i % 2 == 0)
+        total += saved["block_input"] if checkpointed else saved["block"]
+    if first:
+        total += saved["first"]
+    if last:
+        total += saved["last_chunked"] if chunk else saved["last"]
+    return total
+
+
+def zero3_gathered(mine: list[Param], tp: int, ce: int) -> int:
+    """fsdp ZeRO-3 at the start of backward: the root group (embeddings, final norm, head: gathered for the whole
+    forward and again from the start of backward) and one block (the one being differentiated)."""
+    root = _numel([p.local_shape(tp) for p in mine if p.part != "block"])
+    blocks = [p for p in mine if p.part == "block"]
+    per_block = _numel([p.local_shape(tp) for p in blocks]) / max(1, len({p.layer for p in blocks}))
+    return int(ce * (root + per_block))
+
+
 def _in_flight(plan: PipelinePlan, layout: Layout, stage_act: list[int], stage_cost: list[float]) -> dict:
     """Per pp rank, the most activation bytes held at once and whether gradients exist by then: the schedule's
     actions played out with each stage's one micro-batch of activations."""
@@ -244,21 +285,13 @@ def estimate(model_cfg: ModelConfig, layout: Layout, seq_len: int) -> Breakdown:
     plan = pipeline_of(model_cfg, layout, seq_len)
     stages = list(range(plan.n_stages)) if plan else [None]
     ranks = [plan.stages_of(r) for r in range(layout.pp)] if plan else [[None]]
-    b, s = layout.micro_batch, seq_len
     ce = DTYPE_BYTES[layout.precision]  # compute dtype
-    ac = layout.activation_checkpointing
     acts, costs = [], []
     for stage in stages:
         layers = list(plan.layers(stage)) if plan else list(range(model_cfg.n_layer))
         first = stage in (None, 0)
         last = stage is None or stage == plan.n_stages - 1
-        chunk = loss_chunk_rows(model_cfg.vocab_size) if ac == "full" and layout.tp == 1 else 0
-        saved = model_cfg.saved_bytes(b, s, layout.tp, ce)
-        total = 0
-        for i, _ in enumerate(layers):
-            checkpointed = ac == "full" or (ac == "selective" and i % 2 == 0)
-            total += saved["block_input"] if checkpointed else saved["block"]
-        total += (saved["first"] if first else 0) + ((saved["last_chunked"] if chunk else saved["last"]) if last else 0)
+        total = stage_activations(model_cfg, layout, seq_len, len(layers), first, last)
         acts.append(total)
         costs.append(len(layers) + (4.0 if last else 0.0))
     per_rank = []
@@ -327,12 +360,7 @@ def _rank_bytes(
             elif layout.zero_stage == 2:
                 out.gathered = ce * n_tp + (4 * n_tp if m > 1 else 0)
             else:
-                root = _numel([p.local_shape(tp) for p in mine if p.part != "block"])
-                blocks = [p for p in mine if p.part == "block"]
-                per_block = _numel([p.local_shape(tp) for p in blocks]) / max(1, len({p.layer for p in blocks}))
-                out.gathered = int(ce * (root + per_block)) + (4 * n_tp if m > 1 else 0)
-            if ce != 4 and out.gathered:
-                pass
+                out.gathered = zero3_gathered(mine, tp, ce) + (4 * n_tp if m > 1 else 0)
     else:
         grads_early = _deepspeed(out, model_cfg, layout, mine, n_tp)
     state = out.parameters + out.optimizer
@@ -417,3 +445,27 @@ def schedule_names() -> list[str]:
 
 def family_of(model_cfg: ModelConfig):
     return family(model_cfg.arch)
+
+
+def predict_run(cfg, model_cfg: ModelConfig, world: int) -> Breakdown | None:
+    """The formula's per-rank bytes for the run `cfg` describes on `world` ranks (None where it has no answer, e.g.
+    a layout the trainer will refuse anyway: the refusal is the trainer's to word)."""
+    try:
+        return estimate(model_cfg, Layout.from_config(cfg, world), cfg.data.seq_len)
+    except UserError:
+        return None
+
+
+def device_memory(device: torch.device, local_ranks: int) -> tuple[int, str] | None:
+    """(bytes, what) one rank may use: the GPU's memory, or on CPU the host's available memory over its ranks."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, f"the GPU's {torch.cuda.get_device_name(device)}"
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith("MemAvailable:"):
+            avail = int(line.split()[1]) * 1024
+            return avail // max(1, local_ranks), f"this host's available memory over {local_ranks} rank(s)"
+    return None
