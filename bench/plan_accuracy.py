@@ -87,19 +87,20 @@ def rows() -> dict[str, tuple[str, int, list[str]]]:
     return out
 
 
-def config_of(arch: str, overrides: list[str]):
+def config_of(arch: str, overrides: list[str], size: dict | None = None):
     from trainer.config import load_config
 
+    size = size or SIZE
     return load_config(
         None,
         [
             "data.train=unused",
             "data.tokenizer=unused",
-            f"data.seq_len={SIZE['seq']}",
-            f"train.micro_batch={SIZE['micro_batch']}",
+            f"data.seq_len={size['seq']}",
+            f"train.micro_batch={size['micro_batch']}",
             f"model.arch={arch}",
-            *(f"model.{k}={SIZE[k]}" for k in ("n_layer", "n_head", "d_model", "vocab_size")),
-            f"model.max_seq_len={SIZE['seq']}",
+            *(f"model.{k}={size[k]}" for k in ("n_layer", "n_head", "d_model", "vocab_size")),
+            f"model.max_seq_len={size['seq']}",
             "log.wandb.mode=disabled",
             *overrides,
         ],
