@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from trainer.metrics import flops_per_token
 from trainer.models import ModelConfig, count_params, family, model_from_config
 from trainer.plan.hardware import Accelerator
-from trainer.plan.memory import _HEAD_COST, DTYPE_BYTES, Layout, n_params, pipeline_of
+from trainer.plan.memory import DTYPE_BYTES, Layout, head_cost, n_params, pipeline_of
 
 DEFAULT_EFFICIENCY = 0.45  # the share of peak FLOP/s a well-tuned transformer step reaches (MFU)
 HALF_EFFICIENCY_TOKENS = 512  # tokens per micro-batch and tp rank at which matmuls reach half that efficiency
@@ -141,7 +141,7 @@ def pipeline_bubble(model_cfg: ModelConfig, layout: Layout, seq_len: int) -> flo
     key = (repr(sorted(model_cfg.to_dict().items())), layout.pp, layout.pp_schedule, layout.grad_accum, seq_len)
     if key not in _BUBBLES:
         plan = pipeline_of(model_cfg, layout, seq_len)
-        head = _HEAD_COST[(repr(sorted(model_cfg.to_dict().items())), seq_len)]
+        head = head_cost(model_cfg, seq_len)
         costs = []
         for s in range(plan.n_stages):
             c = plan.split[s] + (head if s == plan.n_stages - 1 else 0.0)

@@ -26,15 +26,15 @@ and each family's count of what its forward saves for backward (`ModelConfig.sav
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from trainer.errors import UserError
-from trainer.models import ModelConfig, family, model_from_config
+from trainer.models import ModelConfig, model_from_config
 from trainer.models.layers import loss_chunk_rows
-from trainer.parallel.pipeline import SCHEDULES, PipelinePlan, head_cost_in_blocks, plan_pipeline
+from trainer.parallel.pipeline import PipelinePlan, head_cost_in_blocks, plan_pipeline
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 COLUMN = ("wq", "wk", "wv", "fc_in", "gate", "up")  # column-parallel: dim 0 split over tp (bias too)
@@ -182,21 +182,26 @@ def n_params(model_cfg: ModelConfig) -> int:
 _HEAD_COST: dict[tuple, float] = {}
 
 
-def pipeline_of(model_cfg: ModelConfig, layout: Layout, seq_len: int) -> PipelinePlan | None:
-    """The trainer's own stage split and placement for the layout (UserError where the schedule cannot run)."""
-    if layout.pp == 1:
-        return None
+def head_cost(model_cfg: ModelConfig, seq_len: int) -> float:
+    """The head and loss's training FLOPs in blocks (what the default pipeline split weighs the last stage by)."""
     key = (repr(sorted(model_cfg.to_dict().items())), seq_len)
     if key not in _HEAD_COST:
         with torch.device("meta"):
             _HEAD_COST[key] = head_cost_in_blocks(model_from_config(model_cfg), seq_len)
+    return _HEAD_COST[key]
+
+
+def pipeline_of(model_cfg: ModelConfig, layout: Layout, seq_len: int) -> PipelinePlan | None:
+    """The trainer's own stage split and placement for the layout (UserError where the schedule cannot run)."""
+    if layout.pp == 1:
+        return None
     return plan_pipeline(
         layout.pp,
         layout.pp_schedule,
         layout.pp_virtual,
         list(layout.pp_split) if layout.pp_split else None,
         model_cfg.n_layer,
-        _HEAD_COST[key],
+        head_cost(model_cfg, seq_len),
         layout.grad_accum,
     )
 
@@ -293,7 +298,7 @@ def estimate(model_cfg: ModelConfig, layout: Layout, seq_len: int) -> Breakdown:
         last = stage is None or stage == plan.n_stages - 1
         total = stage_activations(model_cfg, layout, seq_len, len(layers), first, last)
         acts.append(total)
-        costs.append(len(layers) + (4.0 if last else 0.0))
+        costs.append(len(layers) + (head_cost(model_cfg, seq_len) if last else 0.0))
     per_rank = []
     played = _in_flight(plan, layout, acts, costs) if plan else {"peak_held_bytes": [acts[0]]}
     for r, held_stages in enumerate(ranks):
@@ -370,7 +375,7 @@ def _rank_bytes(
     if layout.activation_checkpointing != "none":  # a checkpointed block recomputed in backward, with its gradients
         recompute = state + grads_early + out.gathered + out.activations + block_bytes + out.transient
         if recompute > backward_start:
-            backward_start, where = recompute, "recomputing a checkpointed block"
+            backward_start, where = recompute, "a checkpointed block's recomputation"
     step = state + out.gradients
     out.peak = max(backward_start, step)
     out.peak_at = where if backward_start >= step else "optimizer step"
@@ -433,18 +438,6 @@ def _deepspeed(out: Breakdown, model_cfg: ModelConfig, layout: Layout, mine: lis
         out.offloaded = moved
         out.cpu = sum(moved.values())
     return early
-
-
-def layout_with(layout: Layout, **changes) -> Layout:
-    return replace(layout, **changes)
-
-
-def schedule_names() -> list[str]:
-    return list(SCHEDULES)
-
-
-def family_of(model_cfg: ModelConfig):
-    return family(model_cfg.arch)
 
 
 def predict_run(cfg, model_cfg: ModelConfig, world: int) -> Breakdown | None:

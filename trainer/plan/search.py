@@ -6,7 +6,7 @@ step time (`cost.step_cost`). The ones that fit come first, fastest first."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from trainer.errors import UserError
 from trainer.models import ModelConfig
@@ -175,7 +175,3 @@ def rank(cands: list[Candidate]) -> list[Candidate]:
     over = sorted((c for c in cands if not c.fits and c.memory), key=lambda c: c.memory.peak)
     bad = [c for c in cands if c.memory is None]
     return fit + over + bad
-
-
-def with_layout(layout: Layout, **changes) -> Layout:
-    return replace(layout, **changes)
