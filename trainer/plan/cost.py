@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trainer.metrics import flops_per_token
-from trainer.models import ModelConfig, count_params, family, model_from_config
+from trainer.build import model_flops_per_token
+from trainer.models import ModelConfig, count_params, model_from_config
 from trainer.plan.hardware import Accelerator
 from trainer.plan.memory import DTYPE_BYTES, Layout, head_cost, n_params, pipeline_of
 
@@ -63,15 +63,7 @@ def model_flops(model_cfg: ModelConfig, seq_len: int) -> tuple[float, int]:
         with torch.device("meta"):
             model = model_from_config(model_cfg)
         n = count_params(model, exclude_embeddings=True)
-        per_token = flops_per_token(
-            n,
-            model_cfg.n_layer,
-            model_cfg.d_model,
-            seq_len,
-            causal=family(model_cfg.arch).objective == "causal",
-            vocab_size=model_cfg.vocab_size if model_cfg.tied_head else 0,
-            attention_dim=model_cfg.attention_dim,
-        )
+        per_token = model_flops_per_token(model_cfg, {"n_params_non_embedding": n}, seq_len)
         _FLOPS[key] = (per_token, n)
     return _FLOPS[key]
 
