@@ -15,23 +15,18 @@ What fake tensors cannot do, and what stands in:
   where in eager it is one of its own, which the tracker ignores): those runs are marked and left out;
 - the fake process group's futures carry no value, which the ddp engine's comm hook reads: the hook is swapped for
   one that reduces in place and returns the bucket, as the real one does;
-- storages have no address: they are told apart by identity (`measure.py` keys them by `data_ptr()`).
+- storages have no address: `measure.py` tells them apart by identity.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import weakref
-from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
-from torch.distributed._tools.mem_tracker import _TOTAL_KEY
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._sharding_prop import ShardingPropagator
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -44,14 +39,7 @@ from trainer.errors import UserError
 from trainer.models import ModelConfig, family
 from trainer.parallel import ParallelDims, check_tp_degree
 from trainer.parallel.dims import check_world
-from trainer.plan.measure import (
-    _grad_tensors,
-    _optimizer_tensors,
-    _param_tensors,
-    _tracker,
-    engine_parts,
-    reachable_tensors,
-)
+from trainer.plan.measure import _tracker, measure_step
 
 
 class _RealOnly(TorchDispatchMode):
@@ -114,9 +102,7 @@ def _simulated():
 
 
 def _fake_tracker():
-    """measure's tracker, blind to DTensor's shape propagation (tensors of the global shape, never allocated), and
-    keeping only the rank's peak: MemTracker's per-module peaks cost a pass over every module seen at each op, which
-    at 48 blocks is most of the time of a fake step."""
+    """measure's tracker, blind to DTensor's shape propagation (tensors of the global shape, never allocated)."""
 
     class FakeStepTracker(type(_tracker())):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -124,115 +110,7 @@ def _fake_tracker():
                 return func(*args, **(kwargs or {}))
             return super().__torch_dispatch__(func, types, args, kwargs)
 
-        def _update_peak_stats(self, peak_state) -> None:
-            for dev, now in self._curr_mem_snap.items():
-                if self._peak_mem.get(dev, 0) < now[_TOTAL_KEY]:
-                    self._peak_mem[dev] = now[_TOTAL_KEY]
-                    self._peak_mem_snap[dev] = dict(now)
-                    where = sorted(self._mod_tracker.parents - {"Global"}, key=len)
-                    phase = "backward" if self._mod_tracker.is_bw else "forward"
-                    self.peak_where = f"{phase} {where[-1] if where else ''}"
-
     return FakeStepTracker()
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local tensor (read directly: `to_local()` is an op, slow under the fake mode), or `t`."""
-    return t._local_tensor if isinstance(t, DTensor) else t
-
-
-def _key(t: torch.Tensor) -> int:
-    """A storage's identity: its StorageImpl (a fake tensor's storage has no address; a real one's is unique too)."""
-    return t.untyped_storage()._cdata
-
-
-def _storages(tensors: Iterable, seen: set[int]) -> int:
-    """measure._storages keyed by storage identity."""
-    total = 0
-    for t in tensors:
-        if not isinstance(t, torch.Tensor):
-            continue
-        s = _local(t).untyped_storage()
-        if s._cdata in seen or s.nbytes() == 0:
-            continue
-        seen.add(s._cdata)
-        total += s.nbytes()
-    return total
-
-
-class _SavedBytes:
-    """measure.SavedBytes keyed by storage identity."""
-
-    def __init__(self, excluded: Callable[[], set[int]]) -> None:
-        self.excluded = excluded
-        self.live: dict[int, list[int]] = {}
-        self.now = 0
-        self.peak = 0
-
-    def _release(self, key: int) -> None:
-        entry = self.live.get(key)
-        if entry is None:
-            return
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.now -= entry[0]
-            del self.live[key]
-
-    def pack(self, t: torch.Tensor):
-        if isinstance(t, nn.Parameter):
-            return t
-        s = _local(t).untyped_storage()
-        if s._cdata in self.excluded() or s.nbytes() == 0:
-            return t
-        entry = self.live.setdefault(s._cdata, [s.nbytes(), 0])
-        if entry[1] == 0:
-            self.now += entry[0]
-            self.peak = max(self.peak, self.now)
-        entry[1] += 1
-        return _Held(t, s._cdata, self)
-
-    @staticmethod
-    def unpack(held):
-        return held.t if isinstance(held, _Held) else held
-
-
-class _Held:
-    __slots__ = ("__weakref__", "t")
-
-    def __init__(self, t: torch.Tensor, key: int, meter: _SavedBytes) -> None:
-        self.t = t
-        weakref.finalize(self, meter._release, key)
-
-
-def _measure_step(engine, batches: list[dict], lr: float = 1e-4) -> dict:
-    """measure.measure_step with storages told apart by identity rather than address."""
-    modules, optimizers = engine_parts(engine)
-    engine.train()
-    engine.train_step(batches)
-    engine.step(lr)
-    gc.collect()
-
-    tracker = _fake_tracker()
-    tracker.track_external(*modules, *optimizers)
-    tracker.track_external(*reachable_tensors(engine), *[t for b in batches for t in b.values()])
-    # the parameters as the modules hold them when a tensor is saved: FSDP's gathered ones in forward and backward
-    saved = _SavedBytes(lambda: {_key(_local(p)) for m in modules for p in m.parameters()})
-    figures: dict = {}
-    with tracker:
-        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
-            engine.train_step(batches)
-        figures["gradients"] = _storages(_grad_tensors(engine, modules), set())
-        engine.step(lr)
-    gc.collect()
-    seen: set[int] = set()
-    figures["parameters"] = _storages(_param_tensors(engine, modules), seen)
-    figures["optimizer"] = _storages(_optimizer_tensors(engine, optimizers), seen)
-    figures["activations"] = saved.peak
-    peak = tracker.get_tracker_snapshot("peak")
-    figures["peak"] = max((snap.get("Total", 0) for snap in peak.values()), default=0)
-    figures["peak_by_kind"] = {str(k): v for snap in peak.values() for k, v in snap.items() if v}
-    figures["peak_where"] = getattr(tracker, "peak_where", "")
-    return figures
 
 
 def _batches(cfg: Config, model_cfg: ModelConfig) -> list[dict]:
@@ -274,7 +152,7 @@ def measure_fake(cfg: Config, model_cfg: ModelConfig, world: int, rank: int = 0)
         # the caller's RNG is left as it was (materialize seeds the global one)
         with torch.random.fork_rng(devices=[]), FakeTensorMode(allow_non_fake_inputs=True), _RealOnly(), _simulated():
             engine, _ = build_model(cfg, dims, torch.device("cpu"), model_cfg)
-            figures = _measure_step(engine, batches)
+            figures = measure_step(engine, batches, tracker=_fake_tracker())
         del engine
         gc.collect()
         return figures

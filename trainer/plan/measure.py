@@ -29,17 +29,25 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local tensor (read directly: `to_local()` is an op, slow under a fake mode), or `t`."""
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def _key(s: torch.UntypedStorage) -> int:
+    """A storage's identity, its StorageImpl: unique like its address, and also for fake tensors, which have none."""
+    return s._cdata
+
+
 def _storages(tensors: Iterable, seen: set[int]) -> int:
     total = 0
     for t in tensors:
         if not isinstance(t, torch.Tensor):
             continue
-        if isinstance(t, DTensor):
-            t = t.to_local()
-        s = t.untyped_storage()
-        if s.data_ptr() in seen or s.nbytes() == 0:
+        s = _local(t).untyped_storage()
+        if _key(s) in seen or s.nbytes() == 0:
             continue
-        seen.add(s.data_ptr())
+        seen.add(_key(s))
         total += s.nbytes()
     return total
 
@@ -101,9 +109,8 @@ class SavedBytes:
     def pack(self, t: torch.Tensor):
         if isinstance(t, nn.Parameter):
             return t
-        local = t.to_local() if isinstance(t, DTensor) else t
-        s = local.untyped_storage()
-        ptr = s.data_ptr()
+        s = _local(t).untyped_storage()
+        ptr = _key(s)
         if ptr in self.excluded() or s.nbytes() == 0:
             return t
         entry = self.live.setdefault(ptr, [s.nbytes(), 0])
@@ -127,12 +134,7 @@ class _Held:
 
 
 def _param_storages(modules: list[nn.Module]) -> set[int]:
-    out = set()
-    for m in modules:
-        for p in m.parameters():
-            local = p.to_local() if isinstance(p, DTensor) else p
-            out.add(local.untyped_storage().data_ptr())
-    return out
+    return {_key(_local(p).untyped_storage()) for m in modules for p in m.parameters()}
 
 
 def engine_parts(engine) -> tuple[list[nn.Module], list[torch.optim.Optimizer]]:
@@ -177,8 +179,8 @@ def _optimizer_tensors(engine, optimizers: list) -> list[torch.Tensor]:
 
 def _tracker():
     """PyTorch's MemTracker, taking a root module's second forward in one step (micro-batches, pipeline schedules)
-    as a new call rather than an error: module-wise statistics are not used here, only the totals."""
-    from torch.distributed._tools.mem_tracker import MemTracker
+    as a new call rather than an error, and keeping only the totals (module-wise statistics are not used here)."""
+    from torch.distributed._tools.mem_tracker import _TOTAL_KEY, MemTracker
 
     class StepTracker(MemTracker):
         def _pre_fw_hook(self, module, inputs):
@@ -188,25 +190,29 @@ def _tracker():
                     del self.memory_tracking[module]
             return super()._pre_fw_hook(module, inputs)
 
-        def _update_peak_stats(self, peak_state):
-            before = dict(self._peak_mem)
-            super()._update_peak_stats(peak_state)
-            if self._peak_mem != before:
-                where = sorted(self._mod_tracker.parents - {"Global"}, key=len)
-                self.peak_where = f"{'backward' if self._mod_tracker.is_bw else 'forward'} {where[-1] if where else ''}"
+        def _update_peak_stats(self, peak_state) -> None:
+            # the rank's peak only: MemTracker's per-module peaks cost a pass over every module seen at each op
+            for dev, now in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < now[_TOTAL_KEY]:
+                    self._peak_mem[dev] = now[_TOTAL_KEY]
+                    self._peak_mem_snap[dev] = dict(now)
+                    where = sorted(self._mod_tracker.parents - {"Global"}, key=len)
+                    phase = "backward" if self._mod_tracker.is_bw else "forward"
+                    self.peak_where = f"{phase} {where[-1] if where else ''}"
 
     return StepTracker()
 
 
-def measure_step(engine, batches: list[dict], lr: float = 1e-4) -> dict:
-    """Bytes per category on this rank in the step after a warm-up step (see the module docstring)."""
+def measure_step(engine, batches: list[dict], lr: float = 1e-4, tracker=None) -> dict:
+    """Bytes per category on this rank in the step after a warm-up step (see the module docstring); `tracker`: a
+    `_tracker()` variant (the fake-tensor one of trainer/plan/fake.py)."""
     modules, optimizers = engine_parts(engine)
     engine.train()
     engine.train_step(batches)
     engine.step(lr)
     gc.collect()
 
-    tracker = _tracker()
+    tracker = tracker or _tracker()
     tracker.track_external(*modules, *[o.optimizer if engine.name == "deepspeed" else o for o in optimizers])
     tracker.track_external(*reachable_tensors(engine), *[t for b in batches for t in b.values()])
     saved = SavedBytes(lambda: _param_storages(modules))

@@ -149,7 +149,9 @@ def run_plan(
         "command": command,
     }
     if measure:
-        result["measured"] = _measure(cfg, model_cfg, gpus, mine)
+        from trainer.plan.fake import measure_fake
+
+        result["measured"] = measure_fake(cfg, model_cfg, gpus)
     if as_json:
         print(json.dumps(result))
         return result
@@ -189,8 +191,3 @@ def run_plan(
         print("\nnothing fits: add GPUs, use bigger ones (--gpu), or shorten data.seq_len")
     return result
 
-
-def _measure(cfg: Config, model_cfg: ModelConfig, gpus: int, mine: Candidate) -> dict:
-    from trainer.plan.fake import measure_fake
-
-    return measure_fake(cfg, model_cfg, gpus)
