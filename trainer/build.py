@@ -297,6 +297,7 @@ def announce(run: Run, counts: dict, resume_from, predicted=None) -> None:
             "dp": dims.dp,
             "tp": dims.tp,
             "pp": dims.pp,
+            "cp": dims.cp,
             **layout,
             "global_batch": run.global_batch,
             "global_batch_tokens": run.global_batch * cfg.data.seq_len,
@@ -322,7 +323,7 @@ def announce(run: Run, counts: dict, resume_from, predicted=None) -> None:
     offloaded = f" (+{layout['offload_bytes'] / 2**20:,.1f} MiB in CPU memory)" if layout.get("offload_bytes") else ""
     tokens = run.global_batch * cfg.data.seq_len
     peak = f", predicted peak {predicted.peak / 2**20:,.1f} MiB" if predicted else ""
-    grid = f"dp {dims.dp} x tp {dims.tp}"
+    grid = f"dp {dims.dp} x tp {dims.tp}" if dims.cp == 1 else f"dp {dims.dp} x cp {dims.cp} x tp {dims.tp}"
     state_mib = f"{layout['model_state_bytes'] / 2**20:,.1f}"
     if dims.pp > 1:
         split = " ".join(f"[{s[0]}-{s[-1]}]" if len(s) > 1 else f"[{s[0]}]" for s in layout["pp_split"])

@@ -231,7 +231,7 @@ class Checkpointer:
         error: BaseException | None = None
         try:
             written = []
-            if self.dims.tp_rank == 0:  # tp peers share one RNG stream (same dropout masks)
+            if self.dims.tp_rank == 0 and self.dims.cp_rank == 0:  # tp and cp peers share one RNG stream
                 written.append(tmp / rng_file_name(self.dims.dp_rank, self.dims.pp_rank))
                 torch.save(rng_state(), written[-1])
             if self.dims.is_main:
@@ -240,6 +240,7 @@ class Checkpointer:
                     written.append(tmp / "tokenizer.json")
                 layout = {"world_size": self.dims.world_size, "dp": self.dims.dp, "tp": self.dims.tp}
                 layout.update({"pp": self.dims.pp} if self.dims.pp > 1 else {})
+                layout.update({"cp": self.dims.cp} if self.dims.cp > 1 else {})
                 (tmp / STATE_FILE).write_text(json.dumps({**state, **layout}, indent=1))
                 written.append(tmp / STATE_FILE)
             for path in written:  # each rank flushes its own files before the rename can make them visible

@@ -87,6 +87,7 @@ class ParallelConfig:
     zero_stage: int | None = None
     tp: int = 1  # tensor-parallel degree (Megatron-style, with sequence parallelism); world size = pp * dp * tp
     pp: int = 1  # pipeline-parallel degree: the layers split into stages on pp ranks (micro-batches = grad_accum)
+    cp: int = 1  # context-parallel degree: each sequence split over cp ranks (gpt, llama); world = pp * dp * cp * tp
     pp_schedule: str = "1f1b"  # 1f1b | gpipe | interleaved-1f1b | looped-bfs | zero-bubble | zbv | dualpipev
     pp_virtual: int = 0  # stages per rank (interleaved and V schedules); 0: 1, or 2 for those schedules
     pp_split: list[int] | None = None  # layers per stage, in stage order (pp * pp_virtual counts); default: balanced
@@ -158,6 +159,7 @@ POSITIVE = (
     "checkpoint.keep",
     "parallel.tp",
     "parallel.pp",
+    "parallel.cp",
 )
 NON_NEGATIVE = (
     "train.warmup_steps",

@@ -19,7 +19,7 @@ def evaluate(engine, batches, steps: int, dims: ParallelDims, device: torch.devi
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, target tokens, correct predictions
     for _, batch in zip(range(steps), batches):
         totals += torch.stack([t.to(torch.float64) for t in engine.eval_step(batch)])
-    loss_sum, n, correct = all_reduce_sum(totals, dims, "dp").tolist()
+    loss_sum, n, correct = all_reduce_sum(totals, dims, "dp_cp").tolist()  # cp ranks: other tokens of the batch
     engine.train(True)
     val_loss = loss_sum / max(n, 1.0)
     return {

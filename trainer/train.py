@@ -12,6 +12,7 @@ from trainer.build import build_run, engine_config, pipeline_plan, resolve_model
 from trainer.config import Config
 from trainer.loop import train_loop
 from trainer.parallel import barrier, check_tp_degree, init_distributed, shutdown_distributed
+from trainer.parallel.context_parallel import check_cp
 from trainer.parallel.health import Heartbeat, is_collective_failure
 from trainer.plan.memory import device_memory, predict_run
 from trainer.run_lock import RunLock
@@ -52,10 +53,11 @@ def _train(cfg: Config, stop: StopSignal) -> dict:
     model_cfg = resolve_model(cfg, tok)
     # a degree that cannot split the model is refused before any process group exists
     check_tp_degree(p.tp, model_cfg.tp_divisors(), cfg.data.seq_len)
+    check_cp(p.cp, cfg.data.seq_len, p.tp, model_cfg.arch, p.engine, p.pp)
     pipeline = pipeline_plan(cfg, model_cfg)
     ds_config = engine_config(cfg, model_cfg)
-    need_group = p.engine != "ddp" or p.tp > 1 or p.pp > 1
-    dims, device = init_distributed(p.tp, need_group=need_group, timeout_s=p.timeout_s, pp=p.pp)
+    need_group = p.engine != "ddp" or p.tp > 1 or p.pp > 1 or p.cp > 1
+    dims, device = init_distributed(p.tp, need_group=need_group, timeout_s=p.timeout_s, pp=p.pp, cp=p.cp)
     predicted = predict_run(cfg, model_cfg, dims.world_size)
     warn_if_too_big(predicted, device, dims)
     if device.type == "cuda":  # fp32 matmuls (precision=fp32, and what autocast leaves in fp32) on TF32 tensor cores

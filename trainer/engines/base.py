@@ -20,6 +20,7 @@ Contract (the loop relies on nothing else):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections import defaultdict
@@ -79,22 +80,29 @@ class MicroBatchSteps:
     device: torch.device
 
     def train_step(self, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        local_targets = sum(int((b["labels"] != -100).sum()) for b in batches)  # counted on the host, before the copy
+        # the whole samples' targets, counted on the host before the copy (cp peers count the same samples)
+        local_targets = sum(int((b["labels"] != -100).sum()) for b in batches)
         targets = torch.tensor([float(local_targets)], device=self.device)
         global_targets = all_reduce_sum(targets, self.dims, "dp")[0]
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
-        for i, batch in enumerate(batches):
-            labels = batch["labels"].to(self.device, non_blocking=True)
-            with self.micro_batch(last=i == len(batches) - 1):
-                loss = self.forward(batch["input_ids"].to(self.device, non_blocking=True), labels)
-                self.backward(loss / global_targets)
-            loss_sum += full_value(loss.detach())
+        cp = getattr(self.module, "seq_shard", None)  # context parallelism: this rank's tokens of each sample
+        with cp.sharding() if cp else contextlib.nullcontext():
+            for i, batch in enumerate(batches):
+                batch = cp.shard(batch) if cp else batch
+                labels = batch["labels"].to(self.device, non_blocking=True)
+                with self.micro_batch(last=i == len(batches) - 1):
+                    loss = self.forward(batch["input_ids"].to(self.device, non_blocking=True), labels)
+                    self.backward(loss / global_targets)
+                loss_sum += full_value(loss.detach())
         return loss_sum, global_targets
 
     @torch.no_grad()
     def eval_step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Under context parallelism, over this rank's tokens (the caller sums over dp and cp)."""
+        cp = getattr(self.module, "seq_shard", None)
+        batch = cp.shard(batch) if cp else batch
         labels = batch["labels"].to(self.device)
-        with loss_context(self.dims.tp):
+        with loss_context(self.dims.tp), cp.sharding() if cp else contextlib.nullcontext():
             logits = self.forward(batch["input_ids"].to(self.device))
             loss_sum = full_value(token_loss_sum(logits, labels))
         mask = labels != -100

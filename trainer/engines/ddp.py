@@ -42,17 +42,18 @@ class DDPEngine(TorchEngine):
         materialize(model, device, seed, load)
         super().__init__(model, dims=dims, device=device, precision=precision, grad_clip=grad_clip, optim=optim)
         self.wrapped: nn.Module = model
-        if dims.dp > 1:
+        if dims.replicas > 1:  # dp ranks, and cp ranks (other tokens of the same samples)
             ids = [device.index] if device.type == "cuda" else None
+            group = dims.group("dp_cp")
             self.wrapped = DistributedDataParallel(
-                model, device_ids=ids, process_group=dims.group("dp"), gradient_as_bucket_view=True
+                model, device_ids=ids, process_group=group, gradient_as_bucket_view=True
             )  # gradients live in the all-reduce buckets: no second copy
-            self.wrapped.register_comm_hook(dims.group("dp"), _allreduce_sum_hook)  # the contract: a plain sum
+            self.wrapped.register_comm_hook(group, _allreduce_sum_hook)  # the contract: a plain sum
 
     @contextlib.contextmanager
     def micro_batch(self, last: bool):
         """Gradient all-reduce only on the last micro-batch; loss parallel under tp."""
-        sync = contextlib.nullcontext() if last or self.dims.dp == 1 else self.wrapped.no_sync()
+        sync = contextlib.nullcontext() if last or self.dims.replicas == 1 else self.wrapped.no_sync()
         with sync, loss_context(self.dims.tp):
             yield
 

@@ -31,10 +31,10 @@ def prefetch_forward(root: FSDPModule, blocks: list[FSDPModule]) -> None:
 
 
 def shard_model(model: nn.Module, dims: ParallelDims, zero_stage: int, precision: str) -> None:
-    """FSDP2 over the dp mesh axis: one group per block, then the root (what is left: embeddings, final norm, head)."""
+    """FSDP2 over the dp (x cp) mesh axes: one group per block, then the root (what is left: embeddings, final norm, head)."""
     compute = None if precision == "fp32" else DTYPES[precision]
     mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
-    mesh = dims.submesh("dp")
+    mesh = dims.submesh("dp_cp")  # cp ranks hold the same parameters as dp ones: sharded over both
     reshard = zero_stage == 3
     for block in model.blocks.values():
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
@@ -83,6 +83,6 @@ class FSDPEngine(TorchEngine):
         """fp32 AdamW: sharded master weights, gradients and two moments (16 bytes per local parameter), plus at
         ZeRO-2 the parameters held gathered from forward to backward (4 bytes per parameter of this tp rank)."""
         n_local = self.local_params()
-        gathered = n_local * self.dims.dp if self.zero_stage == 2 else 0
+        gathered = n_local * self.dims.replicas if self.zero_stage == 2 else 0
         state = 16 * n_local + 4 * gathered
         return {"engine": self.name, "zero_stage": self.zero_stage, "offload": "none", "model_state_bytes": state}

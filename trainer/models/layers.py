@@ -8,6 +8,7 @@ from the projection width, so it runs unchanged when those layers are sharded.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,55 @@ from trainer.errors import UserError
 from trainer.models.family import ModelConfig
 
 INIT_STD = 0.02
+
+
+class SequenceShard(Protocol):
+    """Context parallelism as a model sees it (set from outside on the model and its attention modules as
+    `seq_shard`; trainer/parallel/context_parallel.py): while `active`, this rank holds `degree`-th of every sequence,
+    load-balanced, and attention gathers the keys and values of the whole sequence from the ranks sharing it."""
+
+    active: bool
+    degree: int
+
+    def positions(self, t: int, device: torch.device) -> torch.Tensor:
+        """The global positions of this rank's `t` tokens."""
+        ...
+
+    def key_positions(self, t: int, device: torch.device) -> torch.Tensor:
+        """The global positions of the keys `gather` returns, in its order."""
+        ...
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., t, D) -> (..., t * degree, D): every rank's tokens along dim -2 (its gradient reduce-scattered)."""
+        ...
+
+
+def sharded(shard: SequenceShard | None) -> bool:
+    return shard is not None and shard.active
+
+
+def positions_of(t: int, device: torch.device, shard: SequenceShard | None) -> torch.Tensor:
+    """The global positions of a (local) sequence of `t` tokens: 0..t-1, or this rank's under context parallelism."""
+    return shard.positions(t, device) if sharded(shard) else torch.arange(t, device=device)
+
+
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dropout_p: float,
+    shard: SequenceShard | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """Causal scaled_dot_product_attention of q (B, H, t, D) over k, v (B, H_kv, t, D). Under context parallelism
+    the keys and values of the whole sequence are gathered (one collective for both) and each query attends to the
+    keys at global positions up to its own."""
+    if not sharded(shard):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=enable_gqa)
+    t = q.shape[-2]
+    k, v = shard.gather(torch.cat((k, v))).chunk(2)
+    mask = shard.positions(t, q.device)[:, None] >= shard.key_positions(t, q.device)[None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=enable_gqa)
 
 
 class SelfAttention(nn.Module):
@@ -33,6 +83,7 @@ class SelfAttention(nn.Module):
         self.wk = nn.Linear(cfg.d_model, cfg.d_model)
         self.wv = nn.Linear(cfg.d_model, cfg.d_model)
         self.wo = nn.Linear(cfg.d_model, cfg.d_model)
+        self.seq_shard: SequenceShard | None = None  # context parallelism (causal only)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, d_model) -> (B, T, d_model)."""
@@ -42,7 +93,10 @@ class SelfAttention(nn.Module):
         k = self.wk(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=self.causal)
+        if self.causal:
+            y = causal_attention(q, k, v, p, self.seq_shard)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -92,7 +146,9 @@ class MLP(nn.Module):
         return self.fc_out(F.gelu(self.fc_in(x), approximate=self.gelu_approximate))
 
 
-def check_seq_len(t: int, max_seq_len: int) -> None:
+def check_seq_len(t: int, max_seq_len: int, shard: SequenceShard | None = None) -> None:
+    """`t` local tokens (of `degree` times as many under context parallelism) fit the model's positions."""
+    t = t * shard.degree if sharded(shard) else t
     if t > max_seq_len:
         raise UserError(
             f"sequence length {t} exceeds model.max_seq_len={max_seq_len}; "

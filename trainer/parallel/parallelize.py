@@ -1,6 +1,7 @@
 """`parallelize`: the steps that turn a plain model (built on the meta device) into the one a rank trains.
 
-Order (as torchtitan): tensor parallel, activation checkpointing, compile; the engine then applies data parallelism
+Order (as torchtitan): tensor parallel, context parallel, activation checkpointing, compile; the engine then applies
+data parallelism
 (DDP or FSDP2) and calls `materialize`, which allocates only this rank's shard of every parameter and initialises it.
 """
 
@@ -15,6 +16,7 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.overrides import TorchFunctionMode
 
 from trainer.models.layers import loss_chunk_rows
+from trainer.parallel.context_parallel import ContextParallel, apply_context_parallel
 from trainer.parallel.dims import ParallelDims
 from trainer.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -56,10 +58,12 @@ def apply_compile(model: nn.Module, output: bool) -> None:
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, activation_checkpointing: str, compile: bool) -> nn.Module:
-    """Applies tensor parallelism (tp > 1), activation checkpointing and compile in place; data parallelism is the
-    engine's job."""
+    """Applies tensor parallelism (tp > 1), context parallelism (cp > 1), activation checkpointing and compile in
+    place; data parallelism is the engine's job."""
     if dims.tp > 1:
         apply_tensor_parallel(model, dims.submesh("tp"))
+    if dims.cp > 1:
+        apply_context_parallel(model, ContextParallel(dims.group("cp"), dims.cp, dims.cp_rank))
     apply_activation_checkpointing(model, activation_checkpointing)
     if activation_checkpointing == "full" and dims.tp == 1:
         # outside the blocks the (tokens x vocab) logits dominate what is saved: compute head and loss in chunks too

@@ -12,7 +12,16 @@ import torch
 from torch import nn
 
 from trainer.models.gpt.config import GPTConfig
-from trainer.models.layers import INIT_STD, MLP, SelfAttention, check_seq_len, head_loss_sum, init_weights_
+from trainer.models.layers import (
+    INIT_STD,
+    MLP,
+    SelfAttention,
+    SequenceShard,
+    check_seq_len,
+    head_loss_sum,
+    init_weights_,
+    positions_of,
+)
 
 
 class Block(nn.Module):
@@ -52,6 +61,7 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.loss_chunk_rows = 0  # > 0: the head and loss in checkpointed chunks of this many tokens (head_loss_sum)
+        self.seq_shard: SequenceShard | None = None  # context parallelism: this rank's positions of each sequence
         self.tie_weights()
         self.init_weights()
 
@@ -80,8 +90,8 @@ class GPT(nn.Module):
         x = input_ids
         if self.tok_emb is not None:
             t = input_ids.shape[-1]
-            check_seq_len(t, self.config.max_seq_len)
-            positions = torch.arange(t, device=input_ids.device)
+            check_seq_len(t, self.config.max_seq_len, self.seq_shard)
+            positions = positions_of(t, input_ids.device, self.seq_shard)
             x = self.emb_dropout(self.tok_emb(input_ids) + self.pos_emb(positions))
         for block in self.blocks.values():
             x = block(x)

@@ -15,7 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.models.layers import check_seq_len, head_loss_sum, init_weights_
+from trainer.models.layers import (
+    SequenceShard,
+    causal_attention,
+    check_seq_len,
+    head_loss_sum,
+    init_weights_,
+    positions_of,
+)
 from trainer.models.llama.config import LlamaConfig
 
 
@@ -52,9 +59,9 @@ def rope_frequencies(cfg: LlamaConfig, device: torch.device) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def rotary(cfg: LlamaConfig, t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (T, head_dim) of positions 0..T-1, in fp32."""
-    angles = torch.outer(torch.arange(t, device=device, dtype=torch.float32), rope_frequencies(cfg, device))
+def rotary(cfg: LlamaConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (T, head_dim) of the (T,) `positions`, in fp32."""
+    angles = torch.outer(positions.to(torch.float32), rope_frequencies(cfg, positions.device))
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()
 
@@ -80,11 +87,12 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.seq_shard: SequenceShard | None = None  # context parallelism: global positions, keys gathered
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, d_model) -> (B, T, d_model)."""
         b, t, _ = x.shape
-        cos, sin = (r.to(x.dtype) for r in rotary(self.config, t, x.device))
+        cos, sin = (r.to(x.dtype) for r in rotary(self.config, positions_of(t, x.device, self.seq_shard)))
         # -1 heads: the local counts, n_head / tp and n_kv_heads / tp when the projections are column-sharded
         q = self.wq(x).view(b, t, -1, self.head_dim)
         k = self.wk(x).view(b, t, -1, self.head_dim)
@@ -93,8 +101,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotate(q.transpose(1, 2), cos, sin), rotate(k.transpose(1, 2), cos, sin)
         p = self.dropout if self.training else 0.0
-        gqa = q.shape[1] != k.shape[1]
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=gqa)
+        y = causal_attention(q, k, v, p, self.seq_shard, enable_gqa=q.shape[1] != k.shape[1])
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -143,6 +150,7 @@ class Llama(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.loss_chunk_rows = 0  # > 0: the head and loss in checkpointed chunks of this many tokens (head_loss_sum)
+        self.seq_shard: SequenceShard | None = None  # context parallelism (set from outside)
         self.tie_weights()
         self.init_weights()
 
@@ -164,7 +172,7 @@ class Llama(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         x = input_ids  # a pipeline stage after the first: the previous stage's hidden state
         if self.tok_emb is not None:
-            check_seq_len(input_ids.shape[-1], self.config.max_seq_len)
+            check_seq_len(input_ids.shape[-1], self.config.max_seq_len, self.seq_shard)
             x = self.emb_dropout(self.tok_emb(input_ids))
         for block in self.blocks.values():
             x = block(x)
