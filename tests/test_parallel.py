@@ -125,7 +125,7 @@ def layout_runner(root: Path, corpus: Path, tokenizer: Path, layouts: dict, **mo
     def get(name: str) -> Path:
         if name not in done:
             nproc, overrides = layouts.get(name, (1, {}))
-            cfg = tiny_config(root / name, corpus, tokenizer, **BASE, **model, **overrides)
+            cfg = tiny_config(root / name, corpus, tokenizer, **{**BASE, **model, **overrides})
             path = write_config(cfg, root / f"{name}.yaml")
             r = (
                 run_cli("trainer", "train", str(path), env={"OMP_NUM_THREADS": "1"})
@@ -438,6 +438,8 @@ def stop_with_sigterm(nproc: int, config: Path, run_dir: Path, after_step: int =
         # pipeline checkpoints are keyed by global names: another pp degree reads them
         ((2, PP), (1, {})),
         ((1, {}), (4, {**PP, "parallel.engine": "fsdp", "train.grad_accum": 2})),
+        # context parallelism: parameters sharded over (dp, cp), read back whole by one process
+        ((4, {"parallel.engine": "fsdp", "parallel.cp": 2, "train.micro_batch": 2}), (1, {})),
     ],
     ids=[
         "fsdp_zero3_x2_to_1",
@@ -448,6 +450,7 @@ def stop_with_sigterm(nproc: int, config: Path, run_dir: Path, after_step: int =
         "ds_zero2_x2_to_zero1_offload",
         "pp2_to_1",
         "1_to_pp2_x_fsdp2",
+        "cp2_x_fsdp2_to_1",
     ],
 )
 def test_stop_and_resume_on_another_layout(tmp_path, corpus, gpt_tok, uninterrupted, first, then):
