@@ -10,7 +10,13 @@ Layout of `checkpoints/step_<N>/`:
 - `tokenizer.json`: a copy, so `trainer export` and `load_model` need nothing but this directory.
 - `manifest.json`: written last, once every rank's files are on disk: every other file with its size.
 A crash mid-save leaves only a `.tmp_step_<N>` directory, which the next start removes (under the run directory's
-lock, so it cannot be a live job's). Nothing is trusted before it is verified (trainer/integrity.py): a damaged
+lock, so it cannot be a live job's).
+
+With checkpoint.async the payload is written in the background (trainer/engines/dcp_write.py): the small files go
+into `.tmp_step_<N>` at once, and the same protocol (manifest, rename, `latest`, `keep`) runs once DCP reports every
+rank's write complete, which `poll` checks every step without waiting and `finish` waits for (before the next save,
+and before the final or stop save). One write is in flight at a time; a failed one is reported in a line naming the
+rank, its directory removed, and the run goes on. Nothing is trusted before it is verified (trainer/integrity.py): a damaged
 newest checkpoint is moved aside as `damaged_step_<N>` and the run resumes from the newest complete one.
 """
 
@@ -28,9 +34,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from trainer.engines import check_payload
 from trainer.engines.base import DCP_DIR, Engine, fsync
+from trainer.engines.dcp_write import BackgroundWriter, background
 from trainer.errors import SharedError, UserError
 from trainer.integrity import STATE_FILE, checkpoint_bytes, damage, write_manifest
 from trainer.parallel import ParallelDims, barrier, broadcast_object
@@ -128,6 +136,23 @@ def is_disk_full(exc: BaseException) -> bool:
     return False
 
 
+def write_failure(exc: BaseException) -> str:
+    """What failed in a checkpoint write, in a few words naming the rank(s): DCP reports every rank's failure."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        said = []
+        for rank, failure in sorted(failures.items()):
+            e = failure[0] if isinstance(failure, tuple) else failure
+            said.append(f"rank {rank}: {type(e).__name__}: {_first_line(e)}")
+        return "; ".join(said)
+    return f"{type(exc).__name__}: {_first_line(exc)}"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
 def agree(error: str | None) -> str | None:
     """Collective: the first error any rank had (every rank gets the same answer), or None."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -159,6 +184,68 @@ class Checkpointer:
         self.root = root
         self.keep = keep
         self.dims = dims
+        self.writer: BackgroundWriter | None = None  # checkpoint.async: the background DCP writer
+        self.pending: tuple[Path, Path] | None = None  # (temporary, final) directory of the write in flight
+        self.say = lambda line: print(line, flush=True) if dims.is_main else None
+
+    def use_async(self, engine: Engine, device: torch.device, say) -> str | None:
+        """checkpoint.async: sets up the background writer (collective: its own gloo group); returns a line to print
+        when the engine saves synchronously all the same (DeepSpeed writes its own checkpoint)."""
+        self.say = say
+        if engine.name == "deepspeed":
+            return (
+                "checkpoint.async=true: parallel.engine=deepspeed writes its own checkpoint, which has no background "
+                "write: checkpoints are saved synchronously"
+            )
+        self.writer = BackgroundWriter(device)
+        return None
+
+    def wait_staged(self) -> None:
+        """Returns once the checkpoint in flight has copied the state aside: call it before the optimizer changes
+        the weights (without it the background write could save the next step's values)."""
+        if self.writer is not None:
+            self.writer.wait_staged()
+
+    def poll(self) -> None:
+        """Publishes the background write once it is complete on every rank (DCP completes a rank's future only after
+        every rank's write result reached the coordinator); never waits."""
+        if self.pending is not None and self.writer.written.done():
+            self.finish()
+
+    def finish(self) -> None:
+        """Waits for the background write in flight, if any, and publishes it (rank 0: manifest, rename, `latest`,
+        `keep`), or reports its failure in one line naming the rank and removes its directory. Every rank gets the same
+        outcome from DCP, so no collective is needed."""
+        if self.pending is None:
+            return
+        tmp, final = self.pending
+        self.writer.wait_staged()
+        error = self.writer.written.exception()  # waits; DCP's CheckpointException names the failed ranks
+        self.pending = None
+        if not self.dims.is_main:
+            return
+        if error is None:
+            try:
+                self._publish(tmp, final)
+                self.say(f"checkpoint saved: {final} (written in the background)")
+                return
+            except OSError as e:
+                error = e
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = complete_checkpoints(self.root)
+        kept = f"{last[-1].name} stays the latest" if last else "no checkpoint was written yet"
+        full = " (the disk is full: free space there or lower checkpoint.keep)" if is_disk_full(error) else ""
+        self.say(
+            f"checkpoint {final.name} could not be written in the background ({write_failure(error)}){full}; "
+            f"removed {tmp.name}, {kept}; training goes on"
+        )
+
+    def close(self) -> None:
+        """At the end of a run: the write in flight published, the staging buffers freed."""
+        self.finish()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
     def clean_partial(self) -> None:
         """Removes half-written checkpoints a crash left behind. Call it only under the run directory's lock: then no
@@ -168,10 +255,16 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
         barrier()
 
-    def save(self, step: int, engine: Engine, state: dict, tokenizer_path: str | None) -> Path:
+    def save(
+        self, step: int, engine: Engine, state: dict, tokenizer_path: str | None, in_background: bool = False
+    ) -> Path | None:
         """Every rank writes its part into `.tmp_step_<N>` and fsyncs it; after a barrier rank 0 lists every file
-        in `manifest.json`, renames the directory into place and moves `latest`. A disk too full for it is a
-        UserError (one line; the temporary directory removed, the previous checkpoints intact)."""
+        in `manifest.json`, renames the directory into place and moves `latest`. A disk too full for it, or a write
+        that failed on any rank, is a SharedError (one line; the temporary directory removed, the previous checkpoints
+        intact). `in_background` (checkpoint.async set up): returns None once the state is handed to the background
+        writer; `poll`/`finish` publish it. A write still in flight is finished first."""
+        self.finish()
+        in_background = in_background and self.writer is not None
         final = self.root / f"step_{step}"
         tmp = self.root / f".tmp_step_{step}"
         short = self.make_room(final.name) if self.dims.is_main else None
@@ -187,16 +280,20 @@ class Checkpointer:
         if error := agree(error):
             raise SharedError(error)
         try:
-            self._write(tmp, engine, state, tokenizer_path)
-        except BaseException as e:  # DCP reports a failed write on any rank as a CheckpointException on every rank
-            if not is_disk_full(e):
-                raise
-            error = self._disk_error(e, final.name)
+            with background(self.writer if in_background else None):
+                self._write(tmp, engine, state, tokenizer_path)
+        except (OSError, CheckpointException) as e:  # DCP reports a failed write on any rank on every rank
+            if in_background and self.writer.written is not None:
+                self.writer.written.exception()  # waits: nothing may write into the directory once it is removed
+            error = self._disk_error(e, final.name) if is_disk_full(e) else self._write_error(e, final.name)
         if error := agree(error):
             if self.dims.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
             barrier()
             raise SharedError(error)
+        if in_background and self.writer.written is not None:
+            self.pending = (tmp, final)
+            return None
         if self.dims.is_main:
             try:
                 self._publish(tmp, final)
@@ -279,6 +376,14 @@ class Checkpointer:
             f"size of {done[-1].name}) and {free / MiB:,.1f} MiB are free; checkpoint.keep={self.keep} holds "
             f"{self.keep} checkpoint(s) of that size on disk plus the one being written. Free space there or lower "
             f"checkpoint.keep, then run the same command: it resumes from {done[-1].name}, which is intact"
+        )
+
+    def _write_error(self, exc: BaseException, name: str) -> str:
+        last = complete_checkpoints(self.root)
+        kept = f"resumes from {last[-1].name}, which is intact" if last else "starts again (no checkpoint was written)"
+        return (
+            f"checkpoint {name} could not be written ({write_failure(exc)}); it was removed. Fix the cause, then run "
+            f"the same command: it {kept}"
         )
 
     def _disk_error(self, exc: BaseException, name: str) -> str:

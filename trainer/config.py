@@ -6,8 +6,10 @@ name the key, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import keyword
 import types
 import typing
 from dataclasses import dataclass, field
@@ -101,6 +103,9 @@ class CheckpointConfig:
     every: int = 1000  # steps between checkpoints (also written at the end and on SIGTERM/SIGUSR1); 0 = only those
     keep: int = 3  # newest complete checkpoints kept
     resume: str = "auto"  # auto (latest in run dir, if any) | never | PATH to a checkpoint directory
+    # YAML key `async`: write in the background; the step is blocked only while the state is copied to host memory
+    # (one full copy of the rank's state, kept for the run). DeepSpeed saves synchronously.
+    async_: bool = False
 
 
 @dataclass
@@ -132,9 +137,27 @@ class Config:
 
     def to_dict(self) -> dict:
         """Plain dict, as written to config.yaml: the model's dims sit beside arch and preset, as the user wrote them."""
-        out = dataclasses.asdict(self)
+        out = _as_dict(self)
         out["model"].update(out["model"].pop("dims"))
         return out
+
+
+def yaml_key(name: str) -> str:
+    """The config key of a field: one named after a Python keyword carries a trailing underscore (`async_` is the
+    key `async`)."""
+    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
+
+
+def field_name(key: str) -> str:
+    """The dataclass field of a config key (`async` -> `async_`)."""
+    return f"{key}_" if keyword.iskeyword(key) else key
+
+
+def _as_dict(obj: Any) -> Any:
+    """dataclasses.asdict with config keys for field names (only fields are renamed, never a mapping's keys)."""
+    if dataclasses.is_dataclass(obj):
+        return {yaml_key(f.name): _as_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    return copy.deepcopy(obj)
 
 
 CHOICES = {
@@ -231,7 +254,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise UserError(f"config section {prefix or 'root'} must be a mapping of keys, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [yaml_key(f.name) for f in dataclasses.fields(cls)]
     kwargs = {}
     if cls is ModelSection:  # every key but arch, preset and init_from is a family dimension, checked in validate()
         own = ("arch", "preset", "init_from")
@@ -242,18 +265,18 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known keys: {', '.join(names)})"
             raise UserError(f"unknown config key {full}{hint}")
-        tp = hints[key]
+        tp = hints[field_name(key)]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, f"{full}.")
+            kwargs[field_name(key)] = _build(tp, value, f"{full}.")
         else:
-            kwargs[key] = _coerce(value, tp, full)
+            kwargs[field_name(key)] = _coerce(value, tp, full)
     return cls(**kwargs)
 
 
 def _get(cfg: Config, key: str) -> Any:
     obj: Any = cfg
     for part in key.split("."):
-        obj = getattr(obj, part)
+        obj = getattr(obj, field_name(part))
     return obj
 
 

@@ -29,6 +29,9 @@ def train_loop(run: Run, stop: StopSignal, heartbeat: Heartbeat) -> dict:
     batches = iter(run.stream)
     start_rng(run)
     engine.train()
+    if cfg.checkpoint.async_ and (note := run.ckpt.use_async(engine, run.device, logger.print)):
+        logger.print(note)
+    finished = False
     try:
         if stop_requested(stop, run.dims):  # a stop signal came during start-up: nothing trained, nothing to save
             where = f"the checkpoint of step {state.step} is unchanged" if state.step else "no checkpoint was written"
@@ -45,7 +48,9 @@ def train_loop(run: Run, stop: StopSignal, heartbeat: Heartbeat) -> dict:
             t_data = time.perf_counter() - t0
             lr = lr_at(state.step, t.lr, t.min_lr, t.warmup_steps, t.steps)
             loss = global_loss(run, *engine.train_step(step_batches))
+            run.ckpt.wait_staged()  # a checkpoint in flight has copied the weights aside before the update
             grad_norm, applied = engine.step(lr, loss_finite=torch.isfinite(loss))
+            run.ckpt.poll()  # publishes a checkpoint whose background write completed; never waits
             health.add(applied)
             stop_now = stop_requested(stop, run.dims)
             state.step += 1
@@ -70,12 +75,15 @@ def train_loop(run: Run, stop: StopSignal, heartbeat: Heartbeat) -> dict:
                     f"gradient; lower train.lr, raise train.warmup_steps or use train.precision=bf16"
                 )
             if checkpoint_now:
-                save_checkpoint(run)
+                save_checkpoint(run, final=last_step or stop_now)
             if stop_now:
                 logger.print(f"stop signal received: stopped at step {state.step}; resume with the same command")
                 break
+        finished = True
     finally:
         run.stream.close()  # also on errors: the data workers must not outlive this rank
+        if finished:  # a write still in flight is published (after an error it is left, as a crash leaves it)
+            run.ckpt.close()
     return last
 
 

@@ -56,9 +56,11 @@ class Run:
         return self.cfg.train.micro_batch * self.cfg.train.grad_accum * self.dims.dp
 
 
-def save_checkpoint(run: Run) -> None:
+def save_checkpoint(run: Run, final: bool = False) -> None:
     """The run's checkpoint at the current step: the engine's state, this rank's RNG, and our state (counters, the
-    global data position, the model config, the config, the tokenizer's hash)."""
+    global data position, the model config, the config, the tokenizer's hash). With checkpoint.async the engine's
+    state is written in the background (published by `run.ckpt.poll`/`finish`), except for the `final` one (the end
+    of the run, a stop signal), which waits for everything to be on disk."""
     run.state.data = gather_data_state(run.stream, run.dims.world_size)  # at a step boundary: the same everywhere
     saved = {
         "train_state": vars(run.state).copy(),
@@ -66,5 +68,6 @@ def save_checkpoint(run: Run) -> None:
         "config": run.cfg.to_dict(),
         "tokenizer_sha256": file_sha256(run.tok.path),  # part of the data contract: checked on resume
     }
-    path = run.ckpt.save(run.state.step, run.engine, saved, str(run.tok.path))  # the file, also when given its dir
-    run.logger.print(f"checkpoint saved: {path}")
+    path = run.ckpt.save(run.state.step, run.engine, saved, str(run.tok.path), in_background=not final)
+    if path is not None:  # written now (None: handed to the background writer)
+        run.logger.print(f"checkpoint saved: {path}")

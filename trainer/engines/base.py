@@ -341,11 +341,14 @@ def save_sharded(
     aliases: dict[str, str] | None = None,
 ) -> None:
     """Every rank writes its shards of model and optimizer state (keyed by parameter name) of each of its (module,
-    optimizer) parts into `directory/dcp`; DCP's file writer fsyncs each file before the collective save returns.
+    optimizer) parts into `directory/dcp`; DCP's file writer fsyncs each file before the collective save returns
+    (or, under checkpoint.async, before the background write's future completes: trainer/engines/dcp_write.py).
     `aliases`: parameter names saved under another name's optimizer state (a pipeline's tied head copy)."""
+    from trainer.engines.dcp_write import write
+
     _, model, optim = _gather(parts, aliases or {})
     state = {"model": model, "optim": optim, "extra": extra}
-    dcp.save(state, checkpoint_id=str(directory / DCP_DIR), no_dist=not dist.is_initialized())
+    write(state, directory / DCP_DIR)
 
 
 def load_sharded(
