@@ -72,6 +72,13 @@ EXTRA = {
         2,
         ["parallel.engine=deepspeed", "parallel.zero_stage=3", "train.activation_checkpointing=full"],
     ),
+    # context parallelism: a rank's share of the tokens, the gathered keys and values, the shared mask
+    "gpt-cp2-ddp-none": ("gpt", 2, ["parallel.engine=ddp", "parallel.cp=2"]),
+    "llama-cp2xfsdp3-selective": (
+        "llama",
+        4,
+        ["parallel.engine=fsdp", "parallel.cp=2", "train.activation_checkpointing=selective"],
+    ),
     "bert-ddp-none": ("bert", 2, ["parallel.engine=ddp"]),
     "bert-pp2-1f1b-m2": ("bert", 2, ["parallel.engine=ddp", "parallel.pp=2", "train.grad_accum=2"]),
 }
@@ -126,7 +133,7 @@ def worker(names: list[str]) -> None:
         model_cfg = resolve_model(cfg, tok)
         ds_config = engine_config(cfg, model_cfg)
         plan = pipeline_plan(cfg, model_cfg)
-        dims, device = init_distributed(p.tp, need_group=True, pp=p.pp)
+        dims, device = init_distributed(p.tp, need_group=True, pp=p.pp, cp=p.cp)
         check_layout(cfg, dims, model_cfg)
         engine, _ = build_model(cfg, dims, device, model_cfg, ds_config, pipeline=plan)
         gen = torch.Generator().manual_seed(1000 + dims.dp_rank)

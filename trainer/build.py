@@ -113,10 +113,11 @@ def pipeline_plan(cfg: Config, model_cfg: ModelConfig) -> PipelinePlan | None:
 
 def check_layout(cfg: Config, dims: ParallelDims, model_cfg: ModelConfig) -> None:
     """Parallel settings that need the world size or the model shape, refused before anything is built."""
-    if cfg.parallel.engine == "ddp" and dims.tp > 1 and dims.dp > 1:
+    if cfg.parallel.engine == "ddp" and dims.tp > 1 and dims.replicas > 1:
+        cp = f", cp={dims.cp}" if dims.cp > 1 else ""
         raise UserError(
-            f"parallel.engine=ddp combines tensor parallelism only with dp=1 (here dp={dims.dp}, tp={dims.tp}): "
-            f"use parallel.engine=fsdp for 2-D (dp x tp) layouts"
+            f"parallel.engine=ddp combines tensor parallelism only with dp=1{' and cp=1' if cp else ''} (here "
+            f"dp={dims.dp}{cp}, tp={dims.tp}): use parallel.engine=fsdp for 2-D (dp x tp) layouts"
         )
 
 

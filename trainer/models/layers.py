@@ -33,12 +33,10 @@ class SequenceShard(Protocol):
         """The global positions of this rank's `t` tokens."""
         ...
 
-    def key_positions(self, t: int, device: torch.device) -> torch.Tensor:
-        """The global positions of the keys `gather` returns, in its order."""
-        ...
-
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., t, D) -> (..., t * degree, D): every rank's tokens along dim -2 (its gradient reduce-scattered)."""
+    def attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, enable_gqa: bool
+    ) -> torch.Tensor:
+        """Causal attention of this rank's queries (B, H, t, D) over the keys and values of every rank."""
         ...
 
 
@@ -59,15 +57,11 @@ def causal_attention(
     shard: SequenceShard | None = None,
     enable_gqa: bool = False,
 ) -> torch.Tensor:
-    """Causal scaled_dot_product_attention of q (B, H, t, D) over k, v (B, H_kv, t, D). Under context parallelism
-    the keys and values of the whole sequence are gathered (one collective for both) and each query attends to the
-    keys at global positions up to its own."""
+    """Causal scaled_dot_product_attention of q (B, H, t, D) over k, v (B, H_kv, t, D); under context parallelism,
+    over the keys and values of the whole sequence at global positions (the shard's)."""
     if not sharded(shard):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=enable_gqa)
-    t = q.shape[-2]
-    k, v = shard.gather(torch.cat((k, v))).chunk(2)
-    mask = shard.positions(t, q.device)[:, None] >= shard.key_positions(t, q.device)[None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=enable_gqa)
+    return shard.attention(q, k, v, dropout_p, enable_gqa)
 
 
 class SelfAttention(nn.Module):

@@ -46,6 +46,7 @@ class StepCost:
     comm_s: float
     bubble: float
     step_s: float
+    cp_bytes: float = 0.0
 
     def as_dict(self) -> dict:
         return dict(vars(self))
@@ -83,12 +84,13 @@ def step_cost(
     head_share = 6.0 * model_cfg.d_model * model_cfg.vocab_size / per_token
     extra = recompute * (1 - head_share) / 3 + (head_share / 3 if recompute == 1.0 and layout.tp == 1 else 0.0)
     flops = per_token * tokens * (1 + extra) / layout.world
-    compute = flops / (acc.peak_flops * efficiency * size_factor(layout.micro_batch * seq_len // layout.tp))
+    local_tokens = layout.micro_batch * seq_len // (layout.tp * layout.cp)
+    compute = flops / (acc.peak_flops * efficiency * size_factor(local_tokens))
 
     ce = DTYPE_BYTES[layout.precision]
     n = n_params(model_cfg)
     n_rank = n / (layout.tp * layout.pp)  # parameters of one dp group's shard owners
-    dp, m = layout.dp, layout.grad_accum
+    dp, m = layout.dp * layout.cp, layout.grad_accum  # gradients are reduced over dp and cp
     ring = (dp - 1) / dp if dp > 1 else 0.0
     if layout.engine == "ddp":
         dp_bytes = 2 * ring * 4 * n_rank
@@ -101,11 +103,17 @@ def step_cost(
         dp_bytes = ring * (4 * n_rank + ce * n_rank)
     tp = layout.tp
     layers = model_cfg.n_layer / layout.pp
-    act = layout.micro_batch * seq_len * model_cfg.d_model * ce
+    cp = layout.cp
+    act = layout.micro_batch * seq_len // cp * model_cfg.d_model * ce
     tp_bytes = (8 * layers + 4) * (tp - 1) / tp * act * m if tp > 1 else 0.0
+    # cp: each block all-gathers keys and values in forward (and again when recomputed) and reduce-scatters their
+    # gradients in backward
+    kv = 2 * layout.micro_batch * seq_len * getattr(model_cfg, "n_kv_heads", model_cfg.n_head) * model_cfg.head_dim
+    cp_bytes = (2 + (layout.activation_checkpointing != "none")) * layers * (cp - 1) / cp * kv * ce / tp * m
     pp_bytes = 2 * act / tp * m * (2 if layout.pp > 1 else 0)  # sends and receives of an inner stage
 
     t_tp = tp_bytes / _bw(acc, tp) if tp > 1 else 0.0
+    t_tp += cp_bytes / _bw(acc, cp * tp) if cp > 1 else 0.0
     t_pp = pp_bytes / _bw(acc, layout.dp * tp * layout.pp) if layout.pp > 1 else 0.0
     t_dp = dp_bytes / _bw(acc, dp * tp) if dp > 1 else 0.0
     bubble = pipeline_bubble(model_cfg, layout, seq_len) if layout.pp > 1 else 0.0
@@ -119,7 +127,7 @@ def step_cost(
     if layout.offload == "cpu":
         part = n_rank / dp
         step += (4 + ce) * part / acc.pcie_bw + 16 * part / acc.host_adam_bw
-    return StepCost(flops, dp_bytes, tp_bytes, pp_bytes, compute, t_tp + t_pp + t_dp, bubble, step)
+    return StepCost(flops, dp_bytes, tp_bytes, pp_bytes, compute, t_tp + t_pp + t_dp, bubble, step, cp_bytes)
 
 
 _BUBBLES: dict[tuple, float] = {}

@@ -43,7 +43,8 @@ ROW = ("wo", "fc_out", "down")  # row-parallel: dim 1 split (bias whole)
 
 @dataclass(frozen=True)
 class Layout:
-    """One way to run a config: engine and ZeRO stage, the (pp, dp, tp) degrees, checkpointing, micro-batching."""
+    """One way to run a config: engine and ZeRO stage, the (pp, dp, cp, tp) degrees, checkpointing,
+    micro-batching."""
 
     engine: str = "ddp"
     zero_stage: int = 0
@@ -58,24 +59,26 @@ class Layout:
     grad_accum: int = 1
     precision: str = "fp32"
     pp_split: tuple[int, ...] | None = None
+    cp: int = 1
 
     @property
     def world(self) -> int:
-        return self.pp * self.dp * self.tp
+        return self.pp * self.dp * self.cp * self.tp
 
     @classmethod
     def from_config(cls, cfg, world: int) -> Layout:
         p, t = cfg.parallel, cfg.train
-        if world % (p.tp * p.pp):
+        if world % (p.tp * p.pp * p.cp):
+            names = "parallel.tp x parallel.pp" + (" x parallel.cp" if p.cp > 1 else "")
             raise UserError(
-                f"--gpus {world} is not a multiple of parallel.tp x parallel.pp = {p.tp * p.pp}: choose a GPU count "
-                f"they divide"
+                f"--gpus {world} is not a multiple of {names} = {p.tp * p.pp * p.cp}: choose a GPU count they divide"
             )
         return cls(
             engine=p.engine,
             zero_stage=p.zero_stage,
             offload=p.offload,
-            dp=world // (p.tp * p.pp),
+            dp=world // (p.tp * p.pp * p.cp),
+            cp=p.cp,
             tp=p.tp,
             pp=p.pp,
             pp_schedule=p.pp_schedule,
@@ -94,6 +97,8 @@ class Layout:
             out.append(f"parallel.offload={self.offload}")
         if self.tp > 1:
             out.append(f"parallel.tp={self.tp}")
+        if self.cp > 1:
+            out.append(f"parallel.cp={self.cp}")
         if self.pp > 1:
             out += [f"parallel.pp={self.pp}", f"parallel.pp_schedule={self.pp_schedule}"]
             if self.pp_virtual:
@@ -111,8 +116,9 @@ class Layout:
         zero = f" ZeRO-{self.zero_stage}" if self.zero_stage else ""
         off = " +offload" if self.offload != "none" else ""
         pp = f" pp{self.pp} {self.pp_schedule}" if self.pp > 1 else ""
+        cp = f" cp{self.cp}" if self.cp > 1 else ""
         return (
-            f"{self.engine}{zero}{off} dp{self.dp} tp{self.tp}{pp}, AC {self.activation_checkpointing}, "
+            f"{self.engine}{zero}{off} dp{self.dp}{cp} tp{self.tp}{pp}, AC {self.activation_checkpointing}, "
             f"micro-batch {self.micro_batch} x {self.grad_accum}"
         )
 
@@ -251,19 +257,32 @@ def stage_activations(
 ) -> int:
     """Bytes one micro-batch saves for backward on a stage of `n_layers` blocks (with the embeddings when `first`,
     the head and loss when `last`): full checkpointing keeps each block's input only (and computes the head and loss
-    in chunks), selective does so for every other block."""
-    ac = layout.activation_checkpointing
-    saved = model_cfg.saved_bytes(layout.micro_batch, seq_len, layout.tp, DTYPE_BYTES[layout.precision])
+    in chunks), selective does so for every other block. Under context parallelism a rank holds seq_len / cp tokens,
+    plus, in each block it does not checkpoint, the keys and values gathered over the whole sequence."""
+    ac, cp = layout.activation_checkpointing, layout.cp
+    ce = DTYPE_BYTES[layout.precision]
+    saved = model_cfg.saved_bytes(layout.micro_batch, seq_len // cp, layout.tp, ce)
     chunk = ac == "full" and layout.tp == 1
     total = 0
+    gathered_kv = cp_gathered_kv(model_cfg, layout, seq_len)
     for i in range(n_layers):
         checkpointed = ac == "full" or (ac == "selective" and i % 2 == 0)
-        total += saved["block_input"] if checkpointed else saved["block"]
+        total += saved["block_input"] if checkpointed else saved["block"] + gathered_kv
     if first:
         total += saved["first"]
     if last:
         total += saved["last_chunked"] if chunk else saved["last"]
     return total
+
+
+def cp_gathered_kv(model_cfg: ModelConfig, layout: Layout, seq_len: int) -> int:
+    """Bytes of one block's keys and values gathered over the context-parallel ranks (0 without cp): the whole
+    sequence's, of this rank's kv heads, saved for attention's backward beside the rank's own (which the block's
+    count already holds)."""
+    if layout.cp == 1:
+        return 0
+    kv_dim = getattr(model_cfg, "n_kv_heads", model_cfg.n_head) * model_cfg.head_dim
+    return 2 * layout.micro_batch * seq_len * kv_dim // layout.tp * DTYPE_BYTES[layout.precision]
 
 
 def zero3_gathered(mine: list[Param], tp: int, ce: int) -> int:
@@ -326,12 +345,12 @@ def _rank_bytes(
     seq_len: int,
     ce: int,
 ) -> Breakdown:
-    dp, tp = layout.dp, layout.tp
+    dp, tp = layout.dp * layout.cp, layout.tp  # cp ranks hold the parameters as dp ones do
     shapes = [p.local_shape(tp) for p in mine]
     n_tp = _numel(shapes)  # this rank's parameters before dp sharding
     out = Breakdown()
     last = plan is None or (plan.n_stages - 1) in stages
-    b, s, v = layout.micro_batch, seq_len, model_cfg.vocab_size
+    b, s, v = layout.micro_batch, seq_len // layout.cp, model_cfg.vocab_size  # s: this rank's tokens
     if last:
         chunk = loss_chunk_rows(v) if layout.activation_checkpointing == "full" and tp == 1 else 0
         rows = min(chunk, b * s) if chunk else b * s
@@ -370,7 +389,7 @@ def _rank_bytes(
         grads_early = _deepspeed(out, model_cfg, layout, mine, n_tp)
     state = out.parameters + out.optimizer
     where = "start of backward"
-    block_bytes = model_cfg.saved_bytes(b, s, tp, ce)["block"]
+    block_bytes = model_cfg.saved_bytes(b, s, tp, ce)["block"] + cp_gathered_kv(model_cfg, layout, seq_len)
     backward_start = state + grads_early + out.gathered + out.activations + max(out.logits, out.transient)
     if layout.activation_checkpointing != "none":  # a checkpointed block recomputed in backward, with its gradients
         recompute = state + grads_early + out.gathered + out.activations + block_bytes + out.transient

@@ -94,6 +94,7 @@ def breakdown_lines(c: Candidate, acc: Accelerator, headroom: float) -> list[str
     lines.append(
         f"  {cost.flops_per_rank / 1e12:,.1f} TFLOP per rank per step; per step each rank moves "
         f"dp {cost.dp_bytes / GB:,.2f} GB, tp {cost.tp_bytes / GB:,.2f} GB, pp {cost.pp_bytes / GB:,.2f} GB"
+        + (f", cp {cost.cp_bytes / GB:,.2f} GB" if cost.cp_bytes else "")
     )
     bubble = f", bubble {cost.bubble:.0%}" if lay.pp > 1 else ""
     lines.append(
@@ -190,4 +191,3 @@ def run_plan(
     else:
         print("\nnothing fits: add GPUs, use bigger ones (--gpu), or shorten data.seq_len")
     return result
-

@@ -6,10 +6,10 @@ step time (`cost.step_cost`). The ones that fit come first, fastest first."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from trainer.errors import UserError
-from trainer.models import ModelConfig
+from trainer.models import ModelConfig, family
 from trainer.plan.cost import DEFAULT_EFFICIENCY, StepCost, step_cost
 from trainer.plan.hardware import Accelerator, GiB
 from trainer.plan.memory import Breakdown, Layout, estimate
@@ -77,6 +77,7 @@ def usable(acc: Accelerator, headroom: float) -> int:
 def check_runnable(model_cfg: ModelConfig, layout: Layout, seq_len: int) -> None:
     """The trainer's own refusals for a layout (UserError with its line), without a process group."""
     from trainer.config import ParallelConfig, validate_parallel
+    from trainer.parallel.context_parallel import check_cp
     from trainer.parallel.tensor_parallel import check_tp_degree
 
     p = ParallelConfig(
@@ -90,10 +91,11 @@ def check_runnable(model_cfg: ModelConfig, layout: Layout, seq_len: int) -> None
     validate_parallel(p)
     if layout.tp > 1:
         check_tp_degree(layout.tp, model_cfg.tp_divisors(), seq_len)
-    if layout.engine == "ddp" and layout.dp > 1 and (layout.tp > 1 or layout.pp > 1):
+    if layout.engine == "ddp" and layout.dp * layout.cp > 1 and (layout.tp > 1 or layout.pp > 1):
         raise UserError("parallel.engine=ddp combines tp or pp only with dp=1: use parallel.engine=fsdp")
     if layout.engine == "deepspeed" and layout.pp > 1:
         raise UserError("parallel.engine=deepspeed does not run under parallel.pp > 1: use parallel.engine=fsdp")
+    check_cp(layout.cp, seq_len, layout.tp, model_cfg.arch, layout.engine, layout.pp)
 
 
 def evaluate(
@@ -143,16 +145,21 @@ def search(
     global_batch = own.micro_batch * own.grad_accum * own.dp
     out: list[Candidate] = []
     seen = set()
-    for tp in [t for t in _divisors(min(world, g)) if world % t == 0]:
-        for pp in [p for p in _divisors(world // tp) if p <= model_cfg.n_layer]:
-            dp = world // (tp * pp)
+    causal = family(model_cfg.arch).objective == "causal"
+    for tp, cp in [(t, c) for t in _divisors(min(world, g)) if world % t == 0 for c in _divisors(world // t)]:
+        if cp > 1 and (not causal or seq_len % (2 * cp * tp)):
+            continue  # context parallelism splits causal sequences into 2 x cp equal chunks
+        for pp in [p for p in _divisors(world // (tp * cp)) if p <= model_cfg.n_layer and (p == 1 or cp == 1)]:
+            dp = world // (tp * cp * pp)
             if global_batch % dp:
                 continue
             per_rank = global_batch // dp
             for engine, zero, offload in ENGINES:
                 if engine != "fsdp" and pp > 1 and not (engine == "ddp" and dp == 1):
                     continue
-                if (engine == "deepspeed" and tp > 1) or (engine == "ddp" and dp > 1 and tp > 1):
+                if cp > 1 and engine == "deepspeed":
+                    continue
+                if (engine == "deepspeed" and tp > 1) or (engine == "ddp" and dp * cp > 1 and tp > 1):
                     continue
                 for sched in SCHEDULES if pp > 1 else ("1f1b",):
                     for ac in AC_MODES:
@@ -160,6 +167,7 @@ def search(
                             lay = Layout(
                                 engine, zero, offload, dp, tp, pp, sched, 0, ac, mb, per_rank // mb, own.precision
                             )
+                            lay = replace(lay, cp=cp) if cp > 1 else lay
                             if lay in seen:
                                 continue
                             seen.add(lay)
