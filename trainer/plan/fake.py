@@ -134,10 +134,11 @@ def measure_fake(cfg: Config, model_cfg: ModelConfig, world: int, rank: int = 0)
     simulated on fake tensors in this process on the CPU device type. The fake process group is destroyed on return:
     it can be called again, for another layout or world size."""
     p = cfg.parallel
-    if p.engine not in ("fsdp", "ddp") or p.pp > 1:
+    if p.engine not in ("fsdp", "ddp") or p.pp > 1 or p.cp > 1:
         raise UserError(
-            f"--measure covers fsdp and ddp layouts without pipeline stages (here parallel.engine={p.engine}, "
-            f"parallel.pp={p.pp}): use the formula's figures for the others"
+            f"--measure covers fsdp and ddp layouts without pipeline stages or context parallelism (here "
+            f"parallel.engine={p.engine}, parallel.pp={p.pp}, parallel.cp={p.cp}): use the formula's figures for the "
+            f"others"
         )
     if dist.is_initialized():
         raise UserError("--measure simulates ranks in a process without a process group: run it outside a job")
