@@ -22,7 +22,8 @@ FSDP = {"parallel.engine": "fsdp"}
 LLAMA = {"model.arch": "llama", "model.n_head": 4, "model.n_kv_heads": 2}
 # name: (ranks, overrides); micro_batch x grad_accum x dp = 2 in every layout
 CP_LAYOUTS = {
-    "cp2": (2, {**LONG, "parallel.cp": 2, "train.micro_batch": 2}),
+    # ddp over the cp ranks, two micro-batches (gradients synchronised on the second only)
+    "cp2_accum2": (2, {**LONG, "parallel.cp": 2, "train.micro_batch": 1, "train.grad_accum": 2}),
     # dp2 x cp2: fsdp shards over the flattened (dp, cp) mesh; with full checkpointing attention gathers again as
     # each block is recomputed
     "cp2_x_fsdp2_ac": (
@@ -30,7 +31,6 @@ CP_LAYOUTS = {
         {**LONG, **FSDP, "parallel.cp": 2, "train.micro_batch": 1, "train.activation_checkpointing": "full"},
     ),
     "cp2_x_tp2": (4, {**LONG, **FSDP, "parallel.cp": 2, "parallel.tp": 2, "train.micro_batch": 2}),
-    "cp2_accum2": (2, {**LONG, "parallel.cp": 2, "train.micro_batch": 1, "train.grad_accum": 2}),
 }
 LLAMA_CP_LAYOUTS = {
     # rotary positions and grouped-query attention; compiled blocks around the gather
