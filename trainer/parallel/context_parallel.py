@@ -4,8 +4,9 @@ along the sequence inside attention (the all-gather form of Llama 3's paper; exa
 With degree N the sequence is cut into 2N chunks and cp rank r holds chunks r and 2N-1-r: under a causal mask the
 early chunks attend to few keys and the late ones to many, so every rank does the same attention work. Each rank
 computes queries, keys and values for its own tokens only; attention all-gathers the keys and values of the whole
-sequence (one collective for both, its gradient reduce-scattered in backward) and masks by global positions. Positions
-(learned or rotary) are global; the loss is each rank's summed token loss, reduced with the data-parallel ones.
+sequence (one collective for both, its gradient reduce-scattered in backward), and each query chunk attends to the
+keys before it in full and to its own chunk causally (`block_causal`: no mask is built). Positions (learned or
+rotary) are global; the loss is each rank's summed token loss, reduced with the data-parallel ones.
 
 Parameters are replicated over cp as over dp: the fsdp engine shards them over the flattened (dp, cp) mesh and ddp
 all-reduces their gradients over it (cp peers see other tokens of the same samples, so their gradients add up).
