@@ -10,14 +10,14 @@ Layout of `checkpoints/step_<N>/`:
 - `tokenizer.json`: a copy, so `trainer export` and `load_model` need nothing but this directory.
 - `manifest.json`: written last, once every rank's files are on disk: every other file with its size.
 A crash mid-save leaves only a `.tmp_step_<N>` directory, which the next start removes (under the run directory's
-lock, so it cannot be a live job's).
+lock, so it cannot be a live job's). Nothing is trusted before it is verified (trainer/integrity.py): a damaged
+newest checkpoint is moved aside as `damaged_step_<N>` and the run resumes from the newest complete one.
 
 With checkpoint.async the payload is written in the background (trainer/engines/dcp_write.py): the small files go
 into `.tmp_step_<N>` at once, and the same protocol (manifest, rename, `latest`, `keep`) runs once DCP reports every
 rank's write complete, which `poll` checks every step without waiting and `finish` waits for (before the next save,
 and before the final or stop save). One write is in flight at a time; a failed one is reported in a line naming the
-rank, its directory removed, and the run goes on. Nothing is trusted before it is verified (trainer/integrity.py): a damaged
-newest checkpoint is moved aside as `damaged_step_<N>` and the run resumes from the newest complete one.
+rank, its directory removed, and the run goes on.
 """
 
 from __future__ import annotations
@@ -265,6 +265,8 @@ class Checkpointer:
         writer; `poll`/`finish` publish it. A write still in flight is finished first."""
         self.finish()
         in_background = in_background and self.writer is not None
+        if in_background:
+            self.writer.staged = self.writer.written = None  # set again when the engine hands its state over
         final = self.root / f"step_{step}"
         tmp = self.root / f".tmp_step_{step}"
         short = self.make_room(final.name) if self.dims.is_main else None
