@@ -2,12 +2,19 @@
 complete checkpoint and continue the uninterrupted run's losses?
 
     python bench/kill_trials.py [--trials 20] [--ranks 1 2] [--seed 0]
+    python bench/kill_trials.py --async [--trials 20] [--ranks 2] [--write-s 0.3]
 
 Each trial starts `launch local --nproc-per-node R -- CONFIG` on a tiny GPT that checkpoints every 2 steps, waits for
 a checkpoint write to begin (a `.tmp_step_N` directory appears) or for a random moment between steps, and sends
 SIGKILL to one process of the job chosen at random: the launcher, the torchrun agent, or a rank. It then checks that
 no process of the job is left within 10 s, reruns the same command to the end, and compares every logged loss with an
 uninterrupted run of the same command (1e-6 relative). It prints one line per trial and a summary.
+
+With --async the runs set checkpoint.async=true and start under plain torchrun through tests/dcp_faults.py, which
+slows each background write by --write-s seconds (torch's FileSystemWriter patched in the rank's process, not the
+trainer), so that a kill can land anywhere in it: a trial waits for `.tmp_step_N` to appear and kills the torchrun
+agent or a rank after a random delay up to the write's length plus a step. `during_write` then says whether the
+write was still unpublished when the kill landed (step_N not yet renamed into place).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = 24
 
 
-def config(run_dir: Path, corpus: Path, tokenizer: Path) -> dict:
+def config(run_dir: Path, corpus: Path, tokenizer: Path, background: bool = False) -> dict:
     return {
         "run": {"name": "kill", "dir": str(run_dir), "seed": 7},
         "model": {"arch": "gpt", "n_layer": 2, "n_head": 2, "d_model": 64, "max_seq_len": 64, "dropout": 0.1},
@@ -44,7 +51,7 @@ def config(run_dir: Path, corpus: Path, tokenizer: Path) -> dict:
         },
         "train": {"steps": STEPS, "micro_batch": 4, "grad_accum": 1, "lr": 3e-3, "warmup_steps": 2, "eval_every": 0},
         "parallel": {"engine": "ddp"},
-        "checkpoint": {"every": 2, "keep": 2, "resume": "auto"},
+        "checkpoint": {"every": 2, "keep": 2, "resume": "auto", "async": background},
         "log": {"every": 1, "wandb": {"mode": "disabled"}},
     }
 
@@ -95,25 +102,28 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+WRITE_S = None  # --async: seconds each background write is slowed by (tests/dcp_faults.py); None: `launch local`
+
+
 def launch(cfg_path: Path, ranks: int) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "launch", "local", "--nproc-per-node", str(ranks), "--", str(cfg_path)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    if WRITE_S is None:
+        cmd = [sys.executable, "-m", "launch", "local", "--nproc-per-node", str(ranks), "--", str(cfg_path)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+        cmd += [str(REPO / "tests" / "dcp_faults.py"), "train", str(cfg_path)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "DCP_FAULT_WRITE_S": str(WRITE_S)}
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def trial(n: int, ranks: int, work: Path, corpus: Path, tok: Path, ref: dict[int, float], rng: random.Random) -> dict:
     run_dir = work / f"r{ranks}_t{n}"
     cfg_path = work / f"r{ranks}_t{n}.yaml"
-    cfg_path.write_text(yaml.safe_dump(config(run_dir, corpus, tok)))
+    cfg_path.write_text(yaml.safe_dump(config(run_dir, corpus, tok, background=WRITE_S is not None)))
     ckpts = run_dir / "checkpoints"
     proc = launch(cfg_path, ranks)
-    during_write = rng.random() < 0.75
-    delay = rng.uniform(0.0, 0.03)
+    during_write = WRITE_S is not None or rng.random() < 0.75
+    delay = rng.uniform(0.0, 0.03) if WRITE_S is None else rng.uniform(0.0, WRITE_S + 0.1)
     kill_step = rng.randrange(3, STEPS - 4)  # between steps: once this step is logged
     deadline = time.monotonic() + 120
     first_save = 4 + rng.randrange(0, STEPS - 8, 2)  # kill at a write of a step in [4, STEPS-4)
@@ -127,12 +137,14 @@ def trial(n: int, ranks: int, work: Path, corpus: Path, tok: Path, ref: dict[int
             break
         time.sleep(0.001)
     time.sleep(delay)
-    agent = children(proc.pid)
+    agent = children(proc.pid) if WRITE_S is None else [proc.pid]  # under plain torchrun the job is the agent
     job = [proc.pid, *descendants(proc.pid)]
-    rank_pids = [p for a in agent for p in children(a) if "trainer" in Path(f"/proc/{p}/cmdline").read_text()]
-    choices = {"launcher": proc.pid, "agent": agent[0] if agent else None, "rank": rng.choice(rank_pids or [None])}
+    rank_pids = [p for a in agent for p in children(a) if "train" in Path(f"/proc/{p}/cmdline").read_text()]
+    choices = {"launcher": proc.pid if WRITE_S is None else None, "agent": agent[0] if agent else None}
+    choices["rank"] = rng.choice(rank_pids or [None])
     victim = rng.choice([k for k, v in choices.items() if v is not None])
     os.kill(choices[victim], signal.SIGKILL)
+    unpublished = WRITE_S is None or not (ckpts / f"step_{first_save}").exists()  # --async: still being written
     proc.wait(timeout=60)
     gone_by = time.monotonic() + 10
     while time.monotonic() < gone_by and any(alive(p) for p in job):
@@ -147,7 +159,7 @@ def trial(n: int, ranks: int, work: Path, corpus: Path, tok: Path, ref: dict[int
         "ranks": ranks,
         "trial": n,
         "victim": victim,
-        "during_write": during_write and hit,
+        "during_write": during_write and hit and unpublished,
         "killed_while_running": hit,
         "left_alive": len(left),
         "restart_exit": again.returncode,
@@ -166,7 +178,11 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--async", dest="background", action="store_true", help="checkpoint.async=true trials")
+    parser.add_argument("--write-s", type=float, default=0.3, help="--async: seconds each background write is slowed")
     args = parser.parse_args()
+    global WRITE_S
+    WRITE_S = args.write_s if args.background else None
     from trainer.tokenizer import train_tokenizer
 
     rng = random.Random(args.seed)
@@ -178,7 +194,7 @@ def main() -> None:
     results = []
     for ranks in args.ranks:
         ref_cfg = work / f"ref{ranks}.yaml"
-        ref_cfg.write_text(yaml.safe_dump(config(work / f"ref{ranks}", corpus, tok)))
+        ref_cfg.write_text(yaml.safe_dump(config(work / f"ref{ranks}", corpus, tok)))  # synchronous: the reference
         launch(ref_cfg, ranks).communicate(timeout=300)
         ref = losses(work / f"ref{ranks}")
         for n in range(args.trials):
