@@ -257,3 +257,24 @@ def test_sigterm_during_a_background_write_waits_for_it_and_exits_with_a_complet
     assert read_pointer(ckpts)[0] == ckpts / f"step_{step}"
     assert_protocol_holds(ckpts)
     assert_same_weights(ckpts / "step_4", setup["weights"][4])
+
+
+def test_the_config_key_is_async(tmp_path, corpus, gpt_tok):
+    """`async` is a Python keyword: the field is `async_`, the key in YAML, overrides, messages and config.yaml is
+    `async`."""
+    from trainer.config import load_config
+    from trainer.errors import UserError
+
+    path = write_config(tiny_config(tmp_path / "run", corpus, gpt_tok), tmp_path / "c.yaml")
+    assert load_config(path).checkpoint.async_ is False
+    cfg = load_config(path, ["checkpoint.async=true"])
+    assert cfg.checkpoint.async_ is True
+    assert cfg.to_dict()["checkpoint"]["async"] is True and "async_" not in cfg.to_dict()["checkpoint"]
+    again = write_config(cfg.to_dict(), tmp_path / "again.yaml")  # config.yaml as a run writes it reads back
+    assert load_config(again).checkpoint.async_ is True
+    with pytest.raises(UserError, match=r"unknown config key checkpoint\.asynk \(did you mean checkpoint\.async\?\)"):
+        load_config(path, ["checkpoint.asynk=true"])
+    with pytest.raises(UserError, match="config key checkpoint.async expects true/false"):
+        load_config(path, ["checkpoint.async=3"])
+    with pytest.raises(UserError, match=r"unknown config key checkpoint\.async_"):
+        load_config(path, ["checkpoint.async_=true"])
