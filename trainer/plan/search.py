@@ -44,6 +44,7 @@ class Candidate:
             "zero_stage": lay.zero_stage,
             "offload": lay.offload,
             "dp": lay.dp,
+            "cp": lay.cp,
             "tp": lay.tp,
             "pp": lay.pp,
             "pp_schedule": lay.pp_schedule if lay.pp > 1 else None,
