@@ -380,17 +380,19 @@ class Checkpointer:
             f"checkpoint.keep, then run the same command: it resumes from {done[-1].name}, which is intact"
         )
 
-    def _write_error(self, exc: BaseException, name: str) -> str:
+    def _resumes_from(self) -> str:
+        """What the same command does after a failed save."""
         last = complete_checkpoints(self.root)
-        kept = f"resumes from {last[-1].name}, which is intact" if last else "starts again (no checkpoint was written)"
+        return f"resumes from {last[-1].name}, which is intact" if last else "starts again (no checkpoint was written)"
+
+    def _write_error(self, exc: BaseException, name: str) -> str:
         return (
             f"checkpoint {name} could not be written ({write_failure(exc)}); it was removed. Fix the cause, then run "
-            f"the same command: it {kept}"
+            f"the same command: it {self._resumes_from()}"
         )
 
     def _disk_error(self, exc: BaseException, name: str) -> str:
-        last = complete_checkpoints(self.root)
-        kept = f"resumes from {last[-1].name}, which is intact" if last else "starts again (no checkpoint was written)"
+        kept = self._resumes_from()
         return (
             f"the disk holding {self.root} is full: checkpoint {name} could not be written and was removed "
             f"({shutil.disk_usage(self.root).free / MiB:,.1f} MiB free); free space there or lower checkpoint.keep "
