@@ -128,10 +128,10 @@ class PipelineEngine:
         first, last = self.plan.stage_rank[0], self.plan.stage_rank[-1]
         self.tie_pg = None
         if first != last:
-            mesh = self.dims.mesh.mesh  # (pp, dp, tp) global ranks
+            mesh = self.dims.mesh.mesh  # (pp, dp, cp, tp) global ranks; cp = 1 under a pipeline
             for d in range(self.dims.dp):
                 for t in range(self.dims.tp):
-                    ranks = sorted({int(mesh[first, d, t]), int(mesh[last, d, t])})
+                    ranks = sorted({int(mesh[first, d, 0, t]), int(mesh[last, d, 0, t])})
                     group = dist.new_group(ranks)
                     if self.dims.rank in ranks:
                         self.tie_pg = group
