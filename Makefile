@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 demo: install
 	$(BIN)/python -m trainer tokenizer --kind bpe --vocab-size 2048 --out runs/demo/tokenizer data/shakespeare/train.txt
