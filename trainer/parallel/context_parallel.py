@@ -85,16 +85,16 @@ class _BlockCausalAttention(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         q, k, v, out, lse = ctx.saved_tensors
         c = q.shape[-2] // 2
-        grad = grad.contiguous()
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for i, j in enumerate(ctx.chunks):
             rows = slice(i * c, (i + 1) * c)
-            gi, qi, oi, li = grad[..., rows, :], q[..., rows, :].contiguous(), out[..., rows, :], lse[..., rows]
+            gi, qi, oi = (x[..., rows, :].contiguous() for x in (grad, q, out))
+            li = lse[..., rows].contiguous()
             blocks = [(slice(j * c, (j + 1) * c), True)] + ([(slice(0, j * c), False)] if j > 0 else [])
             for keys, causal in blocks:
                 kb, vb = k[..., keys, :].contiguous(), v[..., keys, :].contiguous()
                 g_q, g_k, g_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                    gi.contiguous(), qi, kb, vb, oi.contiguous(), li.contiguous(), 0.0, causal
+                    gi, qi, kb, vb, oi, li, 0.0, causal
                 )
                 dq[..., rows, :] += g_q
                 dk[..., keys, :] += g_k
@@ -115,7 +115,9 @@ def block_causal(
     whole sequence's k, v (B, H_kv, T, D) in order. `flash` (default: on CPU without dropout) merges flash-kernel
     blocks (`_BlockCausalAttention`); otherwise each chunk is a lower-right causal attention over the keys up to its
     end (CUDA's kernels run it without a mask; on CPU torch materialises it)."""
-    if flash if flash is not None else q.device.type == "cpu" and dropout_p == 0.0:
+    if flash is None:
+        flash = q.device.type == "cpu" and dropout_p == 0.0
+    if flash:
         return _BlockCausalAttention.apply(q, k, v, chunks)
     c = q.shape[-2] // 2
     out = []

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from trainer.errors import UserError
-from trainer.models import ModelConfig, family
+from trainer.models import ModelConfig
+from trainer.parallel.context_parallel import check_cp
 from trainer.plan.cost import DEFAULT_EFFICIENCY, StepCost, step_cost
 from trainer.plan.hardware import Accelerator, GiB
 from trainer.plan.memory import Breakdown, Layout, estimate
@@ -78,7 +79,6 @@ def usable(acc: Accelerator, headroom: float) -> int:
 def check_runnable(model_cfg: ModelConfig, layout: Layout, seq_len: int) -> None:
     """The trainer's own refusals for a layout (UserError with its line), without a process group."""
     from trainer.config import ParallelConfig, validate_parallel
-    from trainer.parallel.context_parallel import check_cp
     from trainer.parallel.tensor_parallel import check_tp_degree
 
     p = ParallelConfig(
@@ -146,10 +146,11 @@ def search(
     global_batch = own.micro_batch * own.grad_accum * own.dp
     out: list[Candidate] = []
     seen = set()
-    causal = family(model_cfg.arch).objective == "causal"
     for tp, cp in [(t, c) for t in _divisors(min(world, g)) if world % t == 0 for c in _divisors(world // t)]:
-        if cp > 1 and (not causal or seq_len % (2 * cp * tp)):
-            continue  # context parallelism splits causal sequences into 2 x cp equal chunks
+        try:  # a cp degree this model or sequence cannot take is not a candidate (the trainer's own rule)
+            check_cp(cp, seq_len, tp, model_cfg.arch, "fsdp", 1)
+        except UserError:
+            continue
         for pp in [p for p in _divisors(world // (tp * cp)) if p <= model_cfg.n_layer and (p == 1 or cp == 1)]:
             dp = world // (tp * cp * pp)
             if global_batch % dp:
