@@ -1,17 +1,5 @@
-"""Checkpoints: written whole into a temporary directory, renamed into place, then the `latest` pointer moves.
-
-Layout of `checkpoints/step_<N>/`:
-- `dcp/`: model and optimizer state through torch.distributed.checkpoint, keyed by parameter name; every rank writes
-  its own shards (plus the engine's small extras such as the fp16 loss scale), so a run saved with one layout (engine,
-  world size, tp degree) resumes with another, and `load_model` consolidates it on one CPU process.
-- `rng_dp<R>.pt`: the RNG states of data-parallel rank R (dropout streams differ per dp rank, tp peers share one).
-- `state.json`: step, token counters, data position, W&B run id, model config, the resolved run config, and the
-  sha256 of the tokenizer file (part of the data contract: a resume with another tokenizer is refused).
-- `tokenizer.json`: a copy, so `trainer export` and `load_model` need nothing but this directory.
-- `manifest.json`: written last, once every rank's files are on disk: every other file with its size.
-A crash mid-save leaves only a `.tmp_step_<N>` directory, which the next start removes (under the run directory's
-lock, so it cannot be a live job's). Nothing is trusted before it is verified (trainer/integrity.py): a damaged
-newest checkpoint is moved aside as `damaged_step_<N>` and the run resumes from the newest complete one.
+"""The Checkpointer: saves and restores everything with state, collectively over all ranks, through the directory
+protocol of trainer/checkpoint/directory.py (the layout is described in trainer/checkpoint/__init__.py).
 
 With checkpoint.async the payload is written in the background (trainer/engines/dcp_write.py): the small files go
 into `.tmp_step_<N>` at once, and the same protocol (manifest, rename, `latest`, `keep`) runs once DCP reports every
@@ -23,157 +11,31 @@ rank, its directory removed, and the run goes on.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
-import random
 import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
+from trainer.checkpoint.directory import (
+    DAMAGED_PREFIX,
+    LATEST,
+    candidates,
+    complete_checkpoints,
+    resolve_checkpoint_dir,
+)
+from trainer.checkpoint.failures import agree, is_disk_full, write_failure
+from trainer.checkpoint.state import file_sha256, read_state, rng_file_name, rng_state, same_model
 from trainer.engines import check_payload
-from trainer.engines.base import DCP_DIR, Engine, fsync
+from trainer.engines.base import Engine, fsync
 from trainer.engines.dcp_write import BackgroundWriter, background
 from trainer.errors import SharedError, UserError
 from trainer.integrity import STATE_FILE, checkpoint_bytes, damage, write_manifest
 from trainer.parallel import ParallelDims, barrier, broadcast_object
 
-LATEST = "latest"
-DAMAGED_PREFIX = "damaged_"  # a damaged checkpoint moved aside: kept for inspection, never counted by `keep`
 MiB = 2**20
-
-
-def _step_of(path: Path) -> int:
-    return int(path.name.split("_", 1)[1])
-
-
-def step_dirs(ckpt_root: Path) -> list[Path]:
-    """Every `step_<N>` directory, oldest first, complete or not."""
-    if not ckpt_root.is_dir():
-        return []
-    return sorted((p for p in ckpt_root.glob("step_*") if p.name[5:].isdigit() and p.is_dir()), key=_step_of)
-
-
-def complete_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Checkpoints that a save finished (their state file is there), oldest first: what `checkpoint.keep` counts."""
-    return [p for p in step_dirs(ckpt_root) if (p / STATE_FILE).is_file()]
-
-
-def read_pointer(ckpt_root: Path) -> tuple[Path | None, str | None]:
-    """The checkpoint `latest` names, or (None, why it names none usable); (None, None) when there is no pointer."""
-    pointer = ckpt_root / LATEST
-    if not pointer.exists():
-        return None, None
-    try:
-        name = pointer.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        return None, f"the pointer {LATEST} is unreadable"
-    if not (name.startswith("step_") and name[5:].isdigit()):
-        return None, f"the pointer {LATEST} holds no checkpoint name"
-    if not (ckpt_root / name).is_dir():
-        return None, f"the pointer {LATEST} names {name}, which is missing"
-    return ckpt_root / name, None
-
-
-def candidates(ckpt_root: Path) -> tuple[list[Path], str | None]:
-    """Checkpoints to resume from, newest first: the one `latest` names and those before it (or, when the pointer is
-    unusable, every `step_<N>`); and why the pointer was not used, if it was not."""
-    target, why = read_pointer(ckpt_root)
-    found = step_dirs(ckpt_root)[::-1]
-    if target is not None:
-        found = [p for p in found if _step_of(p) <= _step_of(target)]
-    return found, why
-
-
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    """The newest complete checkpoint (verified; nothing is moved)."""
-    found, _ = candidates(ckpt_root)
-    return next((p for p in found if damage(p) is None), None)
-
-
-def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """Accepts a checkpoint directory, a run's `checkpoints/` directory, or a run directory; the checkpoint must be
-    complete (a damaged one is refused in one line)."""
-    p = Path(path)
-    if (p / STATE_FILE).is_file() or (p.name.startswith("step_") and p.is_dir()):
-        why = damage(p)
-        if why is not None:
-            raise SharedError(f"checkpoint {p} is damaged ({why}): give another checkpoints/step_<N> directory")
-        return p
-    for root in (p, p / "checkpoints"):
-        found = latest_checkpoint(root)
-        if found is not None:
-            return found
-    raise SharedError(f"no complete checkpoint at {p}: give a checkpoints/step_<N> directory of a run")
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """A write that failed for lack of space (or quota), on this rank or, through DCP's report, on any."""
-    seen: list[BaseException] = [exc]
-    while seen:
-        e = seen.pop()
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
-            return True
-        failures = getattr(e, "failures", None)  # DCP's CheckpointException: {rank: (exception, traceback)}
-        if isinstance(failures, dict):
-            seen += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
-        seen += [c for c in (e.__cause__, e.__context__) if c is not None]
-    return False
-
-
-def write_failure(exc: BaseException) -> str:
-    """What failed in a checkpoint write, in a few words naming the rank(s): DCP reports every rank's failure."""
-    failures = getattr(exc, "failures", None)
-    if isinstance(failures, dict) and failures:
-        said = []
-        for rank, failure in sorted(failures.items()):
-            e = failure[0] if isinstance(failure, tuple) else failure
-            said.append(f"rank {rank}: {type(e).__name__}: {_first_line(e)}")
-        return "; ".join(said)
-    return f"{type(exc).__name__}: {_first_line(exc)}"
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
-
-
-def agree(error: str | None) -> str | None:
-    """Collective: the first error any rank had (every rank gets the same answer), or None."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return error
-    errors: list = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    return next((e for e in errors if e), None)
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 class Checkpointer:
@@ -489,42 +351,3 @@ class Checkpointer:
             if (path / name).is_file():  # a pipeline stage's own stream, else its data-parallel rank's
                 return torch.load(path / name, weights_only=False)
         return None
-
-
-def rng_file_name(dp_rank: int, pp_rank: int = 0) -> str:
-    """Each pipeline stage of a data-parallel rank draws its own dropout masks: stage 0's file keeps the name every
-    other layout reads."""
-    return f"rng_dp{dp_rank}.pt" if pp_rank == 0 else f"rng_dp{dp_rank}_pp{pp_rank}.pt"
-
-
-def same_model(saved: dict, now: dict) -> bool:
-    """Whether a checkpoint's `model_config` describes the model `now` (keys older versions saved and the family
-    dropped, with the value they always held, do not count)."""
-    from trainer.models import config_from_dict
-
-    try:
-        return config_from_dict(saved).to_dict() == now
-    except (UserError, TypeError):
-        return False
-
-
-def read_state(path: Path) -> dict:
-    return json.loads((path / STATE_FILE).read_text())
-
-
-def load_model(checkpoint_dir: str | Path) -> nn.Module:
-    """The trained model from a checkpoint, consolidated on CPU, in eval mode."""
-    from trainer.engines.deepspeed import PAYLOAD_DIR as DS_PAYLOAD_DIR
-    from trainer.engines.deepspeed import consolidate as consolidate_deepspeed
-    from trainer.models import config_from_dict, model_from_config
-
-    path = resolve_checkpoint_dir(checkpoint_dir)  # verified: a damaged checkpoint is one line, not a traceback
-    model = model_from_config(config_from_dict(read_state(path)["model_config"]))
-    if (path / DS_PAYLOAD_DIR).is_dir():  # DeepSpeed's zero_to_fp32 gathers any ZeRO stage's partitions
-        model.load_state_dict(consolidate_deepspeed(path))
-    else:  # DCP reads the shards of any layout (ddp, fsdp, tp, any world size) into this one whole CPU model
-        state = {"model": model.state_dict()}
-        dcp.load(state, checkpoint_id=str(path / DCP_DIR), no_dist=True)
-        model.load_state_dict(state["model"])
-    model.tie_weights()
-    return model.eval()
