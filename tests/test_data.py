@@ -23,9 +23,9 @@ import torch
 import yaml
 from conftest import run_cli
 
+import trainer.data.documents as documents_module
 import trainer.data.logical_streams as streams_module
 import trainer.data.sample_stream as stream_module
-import trainer.data.sources as sources_module
 from trainer.cli import main
 from trainer.config import load_config
 from trainer.data import build_stream, merge_states, parse_sources, prepare, resolve_files
@@ -516,7 +516,7 @@ def test_lines_without_text_are_summarised_once_per_file(env, tmp_path, capfd):
             f"warning: {bad_a}: skipped 25 lines without a string 'text' field and 3 lines of invalid JSON {settings}",
             f"warning: {bad_b}: skipped 7 lines without a string 'text' field {settings}",
         ], err
-        sources_module._REPORTED.clear()  # the next run's process reports again
+        documents_module._REPORTED.clear()  # the next run's process reports again
     with pytest.raises(UserError, match=rf"^{bad_b}:2: line has no string 'text' field \(data.text_field=text\)"):
         take(stream(env, files=[str(bad_b)], bad_lines="error"), 1)
 

@@ -15,9 +15,10 @@ import yaml
 
 from tests.conftest import run_cli, tiny_config, write_config
 from trainer.cli import main
+from trainer.data.documents import iter_documents
 from trainer.data.packing import separator_id
 from trainer.data.shards import TokenShards, prepare
-from trainer.data.sources import Source, iter_documents, parse_sources
+from trainer.data.sources import Source, parse_sources
 from trainer.errors import UserError
 from trainer.tokenizer import load_tokenizer, train_tokenizer
 

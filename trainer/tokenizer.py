@@ -56,7 +56,8 @@ def train_tokenizer(
     """Train a `kind` tokenizer ("bpe", "wordpiece" or "char") on text/jsonl/parquet files; write and return
     out_dir/tokenizer.json. `vocab_size` is ignored for char: its vocabulary is the corpus's characters."""
     # Imported here: trainer.data imports this module (load_tokenizer), so a top-level import would be circular.
-    from trainer.data.sources import Source, detect_format, iter_documents, resolve_files
+    from trainer.data.documents import iter_documents
+    from trainer.data.sources import Source, detect_format, resolve_files
 
     if kind not in KINDS:
         raise UserError(

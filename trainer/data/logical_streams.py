@@ -22,9 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Tokenizer
 
+from trainer.data.documents import held_out, read_unit
 from trainer.data.order import Permutation, block_permutation, derive_key
 from trainer.data.packing import DocumentPacker
-from trainer.data.sources import Source, Unit, held_out, read_unit
+from trainer.data.sources import Source
+from trainer.data.units import Unit
 from trainer.errors import UserError
 
 ENCODE_BATCH = 64  # documents tokenized per encode_batch call

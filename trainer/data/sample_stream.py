@@ -18,19 +18,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from trainer.data.documents import DocumentNumbers, check_read_args
 from trainer.data.logical_streams import Block, StreamPlan
 from trainer.data.order import Permutation, derive_key
 from trainer.data.packing import FROM_TAG, STORED_TAG, SampleSpec
 from trainer.data.schedule import BlockNeeds, Layout, ScheduleCursor
 from trainer.data.shards import TokenShards
-from trainer.data.sources import (
-    DocumentNumbers,
-    Source,
-    check_read_args,
-    fingerprint,
-    parse_sources,
-    plan_units,
-)
+from trainer.data.sources import Source, parse_sources
+from trainer.data.units import fingerprint, plan_units
 from trainer.data.workers import BlockFeed, BlockSource
 from trainer.errors import UserError
 from trainer.tokenizer import load_tokenizer

@@ -31,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer.data.documents import check_read_args, iter_documents
 from trainer.data.packing import FROM_TAG, STORED_TAG, objective_of, separator_id
-from trainer.data.sources import Source, check_read_args, iter_documents
+from trainer.data.sources import Source
 from trainer.errors import UserError
 from trainer.tokenizer import TokenizerInfo, load_tokenizer
 
