@@ -150,3 +150,141 @@ def test_train_states_the_predicted_peak_and_warns_when_it_exceeds_memory(
     assert "warning: the predicted peak of" in err and "exceeds a pretend 1 KiB device" in err
     start = read_metrics(tmp_path / "run")[0]
     assert start["predicted_peak_bytes"] > 0 and start["predicted_bytes"]["activations"] > 0
+
+
+# ---- the command `trainer plan` prints, its speed at scale, and its text report ----
+
+
+def small_config(tmp_path, **model) -> str:
+    """A 4-layer Llama whose YAML sets every layout key away from its default, so the printed command must set them
+    all back for a layout that differs."""
+    cfg = {
+        "model": {"arch": "llama", "preset": "llama-mini", **model},
+        "data": {"train": ["unused.txt"], "tokenizer": "unused.json", "seq_len": 64},
+        "train": {"micro_batch": 2, "grad_accum": 4, "precision": "bf16", "activation_checkpointing": "full"},
+        "parallel": {
+            "engine": "fsdp",
+            "zero_stage": 3,
+            "tp": 2,
+            "pp": 2,
+            "pp_schedule": "interleaved-1f1b",
+            "pp_split": [1, 1, 1, 1],
+        },
+    }
+    return str(write_config(cfg, tmp_path / "mini.yaml"))
+
+
+def started_layout(command: str) -> tuple[memory.Layout, int]:
+    """The layout a printed `launch` command starts, read back through launch's own parser and the trainer's config
+    loader: (layout, world size)."""
+    import shlex
+
+    from launch.cli import build_parser
+    from trainer.config import load_config
+
+    words = shlex.split(command)
+    assert words[0] == "launch"
+    args = build_parser().parse_args(words[1:])
+    if args.command == "local":
+        world = args.nproc_per_node * args.nnodes
+    else:
+        world = args.nodes * (args.nproc_per_node or args.gpus_per_node)
+    return memory.Layout.from_config(load_config(args.config, args.overrides), world), world
+
+
+def kind(lay: memory.Layout) -> set[str]:
+    out = {f"{lay.engine}{lay.zero_stage}" + ("+offload" if lay.offload != "none" else "")}
+    out |= {axis for axis in ("tp", "pp", "cp") if getattr(lay, axis) > 1}
+    return out
+
+
+@pytest.mark.parametrize("gpus_per_node", [8, 4, 2])
+def test_plan_command_starts_exactly_the_layout_it_ranked(tmp_path, capsys, gpus_per_node):
+    """Every layout's command (ddp, fsdp ZeRO-2/3, DeepSpeed with and without offload, tp, pp, cp; on one node and
+    on several) starts that layout: the same world size, degrees, engine and micro-batching, the planned global
+    batch; and the command printed is the first ranked layout's."""
+    from trainer.config import load_config
+    from trainer.plan.hardware import accelerator
+    from trainer.plan.report import launch_command
+    from trainer.plan.search import search
+
+    path = small_config(tmp_path)
+    user = ["train.lr=1e-3", "data.train=[a.txt, b.txt]"]
+    main(["plan", path, "--gpus", "8", "--gpus-per-node", str(gpus_per_node), "--json", *user])
+    out = json.loads(capsys.readouterr().out)
+    best = next(c for c in out["candidates"] if c["fits"])
+    lay, world = started_layout(out["command"])
+    assert world == 8
+    assert lay.overrides() == best["overrides"]
+    assert lay.micro_batch * lay.grad_accum * lay.dp == out["global_batch"] == 16
+
+    cfg = load_config(path, user)
+    acc = accelerator(None, gpus_per_node=gpus_per_node)
+    own = memory.Layout.from_config(cfg, 8)
+    seen = set()
+    for c in search(*plan_model_of(cfg), own, 64, acc, 0.9):
+        command = launch_command(path, cfg, user, c.layout, acc)
+        lay, world = started_layout(command)
+        assert (lay, world) == (c.layout, 8), command
+        assert lay.micro_batch * lay.grad_accum * lay.dp == 16
+        assert ("launch local" in command) == (gpus_per_node == 8)
+        seen |= kind(lay)
+    assert {"ddp0", "fsdp2", "fsdp3", "deepspeed1", "deepspeed3+offload", "tp", "pp", "cp"} <= seen, seen
+
+
+def plan_model_of(cfg) -> tuple:
+    from trainer.plan.report import plan_model
+
+    return (plan_model(cfg)[0],)
+
+
+def test_plan_refuses_gpus_that_do_not_fill_whole_nodes(tmp_path, capsys):
+    """8 GPUs on nodes of 3 cannot be started as 8 ranks: refused in one line, not planned for 9."""
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", small_config(tmp_path), "--gpus", "8", "--gpus-per-node", "3"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--gpus 8" in err[0] and "--gpus-per-node 3" in err[0], err
+
+
+def test_plan_text_scales_its_units_for_small_models(tmp_path, capsys):
+    """A tiny model's figures are printed in MiB/KiB, ms/us and GFLOP/MFLOP, never as zeros of a large unit."""
+    main(["plan", small_config(tmp_path), "--gpus", "8"])
+    text = capsys.readouterr().out
+    for zero in ("0.00 GiB", "0.0 GiB", "0.000 s", "0.0 TFLOP", "0.00 GB", "0.00B parameters"):
+        assert zero not in text, (zero, text)
+    assert "MiB" in text and "FLOP per rank" in text and "M parameters" in text
+
+
+@pytest.mark.parametrize(
+    "model,tokenizer,words",
+    [
+        ({"vocab_size": 1000}, True, "vocabulary 1,000 from model.vocab_size"),
+        ({}, True, "vocabulary 512 from the tokenizer"),
+        ({}, False, "vocabulary 2,048 from preset llama-mini"),
+    ],
+)
+def test_plan_header_says_where_the_vocabulary_came_from(tmp_path, capsys, gpt_tok, model, tokenizer, words):
+    path = small_config(tmp_path, **model)
+    main(["plan", path, "--gpus", "4", *([f"data.tokenizer={gpt_tok}"] if tokenizer else [])])
+    header = capsys.readouterr().out.splitlines()[0]
+    assert words in header, header
+
+
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["--gpu-memory", "0GiB"], "--gpu-memory 0GiB"),
+        (["--gpu-memory=-8GiB"], "cannot read '-8GiB' as a memory size"),
+        (["--gpu-memory", "1.2.3GiB"], "cannot read '1.2.3GiB' as a memory size"),
+        (["--gpus-per-node", "0"], "--gpus-per-node 0"),
+        (["--peak-tflops", "0"], "--peak-tflops 0"),
+        (["--inter-node-gbps", "-1"], "--inter-node-gbps -1"),
+    ],
+)
+def test_plan_refuses_non_positive_hardware_in_one_line(tmp_path, capsys, argv, words):
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", small_config(tmp_path), "--gpus", "8", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err

@@ -52,13 +52,19 @@ GPUS["h100-80g"] = replace(GPUS["h100"], name="h100-80g")
 
 def parse_bytes(text: str) -> int:
     """'80GiB', '40GB', '24G', '512MiB' -> bytes (G and GiB are binary, GB decimal)."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?B?)\s*", str(text), re.IGNORECASE)
+    m = re.fullmatch(r"\s*([0-9]+\.?[0-9]*|\.[0-9]+)\s*([KMGT]?)(i?B?)\s*", str(text), re.IGNORECASE)
     if not m:
         raise UserError(f"cannot read {text!r} as a memory size: write it like 80GiB, 40GB or 24G")
     value, unit, suffix = float(m.group(1)), m.group(2).upper(), m.group(3).lower()
     power = "KMGT".index(unit) + 1 if unit else 0
     base = 1000 if suffix == "b" else 1024  # "GB" decimal; "GiB" and bare "G" binary
     return int(value * base**power)
+
+
+def _positive(value: float | None, option: str) -> None:
+    """A figure the planner divides by or compares against must be above zero (one line otherwise)."""
+    if value is not None and not value > 0:
+        raise UserError(f"{option} {value:g} must be above zero: give the GPU's real figure")
 
 
 def accelerator(
@@ -74,8 +80,18 @@ def accelerator(
     if name not in GPUS:
         raise UserError(f"unknown --gpu {gpu!r}: choose one of {', '.join(sorted(GPUS))}, or give --gpu-memory")
     acc = GPUS[name]
+    for value, option in (
+        (peak_tflops, "--peak-tflops"),
+        (intra_node_gbps, "--intra-node-gbps"),
+        (inter_node_gbps, "--inter-node-gbps"),
+        (gpus_per_node, "--gpus-per-node"),
+    ):
+        _positive(value, option)
     if gpu_memory is not None:
-        acc = replace(acc, memory=parse_bytes(gpu_memory), name=f"{acc.name} ({gpu_memory})" if gpu else gpu_memory)
+        memory = parse_bytes(gpu_memory)
+        if memory < 1:
+            raise UserError(f"--gpu-memory {gpu_memory} is no memory at all: give the memory of one GPU, e.g. 80GiB")
+        acc = replace(acc, memory=memory, name=f"{acc.name} ({gpu_memory})" if gpu else gpu_memory)
     if peak_tflops is not None:
         acc = replace(acc, peak_flops=peak_tflops * 1e12)
     if intra_node_gbps is not None:

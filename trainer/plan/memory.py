@@ -92,15 +92,16 @@ class Layout:
 
     def overrides(self) -> list[str]:
         """The `section.key=value` overrides that run this layout."""
-        out = [f"parallel.engine={self.engine}", f"parallel.zero_stage={self.zero_stage}"]
-        if self.offload != "none":
-            out.append(f"parallel.offload={self.offload}")
-        if self.tp > 1:
-            out.append(f"parallel.tp={self.tp}")
-        if self.cp > 1:
-            out.append(f"parallel.cp={self.cp}")
+        out = [
+            f"parallel.engine={self.engine}",
+            f"parallel.zero_stage={self.zero_stage}",
+            f"parallel.offload={self.offload}",
+            f"parallel.tp={self.tp}",
+            f"parallel.pp={self.pp}",
+            f"parallel.cp={self.cp}",
+        ]  # every degree, so a config file's own values never leak into another layout
         if self.pp > 1:
-            out += [f"parallel.pp={self.pp}", f"parallel.pp_schedule={self.pp_schedule}"]
+            out.append(f"parallel.pp_schedule={self.pp_schedule}")
             if self.pp_virtual:
                 out.append(f"parallel.pp_virtual={self.pp_virtual}")
             if self.pp_split:
