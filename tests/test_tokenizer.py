@@ -71,7 +71,7 @@ def test_char_tokenizer_roundtrip(corpus, tmp_path):
 
     jsonl = tmp_path / "u.jsonl"  # non-ASCII characters, from the documents only (not the JSON around them)
     jsonl.write_text(json.dumps({"text": "Ünïcödé ✓ 𝄞\ttab"}) + "\n" + json.dumps({"text": "ok"}) + "\n")
-    info = load_tokenizer(train_tokenizer("char", 5, [str(jsonl)], tmp_path / "u"))  # vocab size: ignored
+    info = load_tokenizer(train_tokenizer("char", None, [str(jsonl)], tmp_path / "u"))
     assert info.vocab_size == len(set("Ünïcödé ✓ 𝄞\ttabok")) + 2
     for text in ("𝄞 ✓\tÜnïcödé", "ok ok", "\t\t"):
         assert info.tokenizer.decode(info.tokenizer.encode(text, add_special_tokens=False).ids) == text
@@ -92,6 +92,17 @@ def test_char_tokenizer_cli_and_training(corpus, tmp_path, capsys):
     assert r.returncode == 0, r.stderr[-2000:]
     losses = [m["loss"] for m in read_metrics(tmp_path / "run") if "loss" in m and "event" not in m]
     assert len(losses) == 3 and abs(losses[0] - math.log(vocab)) < 0.5, (losses, vocab)  # logits over the chars
+
+
+def test_char_tokenizer_refuses_a_vocab_size(corpus, tmp_path, capsys):
+    """A char tokenizer's vocabulary is the corpus's characters: --vocab-size is refused in one line, not ignored."""
+    with pytest.raises(UserError, match="--vocab-size 10 does not apply to --kind char"):
+        train_tokenizer("char", 10, [str(corpus)], tmp_path / "api")
+    with pytest.raises(SystemExit) as exit_:
+        main(["tokenizer", "--kind", "char", "--vocab-size", "10", "--out", str(tmp_path / "cli"), str(corpus)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and "drop --vocab-size" in err[0], err
+    assert not (tmp_path / "api").exists() and not (tmp_path / "cli").exists()
 
 
 def test_train_from_jsonl_and_parquet(corpus, tmp_path):
@@ -120,10 +131,15 @@ def test_train_bad_arguments(corpus, tmp_path, kind, vocab, match):
 
 
 def test_train_missing_inputs(tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
+    """A missing input is named as the command's INPUT argument (not as a path of the config's data section)."""
+    with pytest.raises(UserError, match=r"tokenizer input '.*nope.txt' does not exist: fix the path \(an INPUT") as e:
         train_tokenizer("bpe", 300, [str(tmp_path / "nope.txt")], tmp_path)
-    with pytest.raises(UserError, match="matches no files"):
+    assert "data" not in str(e.value).replace(str(tmp_path), "")
+    with pytest.raises(
+        UserError, match=r"tokenizer input '.*\*.txt' matches no files: fix the pattern \(an INPUT"
+    ) as e:
         train_tokenizer("bpe", 300, [str(tmp_path / "*.txt")], tmp_path)
+    assert "data" not in str(e.value).replace(str(tmp_path), "")
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n   \n")
     with pytest.raises(UserError, match="no documents"):

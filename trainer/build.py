@@ -67,20 +67,22 @@ def resolve_model(cfg: Config, tok: TokenizerInfo) -> ModelConfig:
     return mc
 
 
-def engine_config(cfg: Config, model_cfg: ModelConfig) -> dict | None:
+def engine_config(cfg: Config, model_cfg: ModelConfig, world: int | None = None) -> dict | None:
     """The generated DeepSpeed config (parallel.deepspeed checked against it), or None for the other engines; built
-    from the launcher's WORLD_SIZE before any process group exists, so a bad setting stops the run before it starts."""
+    from the world size (default: the launcher's WORLD_SIZE) before any process group exists, so a bad setting stops
+    the run before it starts."""
     p = cfg.parallel
     if p.engine != "deepspeed":
         return None
-    dp = int(os.environ.get("WORLD_SIZE", "1")) // p.tp
+    dp = (world or int(os.environ.get("WORLD_SIZE", "1"))) // p.tp
     return deepspeed_config(cfg.train, p, dp=dp, d_model=model_cfg.d_model)
 
 
-def pipeline_plan(cfg: Config, model_cfg: ModelConfig) -> PipelinePlan | None:
+def pipeline_plan(cfg: Config, model_cfg: ModelConfig, world: int | None = None) -> PipelinePlan | None:
     """The layer split and stage placement (parallel.pp > 1), refused in one line before any process group exists
     when it cannot run: an engine without pipeline stages, pp not dividing the world, more stages than layers, a
-    split that does not cover the layers, a micro-batch count the schedule cannot run."""
+    split that does not cover the layers, a micro-batch count the schedule cannot run. `world`: the job's ranks
+    (default: the launcher's WORLD_SIZE)."""
     p = cfg.parallel
     if p.pp == 1:
         if p.pp_split is not None or p.pp_virtual:
@@ -91,7 +93,7 @@ def pipeline_plan(cfg: Config, model_cfg: ModelConfig) -> PipelinePlan | None:
             "parallel.engine=deepspeed does not run under parallel.pp > 1 (DeepSpeed's pipeline engine needs its "
             "own PipelineModule model and schedule): use parallel.engine=fsdp, which shards each stage over dp"
         )
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world or int(os.environ.get("WORLD_SIZE", "1"))
     dp = check_world(world, p.tp, p.pp)
     if p.engine == "ddp" and dp > 1:
         raise UserError(

@@ -8,12 +8,14 @@ import argparse
 import dataclasses
 import errno
 import os
+import re
 import sys
 from pathlib import Path
 
 import yaml
 
 from trainer.errors import PeerFailure, SharedError, UserError
+from trainer.writable import check_writable_dir, refusal_line
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -91,6 +93,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     from trainer.models import family
 
     cfg = load_config(args.config, args.overrides)
+    check_writable_dir(args.out, "--out")
     out = Path(args.out)
     train = parse_sources(cfg.data.train, cfg.data.format, cfg.data.text_field)
     jobs = [(s, out / "train" if len(train) == 1 else out / "train" / s.name) for s in train]
@@ -150,6 +153,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from trainer.tokenizer import load_tokenizer
 
     ckpt = resolve_checkpoint_dir(args.checkpoint)
+    check_writable_dir(args.out, "--out")  # before the (long) consolidation of the checkpoint
     model = load_model(ckpt)
     tok_file = ckpt / "tokenizer.json"
     special = None
@@ -208,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="bpe for GPT, wordpiece for BERT, char for GPT with one token per character of the inputs",
     )
-    k.add_argument("--vocab-size", type=int, help="vocabulary size (required for bpe and wordpiece; ignored for char)")
+    k.add_argument("--vocab-size", type=int, help="vocabulary size (required for bpe and wordpiece; not for char)")
     k.add_argument("--out", required=True, help="directory; tokenizer.json is written into it")
     k.add_argument("inputs", nargs="+", help="text/jsonl/parquet files or globs")
     k.set_defaults(func=cmd_tokenizer)
@@ -256,11 +260,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# the subcommands that take section.key=value overrides, anywhere on their command line
+OVERRIDE_COMMANDS = ("train", "prepare", "data", "plan")
+# what a command writes, for the line that reports a file-system refusal (a read-only mount, a permission)
+WRITES = {
+    "train": "run.dir and everything under it must be writable: give run.dir a writable location",
+    "tokenizer": "give --out a writable directory",
+    "prepare": "give --out a writable directory",
+    "export": "give --out a writable directory",
+    "report": "the plot is written into RUN_DIR: make it writable, or copy the run somewhere writable",
+}
+_OVERRIDE = re.compile(r"[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)+=.*", re.DOTALL)
+
+
+def place_overrides(args: argparse.Namespace, extra: list[str]) -> None:
+    """Overrides anywhere on the line: argparse takes the positionals before the first option (CONFIG and any
+    overrides there) and leaves the words after options in `extra`. CONFIG is the first positional that is not a
+    `section.key=value` override; all the others are overrides, in the order given."""
+    words = [args.config, *args.overrides, *extra]
+    at = next((i for i, w in enumerate(words) if not _OVERRIDE.fullmatch(w)), 0)
+    args.config = words.pop(at)
+    args.overrides = words
+
+
+def say_error(message: str, shared: bool = False) -> None:
+    """Prints `error: message` once for the job. Before the ranks join a process group every rank checks the same
+    config and fails the same way: rank 0 says it once. After, an error may be one rank's own (its data, its files):
+    that rank says it, prefixed, unless it is `shared` (one decision every rank raises)."""
+    from trainer.parallel.dims import JOINED
+
+    rank = os.environ.get("RANK")
+    if rank in (None, "0") or (JOINED["group"] and not shared):
+        stage = f", pipeline stage {JOINED['stage']}" if JOINED["stage"] is not None else ""
+        prefix = f"[rank {rank}{stage}] " if rank not in (None, "0") else ""
+        print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command == "plan" and all("=" in x and not x.startswith("-") for x in extra):
-        args.overrides += extra  # overrides after the options: `trainer plan CONFIG --gpus 8 parallel.tp=2`
+    if args.command in OVERRIDE_COMMANDS and all("=" in x and not x.startswith("-") for x in extra):
+        place_overrides(args, extra)
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.stop = None
@@ -272,17 +312,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except UserError as e:
-        from trainer.parallel.dims import JOINED
-
-        rank = os.environ.get("RANK")
-        # Before the ranks join a process group every rank checks the same config and fails the same way: rank 0
-        # says it once. After, an error may be one rank's own (its data, its files): that rank says it, prefixed.
-        if rank in (None, "0") or (JOINED["group"] and not isinstance(e, SharedError)):
-            stage = f", pipeline stage {JOINED['stage']}" if JOINED["stage"] is not None else ""
-            prefix = f"[rank {rank}{stage}] " if rank not in (None, "0") else ""
-            print(f"{prefix}error: {e}", file=sys.stderr, flush=True)
+        say_error(str(e), shared=isinstance(e, SharedError))
         sys.exit(2)
     except OSError as e:
+        refused = refusal_line(e, WRITES.get(args.command, "fix the path or its permissions"))
+        if refused:
+            say_error(refused)
+            sys.exit(2)
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         where = f" writing {e.filename}" if e.filename else ""

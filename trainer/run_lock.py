@@ -19,6 +19,7 @@ import socket
 from pathlib import Path
 
 from trainer.errors import UserError
+from trainer.writable import REFUSALS
 
 LOCK_FILE = ".lock"
 
@@ -31,9 +32,18 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        """Takes the lock or raises a UserError naming the job that holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        """Takes the lock or raises a UserError naming the job that holds it, or saying why run.dir cannot be written
+        (a read-only file system, permissions, a path under a file): the lock is the first thing written there."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            if e.errno not in REFUSALS:
+                raise
+            raise UserError(
+                f"run.dir {self.path.parent} cannot be written ({e.strerror}: {e.filename}): give run.dir a writable "
+                f"location"
+            ) from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -6,6 +6,7 @@ The saved tokenizer.json is the standard HF format, so exported models load with
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from trainer.errors import UserError
+from trainer.writable import check_writable_dir
 
 EOS = "<|endoftext|>"
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
@@ -54,7 +56,8 @@ def train_tokenizer(
     text_field: str = "text",
 ) -> Path:
     """Train a `kind` tokenizer ("bpe", "wordpiece" or "char") on text/jsonl/parquet files; write and return
-    out_dir/tokenizer.json. `vocab_size` is ignored for char: its vocabulary is the corpus's characters."""
+    out_dir/tokenizer.json. `vocab_size` must be None for char: its vocabulary is the corpus's characters. The
+    inputs and out_dir are checked before any training (they are the command's INPUT and --out arguments)."""
     # Imported here: trainer.data imports this module (load_tokenizer), so a top-level import would be circular.
     from trainer.data.documents import iter_documents
     from trainer.data.sources import Source, detect_format, resolve_files
@@ -71,6 +74,13 @@ def train_tokenizer(
             f"vocab size {vocab_size!r} is invalid for {kind}; give --vocab-size N, an integer >= {_MIN_VOCAB[kind]} "
             "(or --kind char for a vocabulary of the corpus's characters)"
         )
+    if kind == "char" and vocab_size is not None:
+        raise UserError(
+            f"--vocab-size {vocab_size} does not apply to --kind char: a char tokenizer's vocabulary is the corpus's "
+            "characters (plus <|endoftext|> and [UNK]); drop --vocab-size, or use --kind bpe for a set size"
+        )
+    check_inputs(files)
+    check_writable_dir(out_dir, "--out")
     paths = resolve_files(files)
     fmt = detect_format(paths, fmt)
     if fmt == "tokens":
@@ -126,6 +136,18 @@ def train_tokenizer(
         )
 
     return _save(tok, out_dir)
+
+
+def check_inputs(files: list[str] | str) -> None:
+    """Each INPUT of `trainer tokenizer` exists (a path) or matches a file (a glob): refused naming the argument, not
+    the config's data section (this corpus comes from the command line)."""
+    for raw in [files] if isinstance(files, (str, os.PathLike)) else files:
+        path = os.path.expanduser(str(raw))
+        if glob.has_magic(path):
+            if not glob.glob(path, recursive=True):
+                raise UserError(f"tokenizer input {str(raw)!r} matches no files: fix the pattern (an INPUT argument)")
+        elif not os.path.exists(path):
+            raise UserError(f"tokenizer input {str(raw)!r} does not exist: fix the path (an INPUT argument)")
 
 
 def char_tokenizer(chars: set[str]) -> Tokenizer:

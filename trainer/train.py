@@ -8,16 +8,20 @@ import sys
 
 import torch
 
-from trainer.build import build_run, engine_config, pipeline_plan, resolve_model
+from trainer.build import build_run, check_layout, engine_config, pipeline_plan, resolve_model
 from trainer.config import Config
 from trainer.loop import train_loop
-from trainer.parallel import barrier, check_tp_degree, init_distributed, shutdown_distributed
+from trainer.models import ModelConfig
+from trainer.parallel import ParallelDims, barrier, check_tp_degree, init_distributed, shutdown_distributed
 from trainer.parallel.context_parallel import check_cp
+from trainer.parallel.dims import check_world
 from trainer.parallel.health import Heartbeat, is_collective_failure
+from trainer.parallel.pipeline import PipelinePlan
 from trainer.plan.memory import device_memory, predict_run
 from trainer.run_lock import RunLock
 from trainer.stop import StopSignal
-from trainer.tokenizer import load_tokenizer
+from trainer.tokenizer import TokenizerInfo, load_tokenizer
+from trainer.writable import check_writable_dir
 
 
 def train(cfg: Config, stop: StopSignal | None = None) -> dict:
@@ -47,15 +51,30 @@ def warn_if_too_big(predicted, device: torch.device, dims) -> None:
         )
 
 
-def _train(cfg: Config, stop: StopSignal) -> dict:
+def check_before_start(cfg: Config, world: int) -> tuple[TokenizerInfo, ModelConfig, PipelinePlan | None, dict | None]:
+    """Every check of the config `trainer train` makes before any process group exists, for a job of `world` ranks:
+    the tokenizer and model shape, the degrees against the model and the world size, the pipeline and DeepSpeed
+    settings, and run.dir. Writes nothing; `launch local`/`launch slurm` call it to refuse a bad config before any
+    rank starts. Returns the tokenizer, model config, pipeline plan and DeepSpeed config the run is built from."""
     p = cfg.parallel
     tok = load_tokenizer(cfg.data.tokenizer)
     model_cfg = resolve_model(cfg, tok)
     # a degree that cannot split the model is refused before any process group exists
     check_tp_degree(p.tp, model_cfg.tp_divisors(), cfg.data.seq_len)
     check_cp(p.cp, cfg.data.seq_len, p.tp, model_cfg.arch, p.engine, p.pp)
-    pipeline = pipeline_plan(cfg, model_cfg)
-    ds_config = engine_config(cfg, model_cfg)
+    pipeline = pipeline_plan(cfg, model_cfg, world)
+    ds_config = engine_config(cfg, model_cfg, world)
+    dp = check_world(world, p.tp, p.pp, p.cp)
+    check_layout(cfg, ParallelDims(world_size=world, rank=0, local_rank=0, dp=dp, tp=p.tp, pp=p.pp, cp=p.cp), model_cfg)
+    for where in (cfg.run_dir, cfg.run_dir / "checkpoints"):  # a read-only mount would fail the first save
+        check_writable_dir(where, "run.dir")
+    return tok, model_cfg, pipeline, ds_config
+
+
+def _train(cfg: Config, stop: StopSignal) -> dict:
+    p = cfg.parallel
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tok, model_cfg, pipeline, ds_config = check_before_start(cfg, world)
     need_group = p.engine != "ddp" or p.tp > 1 or p.pp > 1 or p.cp > 1
     dims, device = init_distributed(p.tp, need_group=need_group, timeout_s=p.timeout_s, pp=p.pp, cp=p.cp)
     predicted = predict_run(cfg, model_cfg, dims.world_size)
