@@ -31,6 +31,7 @@ from pathlib import Path
 from types import FrameType
 
 from launch.args import DEFAULT_GRACE_S, _host_port, _non_negative_int, _positive_int
+from launch.preflight import refuse_bad_config
 
 HANDLED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 LAUNCH_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
@@ -227,8 +228,10 @@ def main(argv: list[str] | None = None) -> None:
         args.grace_period,
         args.log_dir,
     )
-    if not args.dry_run and not Path(args.config).is_file():
-        local.error(f"config file not found: {args.config}")
+    if not args.dry_run:  # a bad config is refused here, in one line, before torchrun starts any rank
+        if not Path(args.config).is_file():
+            local.error(f"config file not found: {args.config}")
+        refuse_bad_config(args.config, args.overrides, nproc * args.nnodes)
     print(shlex.join([f"{k}={v}" for k, v in LAUNCH_ENV.items()] + cmd), flush=True)
     if args.dry_run:
         return

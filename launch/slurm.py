@@ -126,10 +126,16 @@ def add_parser(commands) -> argparse.ArgumentParser:
     return p
 
 
+def ranks_per_node(args: argparse.Namespace) -> int:
+    """Ranks the job starts on each node: --nproc-per-node, else one per GPU, else one."""
+    return args.nproc_per_node or args.gpus_per_node or 1
+
+
 def render(args: argparse.Namespace) -> tuple[str, Path]:
     """The batch script for `args`, and the log directory."""
     from trainer.config import load_config
     from trainer.errors import UserError
+    from trainer.train import check_before_start
 
     cfg = load_config(args.config, args.overrides)  # a bad config fails here, not in the queue
     run_dir = cfg.run_dir.resolve()
@@ -140,6 +146,7 @@ def render(args: argparse.Namespace) -> tuple[str, Path]:
                 f"{key} {value!r}{what} contains a control character (a newline, tab, ...); it would corrupt the "
                 f"batch script: give one without control characters"
             )
+    check_before_start(cfg, args.nodes * ranks_per_node(args))  # as `trainer train` would on the job's ranks
     log_dir = Path(args.log_dir).resolve() if args.log_dir else run_dir / "logs"
     lines = [f"#SBATCH --cpus-per-task={args.cpus_per_task}"] if args.cpus_per_task else []
     if args.gpus_per_node:
@@ -157,7 +164,7 @@ def render(args: argparse.Namespace) -> tuple[str, Path]:
         "sbatch_lines": "\n".join(lines),
         "workdir": shlex.quote(str(Path.cwd())),
         "python": shlex.quote(sys.executable),
-        "nproc_per_node": str(args.nproc_per_node or args.gpus_per_node or 1),
+        "nproc_per_node": str(ranks_per_node(args)),
         "max_restarts": str(args.max_restarts),
         "grace_period": str(args.grace_period),
         "train_args": shlex.join(train_args),
@@ -173,14 +180,18 @@ def render(args: argparse.Namespace) -> tuple[str, Path]:
 
 def main(args: argparse.Namespace) -> None:
     from trainer.errors import UserError
+    from trainer.writable import check_writable_dir
 
     problem = check(args)
     if problem:
         args.subparser.error(problem)
     try:
         script, log_dir = render(args)
-    except UserError as e:
-        args.subparser.error(str(e))
+        if args.log_dir and not args.dry_run:  # (run.dir, which holds the default logs/, is checked with the config)
+            check_writable_dir(log_dir, "--log-dir")
+    except UserError as e:  # the line `trainer train` would print in the job's log, printed here instead
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     if args.dry_run:
         print(script, end="")
         return

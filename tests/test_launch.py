@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, tiny_config, write_config
+from conftest import REPO, run_cli, tiny_config, write_config
 
 from launch.cli import main
 
@@ -99,11 +99,83 @@ def test_missing_config_is_reported_before_running(capsys, tmp_path):
     assert "config file not found" in capsys.readouterr().err
 
 
-def test_slurm_dry_run_renders_the_batch_script(capsys, tmp_path):
+# --- a bad config is refused before any rank starts (the trainer's own checks, in the launcher's process) ---
+
+TP3 = ["model.n_head=3", "model.d_model=96", "data.seq_len=48", "parallel.tp=3"]  # a model tp=3 splits
+BAD_CONFIGS = [
+    (["train.lrr=1"], "unknown config key train.lrr (did you mean train.lr?)"),
+    (["train.micro_batch=zero"], "config key train.micro_batch expects an integer, got 'zero'"),
+    (TP3, "parallel.tp=3 does not divide the world size 2"),
+]
+
+
+@pytest.fixture
+def good_config(tmp_path, corpus, gpt_tok) -> Path:
+    return write_config(tiny_config(tmp_path / "run", corpus, gpt_tok), tmp_path / "c.yaml")
+
+
+def refused_line(capsys, argv: list[str]) -> str:
+    """The launcher's one line for `argv`: exit code 2, nothing on stdout (no command printed), one line on stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert out == "" and len(lines) == 1 and lines[0].startswith("error: "), (out, err)
+    return lines[0]
+
+
+@pytest.mark.parametrize("overrides, message", BAD_CONFIGS, ids=["key", "value", "layout"])
+def test_local_refuses_a_bad_config_before_torchrun(capsys, monkeypatch, good_config, overrides, message):
+    """A bad key, a bad value, and a layout that does not fit the 2 processes asked for: one line, before torchrun."""
+
+    def no_torchrun(cmd):
+        raise AssertionError(f"torchrun started: {cmd}")
+
+    monkeypatch.setattr("launch.cli.run_forwarding_signals", no_torchrun)
+    line = refused_line(capsys, ["local", "--nproc-per-node", "2", "--", str(good_config), *overrides])
+    assert message in line, line
+    start = time.monotonic()  # the check itself (the imports done): fast, in this process
+    refused_line(capsys, ["local", "--nproc-per-node", "2", "--", str(good_config), *overrides])
+    assert time.monotonic() - start < 5
+
+
+def test_local_checks_the_layout_against_every_node(capsys, monkeypatch, good_config):
+    """The world size is --nproc-per-node x --nnodes; a config that fits it starts torchrun."""
+    monkeypatch.setattr("launch.cli.run_forwarding_signals", lambda cmd: 0)
+    argv = ["local", "--nnodes", "2", "--master", "127.0.0.1:29500", "--nproc-per-node", "2", "--", str(good_config)]
+    line = refused_line(capsys, [*argv, *TP3, "parallel.engine=fsdp"])
+    assert "parallel.tp=3 does not divide the world size 4" in line, line
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "parallel.tp=2", "parallel.engine=fsdp"])
+    assert exit_info.value.code == 0
+    assert "--nproc-per-node 2" in capsys.readouterr().out
+
+
+def test_local_bad_config_prints_no_rank_or_torchrun_lines(good_config):
+    """The real command: one line on stderr and no process started (no `[rank` lines, no torchrun report)."""
+    r = run_cli("launch", "local", "--nproc-per-node", "2", "--", str(good_config), *TP3)
+    assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
+    assert r.stderr.strip().splitlines() == [
+        "error: parallel.tp=3 does not divide the world size 2: launch a multiple of 3 ranks or lower parallel.tp"
+    ], r.stderr
+
+
+@pytest.mark.parametrize("overrides, message", BAD_CONFIGS, ids=["key", "value", "layout"])
+def test_slurm_refuses_a_bad_config_before_sbatch(capsys, good_config, overrides, message):
+    """`launch slurm` (--dry-run too) checks the config for nodes x ranks per node: nothing rendered or submitted."""
+    for nodes in (["--nodes", "2"], ["--nodes", "1", "--nproc-per-node", "2"]):
+        line = refused_line(capsys, ["slurm", *nodes, "--dry-run", "--", str(good_config), *overrides])
+        assert message in line, line
+    line = refused_line(capsys, ["slurm", "--nodes", "1", "--gpus-per-node", "2", "--", str(good_config), *overrides])
+    assert message in line, line
+    assert not (good_config.parent / "run").exists()
+
+
+def test_slurm_dry_run_renders_the_batch_script(capsys, tmp_path, slurm_config):
     """`launch slurm --dry-run` prints slurm/train.sbatch filled in: the sbatch options asked for, the USR1 warning
     and requeue, one `launch local` per node with a c10d rendezvous on the first node, and nothing left unfilled."""
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"run: {{name: big, dir: {tmp_path / 'run'}}}\ndata: {{train: [x.txt], tokenizer: t.json}}\n")
+    cfg = slurm_config
     argv = ["slurm", "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu", "--account", "proj", "--qos", "high"]
     argv += ["--time", "2-00:00:00", "--constraint", "h100", "--cpus-per-task", "64", "--sbatch=--exclusive"]
     main([*argv, "--signal-seconds", "600", "--dry-run", "--", str(cfg), "train.steps=5000"])
@@ -177,10 +249,16 @@ def test_time_limit_seconds_refuses_other_formats(text):
         time_limit_seconds(text)
 
 
+TINY = "model: {arch: gpt, preset: gpt-tiny}\n"
+
+
 @pytest.fixture
-def slurm_config(tmp_path):
+def slurm_config(tmp_path, gpt_tok):
+    """A config the trainer's checks pass (a real tokenizer: `launch slurm` checks the config before it renders)."""
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"run: {{name: big, dir: {tmp_path / 'run'}}}\ndata: {{train: [x.txt], tokenizer: t.json}}\n")
+    cfg.write_text(
+        f"run: {{name: big, dir: {tmp_path / 'run'}}}\ndata: {{train: [x.txt], tokenizer: {gpt_tok}}}\n{TINY}"
+    )
     return cfg
 
 
@@ -418,14 +496,14 @@ def test_agent_says_what_it_did_with_a_signal(monkeypatch, capsys, sig, code):
     assert "resumes from the latest complete checkpoint" in lines[0]
 
 
-def test_slurm_script_keeps_shell_syntax_in_paths_as_data(capsys, tmp_path, slurm_config):
+def test_slurm_script_keeps_shell_syntax_in_paths_as_data(capsys, tmp_path, slurm_config, gpt_tok):
     """A run dir and a log dir holding `$(...)`, quotes and spaces reach the script's shell as the literal paths: the
     script quotes them once (log_dir=..., run_dir=...) and only ever expands those variables."""
     import subprocess
 
     hostile = tmp_path / 'run $(touch pwned) "x" `id`'
     cfg = tmp_path / "hostile.yaml"
-    cfg.write_text(f"run: {{name: big, dir: '{hostile}'}}\ndata: {{train: [x.txt], tokenizer: t.json}}\n")
+    cfg.write_text(f"run: {{name: big, dir: '{hostile}'}}\ndata: {{train: [x.txt], tokenizer: {gpt_tok}}}\n{TINY}")
     logs = tmp_path / "logs $(touch pwned2)"
     main(["slurm", "--log-dir", str(logs), "--dry-run", "--", str(cfg)])
     script = capsys.readouterr().out
