@@ -20,6 +20,7 @@ import yaml
 
 from trainer.errors import UserError
 from trainer.models.registry import ARCHS, check_settings
+from trainer.profiling import check_profile
 
 
 @dataclass
@@ -122,6 +123,16 @@ class LogConfig:
 
 
 @dataclass
+class ProfileConfig:
+    # [A, B]: a torch.profiler trace of training steps A to B (from 1, both included) per rank, written to
+    # RUN_DIR/profile/rank<R>_step<A>-<B>.json (open it in https://ui.perfetto.dev or chrome://tracing)
+    steps: list[int] | None = None
+    # CUDA only: the allocator's history from start-up, written after step B (after step 1 without profile.steps)
+    # and when a rank runs out of memory, to RUN_DIR/profile/rank<R>_memory_*.pickle (https://pytorch.org/memory_viz)
+    memory_snapshot: bool = False
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelSection = field(default_factory=ModelSection)
@@ -130,6 +141,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -293,6 +305,7 @@ def validate(cfg: Config) -> None:
         if _get(cfg, key) < 0:
             raise UserError(f"config key {key} must not be negative, got {_get(cfg, key)}")
     check_settings(cfg.model.arch, list(cfg.model.dims))
+    check_profile(cfg.profile, cfg.train.steps)
     validate_parallel(cfg.parallel)
     if cfg.train.min_lr > cfg.train.lr:
         raise UserError(f"train.min_lr={cfg.train.min_lr} is above train.lr={cfg.train.lr}; lower min_lr")

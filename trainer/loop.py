@@ -19,6 +19,7 @@ from trainer.monitor import Throughput
 from trainer.optim import lr_at
 from trainer.parallel import ParallelDims, all_reduce_sum
 from trainer.parallel.health import Heartbeat
+from trainer.profiling import step_profiler
 from trainer.run import Run, save_checkpoint
 from trainer.stop import StopSignal
 
@@ -32,6 +33,7 @@ def train_loop(run: Run, stop: StopSignal, heartbeat: Heartbeat) -> dict:
     if cfg.checkpoint.async_ and (note := run.ckpt.use_async(engine, run.device, logger.print)):
         logger.print(note)
     finished = False
+    profiler = step_profiler(run)  # None unless profile.steps or profile.memory_snapshot is set
     try:
         if stop_requested(stop, run.dims):  # a stop signal came during start-up: nothing trained, nothing to save
             where = f"the checkpoint of step {state.step} is unchanged" if state.step else "no checkpoint was written"
@@ -43,6 +45,8 @@ def train_loop(run: Run, stop: StopSignal, heartbeat: Heartbeat) -> dict:
         last, window = {}, Throughput()
         health = StepHealth(state.skipped_steps, run.device)
         while state.step < t.steps:
+            if profiler is not None:  # all that profiling costs when it is off
+                profiler.step(state.step)
             t0 = time.perf_counter()
             step_batches = [pinned(next(batches), run.device) for _ in range(t.grad_accum)]
             t_data = time.perf_counter() - t0
@@ -81,6 +85,8 @@ def train_loop(run: Run, stop: StopSignal, heartbeat: Heartbeat) -> dict:
                 break
         finished = True
     finally:
+        if profiler is not None:
+            profiler.close(state.step)
         run.stream.close()  # also on errors: the data workers must not outlive this rank
         if finished:  # a write still in flight is published (after an error it is left, as a crash leaves it)
             run.ckpt.close()

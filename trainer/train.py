@@ -18,6 +18,7 @@ from trainer.parallel.dims import check_world
 from trainer.parallel.health import Heartbeat, is_collective_failure
 from trainer.parallel.pipeline import PipelinePlan
 from trainer.plan.memory import device_memory, predict_run
+from trainer.profiling import check_memory_snapshot, out_of_memory, record_memory_history
 from trainer.run_lock import RunLock
 from trainer.stop import StopSignal
 from trainer.tokenizer import TokenizerInfo, load_tokenizer
@@ -30,7 +31,10 @@ def train(cfg: Config, stop: StopSignal | None = None) -> dict:
     start-up then ends the run before its first step, with a line, instead of killing the process silently."""
     stop = stop or StopSignal()
     try:
+        check_memory_snapshot(cfg.profile)  # before anything is built
         return _train(cfg, stop)
+    except torch.OutOfMemoryError as e:  # one line (with profile.memory_snapshot, after writing the snapshot)
+        raise out_of_memory(e, cfg) from None
     finally:
         stop.restore()
 
@@ -77,6 +81,7 @@ def _train(cfg: Config, stop: StopSignal) -> dict:
     tok, model_cfg, pipeline, ds_config = check_before_start(cfg, world)
     need_group = p.engine != "ddp" or p.tp > 1 or p.pp > 1 or p.cp > 1
     dims, device = init_distributed(p.tp, need_group=need_group, timeout_s=p.timeout_s, pp=p.pp, cp=p.cp)
+    record_memory_history(cfg.profile)  # profile.memory_snapshot: from here, once the rank's GPU is set
     predicted = predict_run(cfg, model_cfg, dims.world_size)
     warn_if_too_big(predicted, device, dims)
     if device.type == "cuda":  # fp32 matmuls (precision=fp32, and what autocast leaves in fp32) on TF32 tensor cores
