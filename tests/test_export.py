@@ -1,8 +1,10 @@
-"""Export to the Hugging Face layout: transformers loads the files and reproduces our logits exactly (fp32)."""
+"""Export to the Hugging Face layout: transformers loads the files and reproduces our logits exactly (fp32); a padded
+vocabulary is trimmed back; the output directory must not hold another model; `latest` is followed."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -147,3 +149,45 @@ def test_llama_run_exports_through_the_cli_and_generates_in_transformers(tmp_pat
     out = hf.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=hf.config.eos_token_id)
     assert out.shape == (1, prompt["input_ids"].shape[1] + 5)
     assert isinstance(tokenizer.decode(out[0]), str) and hf.config.eos_token_id is not None
+
+
+LEGACY_GPT = Path(__file__).parent / "fixtures" / "legacy" / "gpt"  # a complete checkpoint, step_2 of a tiny GPT
+
+
+def test_export_refuses_a_directory_holding_another_model(tmp_path: Path) -> None:
+    """Issue 32: export into a directory holding another model left its shards, index and generation_config.json
+    beside the new files (transformers then loads a mix). It is refused in one line and nothing there changes."""
+    from conftest import run_cli
+
+    out = tmp_path / "hf"
+    export_hf(build_model("llama", "llama-tiny"), out)
+    (out / "generation_config.json").write_text("{}\n")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = run_cli("trainer", "export", str(LEGACY_GPT / "step_2"), "--out", str(out))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "is not empty" in r.stderr
+    assert "config.json, generation_config.json, model.safetensors" in r.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    with pytest.raises(UserError, match="is not empty"):
+        export_hf(build_model("gpt", "gpt-tiny"), out)
+    (tmp_path / "empty").mkdir()  # an empty directory is a place to export to
+    assert export_hf(build_model("gpt", "gpt-tiny"), tmp_path / "empty") == tmp_path / "empty"
+
+
+def test_export_follows_the_latest_pointer(tmp_path: Path) -> None:
+    """Issue 32: `trainer export RUN/checkpoints/latest` said "no complete checkpoint"; `latest` is the pointer to
+    the newest complete checkpoint, so export (and load_model) take the checkpoint it names."""
+    from conftest import run_cli
+
+    from trainer.checkpoint import load_model
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    shutil.copytree(LEGACY_GPT / "step_2", checkpoints / "step_2")
+    (checkpoints / "latest").write_text("step_2")
+    r = run_cli("trainer", "export", str(checkpoints / "latest"), "--out", str(tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"exported {checkpoints / 'step_2'} to" in r.stdout
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, load_model(checkpoints / "latest")(ids), rtol=0, atol=ATOL)

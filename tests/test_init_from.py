@@ -1,6 +1,7 @@
 """`model.init_from`: runs started from checkpoints that transformers saved (tiny random dimensions, nothing
-downloaded) have transformers' loss at step 1 under ddp and under fsdp ZeRO-3 x tp; export of such a run loads back
-through init_from with the same logits; damaged checkpoints are one line and nothing is written."""
+downloaded) have transformers' loss at step 1 under ddp and under fsdp ZeRO-3 x tp, GPT-2's own vocabulary under tp
+(padded rows); export of such a run loads back through init_from with the same logits; damaged checkpoints, a
+tokenizer that does not fit, and a contradicted architecture are one line and nothing is written."""
 
 import json
 import math
@@ -11,9 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import read_metrics, torchrun, write_config
+from conftest import read_metrics, run_cli, torchrun, write_config
 from safetensors.torch import load_file, save_file
 
+from trainer.build import resolve_model
 from trainer.checkpoint import latest_checkpoint, load_model
 from trainer.config import load_config
 from trainer.data import build_stream
@@ -21,6 +23,8 @@ from trainer.errors import UserError
 from trainer.export import export_hf
 from trainer.init_from import load_hf_weights
 from trainer.models import build_model
+from trainer.parallel import check_tp_degree
+from trainer.tokenizer import load_tokenizer
 from trainer.train import train
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy"
@@ -28,12 +32,12 @@ TOKENIZER = LEGACY / "gpt" / "tokenizer.json"  # a 300-token bpe tokenizer with 
 SEQ, MICRO, ACCUM = 32, 2, 2
 
 
-def hf_checkpoint(path: Path, kind: str = "llama") -> Path:
+def hf_checkpoint(path: Path, kind: str = "llama", vocab_size: int = 304) -> Path:
     """A tiny random checkpoint saved by transformers itself, with our tokenizer beside it."""
     torch.manual_seed(0)
-    common = {"vocab_size": 304, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2}
+    common = {"vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2}
     if kind == "gpt2":
-        config = transformers.GPT2Config(vocab_size=304, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+        config = transformers.GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=64)
         model = transformers.GPT2LMHeadModel(config)
     elif kind == "bert":
         config = transformers.BertConfig(**common, num_attention_heads=4, max_position_embeddings=64)
@@ -112,11 +116,12 @@ def test_step_one_has_transformers_loss_and_export_round_trips(kind, tmp_path):
     again = build_model(ARCH[kind], None, **{k: v for k, v in trained.config.to_dict().items() if k != "arch"})
     load_hf_weights(again, out)
     ids = torch.randint(0, 300, (2, 24))
+    assert (trained.config.vocab_size, trained.config.padded_vocab_size) == (304, 384)  # run default: rows padded
     with torch.no_grad():
         torch.testing.assert_close(again.eval()(ids), trained(ids), rtol=0, atol=0)
         auto = transformers.AutoModelForMaskedLM if kind == "bert" else transformers.AutoModelForCausalLM
         hf = auto.from_pretrained(out).eval()
-        torch.testing.assert_close(hf(ids).logits, trained(ids), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(hf(ids).logits, trained(ids)[..., :304], rtol=1e-4, atol=1e-4)
 
 
 def test_fsdp_zero3_x_tp_ranks_start_from_the_checkpoint(tmp_path):
@@ -243,3 +248,91 @@ def test_a_dimension_that_contradicts_the_checkpoint_is_refused(tmp_path):
     cfg["model"]["n_layer"] = 3
     with pytest.raises(UserError, match="model.n_layer=3 contradicts model.init_from"):
         train(load_config(write_config(cfg, tmp_path / "cfg.yaml")))
+
+
+def test_gpt2_vocabulary_trains_under_tp2_and_exports_trimmed(tmp_path):
+    """GPT-2's own vocabulary (50257, which no tp > 1 divides) under parallel.tp=2 on 2 gloo ranks (fsdp): the rows
+    are padded to 50304 (model.vocab_multiple 128), step 1 has transformers' loss (each rank masks the padding
+    columns of its vocab shard: unmasked, their zero logits would join the softmax), and `trainer export` of the
+    `latest` pointer trims the rows again: transformers loads 50257 rows and gives load_model's logits."""
+    ckpt = hf_checkpoint(tmp_path / "hf", "gpt2", vocab_size=50257)
+    cfg = run_config(tmp_path, ckpt, "gpt2")
+    cfg["parallel"] = {"engine": "fsdp", "tp": 2}
+    result = torchrun(2, write_config(cfg, tmp_path / "cfg.yaml"), timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    start = read_metrics(tmp_path / "run")[0]
+    (step1,) = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert (start["tp"], start["vocab_size"], start["padded_vocab_size"]) == (2, 50257, 50304)
+    assert "vocabulary 50,257 padded to 50,304 rows" in result.stdout
+    assert math.isclose(step1["loss"], transformers_loss(ckpt, tmp_path / "corpus.txt", "gpt2"), rel_tol=1e-5)
+    out = tmp_path / "exported"
+    exported = run_cli("trainer", "export", str(tmp_path / "run" / "checkpoints" / "latest"), "--out", str(out))
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    hf, info = transformers.GPT2LMHeadModel.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert hf.config.vocab_size == 50257 and hf.transformer.wte.weight.shape == (50257, 64)
+    ours = load_model(tmp_path / "run")
+    ids = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        logits = ours(ids)
+        assert logits.shape[-1] == 50304 and torch.isneginf(logits[..., 50257:]).all()
+        torch.testing.assert_close(hf.eval()(ids).logits, logits[..., :50257], rtol=1e-5, atol=1e-5)
+
+
+def test_a_checkpoint_with_fewer_rows_than_its_tokenizer_says_what_is_true(tmp_path, gpt_tok):
+    """Issue 32: a checkpoint of 280 token rows with a tokenizer of 300 ids asked to raise model.vocab_size, which
+    init_from then refuses. The line states both numbers and asks for a tokenizer that fits; the fix it gives works."""
+    ckpt = hf_checkpoint(tmp_path / "hf", "gpt2", vocab_size=280)  # its own tokenizer.json has 300 ids
+    with pytest.raises(UserError) as refused:
+        train(load_config(write_config(run_config(tmp_path, ckpt, "gpt2"), tmp_path / "cfg.yaml")))
+    line = str(refused.value)
+    assert "has 280 token rows" in line and "has 300 ids" in line and "own tokenizer.json does not fit" in line
+    assert "model.vocab_size" not in line and not (tmp_path / "run").exists()
+    # a tokenizer given beside a checkpoint whose own one fits: the line says to use the checkpoint's own
+    ckpt = hf_checkpoint(tmp_path / "hf304", "gpt2")
+    cfg = run_config(tmp_path, ckpt, "gpt2")
+    cfg["data"]["tokenizer"] = str(gpt_tok)  # 512 ids
+    with pytest.raises(UserError, match="has 304 token rows .* 512 ids: remove data.tokenizer") as refused:
+        train(load_config(write_config(cfg, tmp_path / "cfg.yaml")))
+    assert "model.vocab_size" not in str(refused.value)
+    del cfg["data"]["tokenizer"]  # as it says
+    config = load_config(write_config(cfg, tmp_path / "cfg.yaml"))
+    assert resolve_model(config, load_tokenizer(config.data.tokenizer)).vocab_size == 304
+
+
+def test_tp_pads_a_checkpoint_vocabulary_it_does_not_divide(tmp_path):
+    """Issue 32: parallel.tp=2 with a checkpoint of 2049 tokens was refused ("change model.vocab_size (pad it up to a
+    multiple)"), and changing it contradicted init_from. The rows are padded instead, before any process starts."""
+    cfg = run_config(tmp_path, hf_checkpoint(tmp_path / "hf", vocab_size=2049))
+    cfg["parallel"] = {"engine": "fsdp", "tp": 2}
+    for override, rows in (([], 2176), (["model.vocab_multiple=1"], 2050)):  # 1: only what tp needs
+        config = load_config(write_config(cfg, tmp_path / "cfg.yaml"), override)
+        model_cfg = resolve_model(config, load_tokenizer(config.data.tokenizer))
+        check_tp_degree(2, model_cfg.tp_divisors(), config.data.seq_len)
+        assert (model_cfg.vocab_size, model_cfg.padded_vocab_size) == (2049, rows)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_the_family_comes_from_config_json_when_model_arch_is_unset(kind, tmp_path):
+    """Issue 32: init_from of a Llama or Qwen3 folder without model.arch was refused ("is not a gpt model: set
+    model.arch=llama") though config.json names the architecture."""
+    cfg = run_config(tmp_path, hf_checkpoint(tmp_path / "hf", kind), kind)
+    del cfg["model"]["arch"]
+    config = load_config(write_config(cfg, tmp_path / "cfg.yaml"))
+    assert config.model.arch == "llama"
+    model_cfg = resolve_model(config, load_tokenizer(config.data.tokenizer))
+    assert (model_cfg.arch, model_cfg.qk_norm) == ("llama", kind == "qwen3")
+
+
+def test_only_a_real_contradiction_of_the_architecture_is_refused(tmp_path):
+    """model.arch=gpt given with a Llama folder is refused, naming the family; an architecture no family reads,
+    with model.arch unset, names the ones they read."""
+    ckpt = hf_checkpoint(tmp_path / "hf")
+    with pytest.raises(UserError, match="'LlamaForCausalLM' is not a gpt model: set model.arch=llama"):
+        train(load_config(write_config(run_config(tmp_path, ckpt, "gpt2"), tmp_path / "cfg.yaml")))
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "architectures": ["MambaForCausalLM"]}))
+    cfg = run_config(tmp_path, ckpt)
+    del cfg["model"]["arch"]
+    with pytest.raises(UserError, match="'MambaForCausalLM' is not a model any family .* llama: LlamaForCausalLM"):
+        load_config(write_config(cfg, tmp_path / "cfg.yaml"))

@@ -3,12 +3,14 @@ model, the resume point, the data stream and the loggers, and the start line tha
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from functools import partial
+from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import Checkpointer
+from trainer.checkpoint import Checkpointer, latest_checkpoint, read_state, resolve_checkpoint_dir
 from trainer.config import Config, save_config
 from trainer.data.from_config import build_data_stream, data_sources, describe_data
 from trainer.engines import Engine, build_engine
@@ -19,6 +21,7 @@ from trainer.init_from import hf_model_dims, load_hf_weights
 from trainer.init_from import verify as verify_hf_checkpoint
 from trainer.metrics import PeakMeter, flops_per_token
 from trainer.models import ModelConfig, count_params, family, model_from_config, resolve_model_config
+from trainer.models.registry import run_vocab_multiple
 from trainer.monitor import MetricsLogger
 from trainer.optim import OptimizerSettings
 from trainer.parallel import ParallelDims, broadcast_object, parallelize
@@ -26,7 +29,7 @@ from trainer.parallel.dims import check_world
 from trainer.parallel.pipeline import PipelinePlan, head_cost_in_blocks, plan_pipeline
 from trainer.run import Run, TrainState
 from trainer.run_lock import RunLock
-from trainer.tokenizer import TokenizerInfo
+from trainer.tokenizer import TokenizerInfo, load_tokenizer
 
 # the formula's categories the start record states (trainer/plan/memory.py)
 PREDICTED = ("parameters", "gradients", "optimizer", "gathered", "activations", "logits", "cpu")
@@ -39,21 +42,24 @@ NEEDED_TOKENS = {
 
 
 def resolve_model(cfg: Config, tok: TokenizerInfo) -> ModelConfig:
-    """The model shape: preset, then explicit dims; vocab_size defaults to the tokenizer's."""
+    """The model shape: preset, then explicit dims; vocab_size defaults to the tokenizer's, its rows padded for
+    tensor parallelism (`run_vocab_multiple`)."""
     m = cfg.model
     dims = {k: v for k, v in m.dims.items() if v is not None}
+    requested = dims.pop("vocab_multiple", None)
     if m.init_from:  # the checkpoint's config.json sets the shape
         dims = hf_model_dims(m.init_from, m.arch, dims, m.preset)
         mc = resolve_model_config(m.arch, None, **dims)
-        verify_hf_checkpoint(m.init_from, mc)
     else:
         dims.setdefault("vocab_size", tok.vocab_size)
         mc = resolve_model_config(m.arch, m.preset, **dims)
+    resumed = resumed_vocab_multiple(cfg) if requested is None else None
+    multiple = run_vocab_multiple(requested, resumed, cfg.parallel.tp, mc.vocab_size)
+    mc = dataclasses.replace(mc, vocab_multiple=multiple)
+    if m.init_from:
+        verify_hf_checkpoint(m.init_from, mc)
     if tok.vocab_size > mc.vocab_size:
-        raise UserError(
-            f"tokenizer {cfg.data.tokenizer} has {tok.vocab_size} tokens but model.vocab_size is "
-            f"{mc.vocab_size}: raise model.vocab_size to at least {tok.vocab_size} or leave it unset"
-        )
+        raise UserError(vocab_too_small(cfg, tok.vocab_size, mc.vocab_size))
     if cfg.data.seq_len > mc.max_seq_len:
         raise UserError(
             f"data.seq_len={cfg.data.seq_len} exceeds the model's {mc.max_seq_len} positions: lower "
@@ -65,6 +71,46 @@ def resolve_model(cfg: Config, tok: TokenizerInfo) -> ModelConfig:
             f"tokenizer {cfg.data.tokenizer} lacks the special tokens a {mc.arch} model needs: train one with {kind}"
         )
     return mc
+
+
+def resumed_vocab_multiple(cfg: Config) -> int | None:
+    """model.vocab_multiple of the checkpoint this run will resume (1 when saved before the key existed), or None for
+    a fresh start: a resumed run keeps its vocabulary rows. Read before any process group exists; what is wrong with
+    the checkpoint, if anything, is said where the run resumes it."""
+    if cfg.checkpoint.resume == "never":
+        return None
+    try:
+        if cfg.checkpoint.resume == "auto":
+            path = latest_checkpoint(cfg.run_dir / "checkpoints")
+        else:
+            path = resolve_checkpoint_dir(cfg.checkpoint.resume)
+        return None if path is None else int(read_state(path)["model_config"].get("vocab_multiple", 1))
+    except (UserError, SharedError, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def vocab_too_small(cfg: Config, tokens: int, rows: int) -> str:
+    """What is true when the tokenizer has more ids than the model has tokens, and the fix that is open to the user:
+    with model.init_from the vocabulary is the checkpoint's (its config.json), so the tokenizer must change."""
+    m = cfg.model
+    if not m.init_from:
+        return (
+            f"tokenizer {cfg.data.tokenizer} has {tokens} tokens but model.vocab_size is {rows}: raise "
+            f"model.vocab_size to at least {tokens} or leave it unset"
+        )
+    said = (
+        f"the checkpoint model.init_from={m.init_from} has {rows} token rows (vocab_size in its config.json) but "
+        f"tokenizer {cfg.data.tokenizer} has {tokens} ids"
+    )
+    own = Path(m.init_from) / "tokenizer.json"
+    if own.is_file() and own.resolve() == Path(cfg.data.tokenizer).resolve():
+        return (
+            f"{said}: the checkpoint's own tokenizer.json does not fit its weights; set data.tokenizer to the "
+            f"tokenizer it was trained with (at most {rows} ids)"
+        )
+    if own.is_file() and load_tokenizer(own).vocab_size <= rows:
+        return f"{said}: remove data.tokenizer to use the checkpoint's own tokenizer.json, or give one that fits"
+    return f"{said}: set data.tokenizer to the tokenizer the checkpoint was trained with (at most {rows} ids)"
 
 
 def engine_config(cfg: Config, model_cfg: ModelConfig, world: int | None = None) -> dict | None:
@@ -192,7 +238,7 @@ def model_flops_per_token(model_cfg: ModelConfig, counts: dict, seq_len: int) ->
         model_cfg.d_model,
         seq_len,
         causal=family(model_cfg.arch).objective == "causal",
-        vocab_size=model_cfg.vocab_size if model_cfg.tied_head else 0,
+        vocab_size=model_cfg.padded_vocab_size if model_cfg.tied_head else 0,
         attention_dim=model_cfg.attention_dim,
     )
 
@@ -308,6 +354,8 @@ def announce(run: Run, counts: dict, resume_from, predicted=None) -> None:
             "resumed_from_step": state.step if resume_from else None,
             "resumed_from": str(resume_from) if resume_from else None,
             "arch": run.model_cfg.arch,
+            "vocab_size": run.model_cfg.vocab_size,  # the tokens (tokenizer's or checkpoint's)
+            "padded_vocab_size": run.model_cfg.padded_vocab_size,  # embedding and head rows (model.vocab_multiple)
             "preset": cfg.model.preset,
             "device": str(run.device),
             "precision": t.precision,
@@ -322,6 +370,8 @@ def announce(run: Run, counts: dict, resume_from, predicted=None) -> None:
         }
     )
     name = run.family.title + (f" {cfg.model.preset}" if cfg.model.preset else "")
+    vocab, rows = run.model_cfg.vocab_size, run.model_cfg.padded_vocab_size
+    padded = f" (vocabulary {vocab:,} padded to {rows:,} rows)" if rows != vocab else ""
     zero = f" ZeRO-{layout['zero_stage']}" if layout["zero_stage"] else ""
     offloaded = f" (+{layout['offload_bytes'] / 2**20:,.1f} MiB in CPU memory)" if layout.get("offload_bytes") else ""
     tokens = run.global_batch * cfg.data.seq_len
@@ -334,7 +384,7 @@ def announce(run: Run, counts: dict, resume_from, predicted=None) -> None:
         per_pp_rank = layout["pp_rank_model_state_bytes"]
         state_mib = "/".join(f"{b / 2**20:,.1f}" for b in per_pp_rank) + " (pp ranks in order)"
     logger.print(
-        f"{name}: {counts['n_params']:,} parameters | {layout['engine']}{zero}, {grid} on "
+        f"{name}: {counts['n_params']:,} parameters{padded} | {layout['engine']}{zero}, {grid} on "
         f"{run.device.type}, offload {layout['offload']}, model state {state_mib} MiB per rank{offloaded}{peak} | "
         f"{run.global_batch} x {cfg.data.seq_len} = {tokens:,} tokens "
         f"per step | {t.steps:,} steps, {t.precision} | run dir {cfg.run_dir}"

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from trainer.errors import UserError
-from trainer.models.registry import ARCHS, check_settings
+from trainer.models.registry import ARCHS, arch_of_checkpoint, check_settings
 from trainer.profiling import check_profile
 
 
@@ -32,12 +32,16 @@ class RunConfig:
 
 @dataclass
 class ModelSection:
-    arch: str = "gpt"  # the model family: gpt | bert | llama (trainer/models/registry.py)
+    # the model family: gpt | bert | llama (trainer/models/registry.py); unset: the family of init_from's config.json
+    # (its `architectures`), else gpt
+    arch: str | None = None
     preset: str | None = None  # gpt2-small, ..., bert-base, ..., smollm2-135m, llama3.2-1b, qwen3-0.6b, tiny ones
     init_from: str | None = None  # a Hugging Face checkpoint directory to start from; its config.json sets the dims
     # Every other model.* key is a dimension of the family (n_layer, n_head, d_model, d_ff, vocab_size, max_seq_len,
     # dropout, and the family's own, e.g. llama's n_kv_heads): it overrides the preset, and the family checks it.
-    # vocab_size defaults to the tokenizer's vocabulary size.
+    # vocab_size defaults to the tokenizer's vocabulary size. vocab_multiple (default 128; a resumed run keeps its
+    # checkpoint's): the embedding and head get rows up to a multiple of it (and of parallel.tp), whose logits are
+    # masked; export trims them.
     dims: dict = field(default_factory=dict)
 
 
@@ -294,6 +298,8 @@ def _get(cfg: Config, key: str) -> Any:
 
 def validate(cfg: Config) -> None:
     """Value checks that do not need the model or the data (those come at build time)."""
+    if cfg.model.arch is None:  # the checkpoint's config.json names its family
+        cfg.model.arch = arch_of_checkpoint(cfg.model.init_from) if cfg.model.init_from else "gpt"
     for key, choices in CHOICES.items():
         value = _get(cfg, key)
         if value not in choices:

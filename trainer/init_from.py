@@ -4,6 +4,11 @@ dimensions come from config.json. Each rank reads only what it holds: a one-to-o
 (FSDP, tensor parallel) is read as the rank's slice, straight from the file; a converted one (GPT-2's fused,
 transposed q/k/v) is read whole, one tensor at a time, and sliced. Under DeepSpeed ZeRO-3 rank 0 reads each
 parameter whole, one at a time, into its gathered form, and DeepSpeed partitions it again.
+
+A padded vocabulary (model.vocab_multiple: the run's embedding and head have more rows than the checkpoint's
+vocab_size) gets zeros in the padding rows. Zero rather than small random values: no token id looks those rows up and
+their logits are masked to -inf, so no gradient ever reaches them and they stay exactly zero through training; the
+trained model is then the checkpoint's model with nothing added, and `trainer export` drops them again.
 """
 
 from __future__ import annotations
@@ -61,7 +66,9 @@ def _global_shape(p: torch.Tensor) -> tuple[int, ...]:
     return tuple(getattr(p, "ds_shape", p.shape))
 
 
-def _hf_shape(entry, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+def _hf_shape(entry, shapes: list[tuple[int, ...]], vocab_size: int) -> tuple[int, ...]:
+    if entry.vocab_rows:  # ours is padded, theirs holds the tokens only
+        return (vocab_size, *shapes[0][1:])
     if entry.conversion == "same":
         return shapes[0]
     if entry.conversion == "t":
@@ -83,7 +90,7 @@ def check_checkpoint(ckpt: HFCheckpoint, cfg: ModelConfig, params: dict[str, tor
             raise UserError(f"{ckpt.directory}: tensor {e.hf} is missing (a {cfg.arch} model of this shape has it)")
         if e not in held:  # a pipeline stage: verify() checked the whole model's shapes
             continue
-        shape = _hf_shape(e, [_global_shape(params[o]) for o in e.ours])
+        shape = _hf_shape(e, [_global_shape(params[o]) for o in e.ours], cfg.vocab_size)
         if ckpt.shape(e.hf) != shape:
             raise UserError(
                 f"{ckpt.directory / file_of[e.hf]}: tensor {e.hf} has shape {list(ckpt.shape(e.hf))}, the model "
@@ -109,6 +116,24 @@ def verify(directory: str | Path, cfg: ModelConfig) -> None:
     check_checkpoint(HFCheckpoint(directory), cfg, params)
 
 
+def _read(ckpt: HFCheckpoint, entry, index: tuple[slice, ...], vocab_size: int) -> torch.Tensor:
+    """`index` (a slice per dimension of our parameter) of a one-to-one tensor; for a vocabulary entry, the rows past
+    the checkpoint's `vocab_size` (padding) are zeros."""
+    if not entry.vocab_rows:
+        return ckpt.read(entry.hf, index)
+    rows, rest = index[0], index[1:]
+    stored = slice(min(rows.start, vocab_size), min(rows.stop, vocab_size))
+    part = ckpt.read(entry.hf, (stored, *rest)) if stored.stop > stored.start else None
+    if part is None:
+        return torch.zeros(rows.stop - rows.start, *(s.stop - s.start for s in rest))
+    pad = (rows.stop - rows.start) - part.shape[0]
+    return torch.cat([part, part.new_zeros(pad, *part.shape[1:])]) if pad else part
+
+
+def _whole(shape: tuple[int, ...]) -> tuple[slice, ...]:
+    return tuple(slice(0, n) for n in shape)
+
+
 @torch.no_grad()
 def load_hf_weights(model: nn.Module, directory: str | Path, aliases: dict[str, str] | None = None) -> None:
     """Copies the checkpoint's weights into `model` (as the engine materialised it: whole, DTensor shards, or DeepSpeed
@@ -119,6 +144,7 @@ def load_hf_weights(model: nn.Module, directory: str | Path, aliases: dict[str, 
     for alias, name in (aliases or {}).items():
         if alias in params and name not in params:
             params[name] = params[alias]
+    vocab_size = model.config.vocab_size
     entries = check_checkpoint(ckpt, model.config, params)
     for e in entries:
         targets = [params[o] for o in e.ours]
@@ -127,16 +153,18 @@ def load_hf_weights(model: nn.Module, directory: str | Path, aliases: dict[str, 
 
             with deepspeed.zero.GatheredParameters(targets, modifier_rank=0):
                 if torch.distributed.get_rank() == 0:
-                    for t, value in zip(targets, e.from_hf(ckpt.read(e.hf))):
+                    whole = _read(ckpt, e, _whole(targets[0].shape), vocab_size) if e.vocab_rows else ckpt.read(e.hf)
+                    for t, value in zip(targets, e.from_hf(whole)):
                         t.copy_(value)
             continue
         if e.conversion == "same" and isinstance(targets[0], DTensor):
             p = targets[0]
             shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
             index = tuple(slice(o, o + s) for o, s in zip(offset, shape))
-            p.to_local().copy_(ckpt.read(e.hf, index))
+            p.to_local().copy_(_read(ckpt, e, index, vocab_size))
             continue
-        for t, value in zip(targets, e.from_hf(ckpt.read(e.hf))):
+        whole = _read(ckpt, e, _whole(_global_shape(targets[0])), vocab_size) if e.vocab_rows else ckpt.read(e.hf)
+        for t, value in zip(targets, e.from_hf(whole)):
             if isinstance(t, DTensor):
                 shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
                 value = value[tuple(slice(o, o + s) for o, s in zip(offset, shape))]

@@ -61,9 +61,14 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """Accepts a checkpoint directory, a run's `checkpoints/` directory, or a run directory; the checkpoint must be
-    complete (a damaged one is refused in one line)."""
+    """Accepts a checkpoint directory, the `latest` pointer (the checkpoint it names), a run's `checkpoints/`
+    directory, or a run directory; the checkpoint must be complete (a damaged one is refused in one line)."""
     p = Path(path)
+    if p.name == LATEST and p.is_file():  # the pointer: the checkpoint it names, or why it names none
+        target, why = read_pointer(p.parent)
+        if target is None:
+            raise SharedError(f"{p} names no checkpoint ({why}): give a checkpoints/step_<N> directory of the run")
+        p = target
     if (p / STATE_FILE).is_file() or (p.name.startswith("step_") and p.is_dir()):
         why = damage(p)
         if why is not None:

@@ -20,10 +20,19 @@ OBJECTIVES = ("causal", "masked")  # next-token prediction (decoders) | masked-t
 
 class ModelConfig:
     """Base of every family's config dataclass: every number that fixes a model's shape, nothing about parallelism or
-    training. Every family has n_layer, n_head, d_model, d_ff, vocab_size and max_seq_len; the rest is its own."""
+    training. Every family has n_layer, n_head, d_model, d_ff, vocab_size, max_seq_len and vocab_multiple; the rest is
+    its own."""
 
     arch: ClassVar[str]
-    POSITIVE: ClassVar[tuple[str, ...]] = ("n_layer", "n_head", "d_model", "vocab_size", "max_seq_len", "d_ff")
+    POSITIVE: ClassVar[tuple[str, ...]] = (
+        "n_layer",
+        "n_head",
+        "d_model",
+        "vocab_size",
+        "max_seq_len",
+        "d_ff",
+        "vocab_multiple",
+    )
     FROM_D_MODEL: ClassVar[tuple[str, ...]] = ("d_ff",)  # re-derived when d_model is overridden and they are not given
     LEGACY: ClassVar[dict[str, Any]] = {}  # keys older checkpoints saved that this family lacks, with their one value
 
@@ -31,8 +40,11 @@ class ModelConfig:
     n_head: int
     d_model: int
     d_ff: int
-    vocab_size: int
+    vocab_size: int  # the tokens: the tokenizer's (or the checkpoint's) vocabulary
     max_seq_len: int
+    vocab_multiple: (
+        int  # embedding and head rows are padded up to a multiple of it (a field of every family, default 1)
+    )
 
     def __post_init__(self) -> None:
         self.fill_defaults()
@@ -47,6 +59,13 @@ class ModelConfig:
 
     def check(self) -> None:
         """Family-specific consistency checks (UserError naming the key and the fix)."""
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the token embedding and the LM head: vocab_size rounded up to a multiple of vocab_multiple, so that
+        tensor parallelism splits them evenly (and each shard stays a multiple of a matmul tile). The rows past
+        vocab_size are no token: no id looks them up and their logits are -inf (trainer.models.layers.VocabHead)."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     @property
     def head_dim(self) -> int:
@@ -78,13 +97,14 @@ class ModelConfig:
             "block": block,
             "block_input": bs * h // tp * e,
             "first": bs * 8 + s * 8,  # token ids, positions
-            "last": head + bs * -(-self.vocab_size // tp) * 4 + bs * 8,  # + fp32 log-softmax, labels
+            "last": head + bs * -(-self.padded_vocab_size // tp) * 4 + bs * 8,  # + fp32 log-softmax, labels
             "last_chunked": head + bs * 8,
         }
 
     def tp_divisors(self) -> dict[str, int]:
-        """The dimensions (config key -> value) a tensor-parallel degree must divide."""
-        return {"model.n_head": self.n_head, "model.d_ff": self.d_ff, "model.vocab_size": self.vocab_size}
+        """The dimensions (config key -> value) a tensor-parallel degree must divide. Not the vocabulary: a run pads
+        its rows to a multiple of tp (`run_vocab_multiple`)."""
+        return {"model.n_head": self.n_head, "model.d_ff": self.d_ff}
 
     def to_dict(self) -> dict:
         """Plain dict with the arch (for checkpoints and logs); `config_from_dict` rebuilds it."""

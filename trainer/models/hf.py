@@ -5,7 +5,9 @@ An entry maps one Hugging Face tensor to one or more of ours, with a conversion 
 - `same`: the tensor as it is;
 - `t`: transposed (GPT-2's Conv1D keeps weights as (in, out));
 - `cat`: ours concatenated on dim 0 (GPT-2's fused q/k/v bias); `cat_t`: concatenated, then transposed (its weight).
-`{i}` in a name stands for the block index.
+`{i}` in a name stands for the block index. An entry with `vocab_rows` has the vocabulary as its first dimension:
+ours has padded_vocab_size rows (model.vocab_multiple), Hugging Face's vocab_size; export drops the padding rows and
+import fills them with zeros.
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ class Entry:
     hf: str
     ours: tuple[str, ...]
     conversion: str = "same"  # same | t | cat | cat_t
+    vocab_rows: bool = False  # dim 0 is the vocabulary (conversion "same"): padding rows are ours only
 
     def expand(self, n_layer: int) -> list[Entry]:
         if "{i}" not in self.hf:
             return [self]
         return [
-            Entry(self.hf.format(i=i), tuple(o.format(i=i) for o in self.ours), self.conversion) for i in range(n_layer)
+            Entry(self.hf.format(i=i), tuple(o.format(i=i) for o in self.ours), self.conversion, self.vocab_rows)
+            for i in range(n_layer)
         ]
 
     def to_hf(self, tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -86,8 +90,13 @@ def special_token_ids(ids: dict | None) -> dict[str, int]:
 
 
 def to_hf(state: dict[str, torch.Tensor], cfg, adapter: Adapter) -> dict[str, torch.Tensor]:
-    """Our (unwrapped) state dict -> Hugging Face tensors, each stored once."""
-    return {e.hf: e.to_hf([state[o] for o in e.ours]) for e in adapter.entries(cfg)}
+    """Our (unwrapped) state dict -> Hugging Face tensors, each stored once; a padded vocabulary trimmed back to
+    vocab_size rows (the padding rows are no token; a copy, not a view into the padded tensor)."""
+    n = cfg.vocab_size
+    return {
+        e.hf: e.to_hf([state[o][:n].clone() if e.vocab_rows and len(state[o]) > n else state[o] for o in e.ours])
+        for e in adapter.entries(cfg)
+    }
 
 
 def read_config(directory: Path) -> dict:

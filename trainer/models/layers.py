@@ -94,6 +94,30 @@ class SelfAttention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
 
+def mask_padding(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """`logits` (..., padded vocabulary) with -inf in the columns of the padding rows (ids >= vocab_size), in place:
+    they then never win an argmax, a sample or a share of the softmax (exp(-inf) = 0, so no gradient reaches those
+    rows either)."""
+    cols = torch.arange(logits.shape[-1], device=logits.device)
+    return logits.masked_fill_(cols >= vocab_size, float("-inf"))
+
+
+class VocabHead(nn.Linear):
+    """The projection onto the vocabulary (LM head, MLM decoder): `padded_vocab_size` rows, of which the first
+    `vocab_size` are tokens; the padding rows' logits are -inf (`mask_padding`). Under tensor parallelism the logits
+    are vocab-sharded and the plan replaces `mask` by one that masks each rank's shard (trainer/models/tp_plans.py)."""
+
+    def __init__(self, cfg: ModelConfig, bias: bool = False) -> None:
+        super().__init__(cfg.d_model, cfg.padded_vocab_size, bias=bias)
+        self.vocab_size = cfg.vocab_size
+        self.mask: Callable[[torch.Tensor, int], torch.Tensor] = mask_padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., d_model) -> (..., padded_vocab_size) logits."""
+        logits = super().forward(x)
+        return logits if self.out_features == self.vocab_size else self.mask(logits, self.vocab_size)
+
+
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy (in fp32) over the target tokens (labels != -100). Under tensor parallelism `logits` is
     sharded over the vocabulary and this runs inside `loss_parallel` (the engine's micro-batch context), never

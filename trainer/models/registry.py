@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import math
+from pathlib import Path
 from typing import Any
 
 from trainer.errors import UserError
@@ -24,6 +26,51 @@ def family(arch: str) -> Family:
     if arch not in FAMILIES:
         raise UserError(f"model.arch={arch!r} is unknown; use one of {', '.join(ARCHS)}")
     return importlib.import_module(FAMILIES[arch]).FAMILY
+
+
+def arch_of_checkpoint(directory: str | Path) -> str:
+    """The family that reads the Hugging Face checkpoint in `directory`, from its config.json's `architectures` (what
+    `model.arch` is when unset beside `model.init_from`); one line when no family reads it."""
+    from trainer.models.hf import CONFIG_FILE, read_config
+
+    entry = (read_config(Path(directory)).get("architectures") or [None])[0]
+    readers = [arch for arch in ARCHS if entry in family(arch).adapter.architectures]
+    if readers:
+        return readers[0]
+    known = "; ".join(f"{a}: {', '.join(family(a).adapter.architectures)}" for a in ARCHS)
+    if entry is None:
+        raise UserError(
+            f"{Path(directory) / CONFIG_FILE} names no architectures: set model.arch to the family of the checkpoint "
+            f"({known})"
+        )
+    raise UserError(
+        f"{Path(directory) / CONFIG_FILE}: architectures {entry!r} is not a model any family of this trainer reads "
+        f"({known})"
+    )
+
+
+VOCAB_MULTIPLE = 128  # a run's default model.vocab_multiple, as Megatron's --make-vocab-size-divisible-by
+
+
+def run_vocab_multiple(requested: int | None, resumed: int | None, tp: int, vocab_size: int) -> int:
+    """The vocab_multiple a run builds its model with: the one requested (model.vocab_multiple), else the one of the
+    checkpoint it resumes (`resumed`; 1 for checkpoints saved before padding existed), else VOCAB_MULTIPLE. When
+    parallel.tp does not divide the rows that gives, the least common multiple with tp (not Megatron's product: the
+    padded vocabulary then stays the same at every tp degree that divides it, any power of two up to 128 by default,
+    so a checkpoint resumes at another tp degree). A resumed checkpoint's rows cannot change: refused in one line."""
+    multiple = requested if requested is not None else resumed if resumed is not None else VOCAB_MULTIPLE
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise UserError(f"model.vocab_multiple={multiple!r} is invalid; set a positive integer (1: no padding)")
+    rows = -(-vocab_size // multiple) * multiple
+    if rows % tp == 0:
+        return multiple
+    if requested is None and resumed is not None:
+        raise UserError(
+            f"the checkpoint this run resumes has {rows} vocabulary rows (vocab_size {vocab_size}), which "
+            f"parallel.tp={tp} does not split evenly: resume with a parallel.tp that divides {rows}, or start a fresh "
+            f"run (checkpoint.resume=never or another run.dir), which pads the vocabulary for tp"
+        )
+    return math.lcm(multiple, tp)
 
 
 def all_presets() -> dict[str, ModelConfig]:

@@ -6,12 +6,16 @@ projections row-parallel and reduce-scattered over the sequence (sequence parall
 holds T/p positions of the residual stream, so norms and residual dropout run on 1/p of the tokens, and attention and
 MLP inputs are all-gathered over the sequence first. Outside the blocks the token embedding is vocab-parallel and
 reduce-scatters into the sequence-sharded stream; the LM head is column-parallel over the vocabulary and its logits
-stay sharded (Shard(-1)), so `loss_parallel` computes the cross-entropy without gathering them.
+stay sharded (Shard(-1)), so `loss_parallel` computes the cross-entropy without gathering them; each rank sets -inf
+in the padding columns it holds (a padded vocabulary), so the sharded softmax never counts them.
 """
 
 from __future__ import annotations
 
-from torch.distributed.tensor import Replicate, Shard
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -53,6 +57,28 @@ def sequence_norm() -> SequenceParallel:
 def vocab_head(input_layout) -> ColwiseParallel:
     """The LM head, column-parallel over the vocabulary; its logits stay a vocab-sharded DTensor."""
     return ColwiseParallel(input_layouts=input_layout, output_layouts=Shard(-1), use_local_output=False)
+
+
+def mask_vocab_shards(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """`trainer.models.layers.mask_padding` for logits sharded over the vocabulary (a Shard(-1) DTensor): each rank
+    fills the padding columns (ids >= vocab_size) of its own shard with -inf, without gathering anything."""
+    if not isinstance(logits, DTensor):
+        cols = torch.arange(logits.shape[-1], device=logits.device)
+        return logits.masked_fill(cols >= vocab_size, float("-inf"))
+    shape, offset = compute_local_shape_and_global_offset(logits.shape, logits.device_mesh, logits.placements)
+    local = logits.to_local()
+    cols = torch.arange(offset[-1], offset[-1] + shape[-1], device=local.device)
+    local = local.masked_fill(cols >= vocab_size, float("-inf"))
+    return DTensor.from_local(
+        local, logits.device_mesh, logits.placements, run_check=False, shape=logits.shape, stride=logits.stride()
+    )
+
+
+def mask_head_shards(model: nn.Module) -> None:
+    """The LM head of a vocab-parallel model (if this model, or pipeline stage, holds it) masks its padding columns
+    shard by shard (its logits are a vocab-sharded DTensor)."""
+    if getattr(model, "lm_head", None) is not None:
+        model.lm_head.mask = mask_vocab_shards
 
 
 def present(model, plan: dict) -> dict:

@@ -19,13 +19,11 @@ from trainer.models import family
 
 def check_tp_degree(tp: int, divisors: dict[str, int], seq_len: int) -> None:
     """Refuses degrees that do not split the model's dimensions (`divisors`: config key -> value, the family's
-    `tp_divisors()`: heads, MLP width, vocabulary, ...) and the sequence evenly, before any work."""
+    `tp_divisors()`: heads, MLP width, ...; the vocabulary is padded instead) and the sequence evenly, before any
+    work."""
     for key, value in {**divisors, "data.seq_len": seq_len}.items():
         if value % tp:
-            fix = {
-                "model.vocab_size": "model.vocab_size (pad it up to a multiple)",
-                "data.seq_len": "data.seq_len (sequence parallelism splits it)",
-            }.get(key, key)
+            fix = {"data.seq_len": "data.seq_len (sequence parallelism splits it)"}.get(key, key)
             raise UserError(
                 f"parallel.tp={tp} does not divide {key}={value}: choose a tp that divides it or change {fix}"
             )

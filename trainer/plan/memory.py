@@ -351,7 +351,7 @@ def _rank_bytes(
     n_tp = _numel(shapes)  # this rank's parameters before dp sharding
     out = Breakdown()
     last = plan is None or (plan.n_stages - 1) in stages
-    b, s, v = layout.micro_batch, seq_len // layout.cp, model_cfg.vocab_size  # s: this rank's tokens
+    b, s, v = layout.micro_batch, seq_len // layout.cp, model_cfg.padded_vocab_size  # s: this rank's tokens
     if last:
         chunk = loss_chunk_rows(v) if layout.activation_checkpointing == "full" and tp == 1 else 0
         rows = min(chunk, b * s) if chunk else b * s

@@ -20,7 +20,7 @@ class BERTConfig(ModelConfig):
     d_model: int
     """Hidden size."""
     vocab_size: int
-    """Rows of the word embedding (and of the tied MLM decoder)."""
+    """Tokens of the vocabulary (ids 0..vocab_size-1); the embedding and head have padded_vocab_size rows."""
     max_seq_len: int
     """Learned position embeddings; longer inputs are an error."""
     dropout: float = 0.0
@@ -30,6 +30,9 @@ class BERTConfig(ModelConfig):
     type_vocab_size: int = 2
     """Number of segment (token type) ids."""
     layer_norm_eps: float = 1e-12
+    vocab_multiple: int = 1
+    """The embedding and LM head rows are vocab_size rounded up to a multiple of this (`padded_vocab_size`); 1: none.
+    A run defaults it to 128 (times what tensor parallelism needs); checkpoints saved without it had none."""
 
     def saved_bytes(self, b: int, s: int, tp: int, e: int) -> dict[str, int]:
         """As GPT-2's block (see ModelConfig); the embeddings add the segment ids and their LayerNorm, the MLM head

@@ -29,8 +29,9 @@ _TOP = {
     "head.ln.bias": "cls.predictions.transform.LayerNorm.bias",
     "lm_head.bias": "cls.predictions.bias",
 }
+_VOCAB_ROWS = ("tok_emb.weight", "lm_head.bias")  # the word embedding (the tied decoder) and the decoder's bias
 TABLE = [
-    *[Entry(hf, (ours,)) for ours, hf in _TOP.items()],
+    *[Entry(hf, (ours,), vocab_rows=ours in _VOCAB_ROWS) for ours, hf in _TOP.items()],
     *[
         Entry(f"bert.encoder.layer.{{i}}.{hf}.{k}", (f"blocks.{{i}}.{ours}.{k}",))
         for ours, hf in _BLOCK.items()

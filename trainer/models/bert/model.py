@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.models.bert.config import BERTConfig
-from trainer.models.layers import MLP, SelfAttention, check_seq_len, head_loss_sum, init_weights_
+from trainer.models.layers import MLP, SelfAttention, VocabHead, check_seq_len, head_loss_sum, init_weights_
 
 
 class Block(nn.Module):
@@ -47,7 +47,8 @@ class MLMHead(nn.Module):
 
 
 class BERT(nn.Module):
-    """BERT masked LM: `forward(input_ids, token_type_ids=None, attention_mask=None) -> logits (B, T, vocab_size)`."""
+    """BERT masked LM: `forward(input_ids, token_type_ids=None, attention_mask=None) -> logits (B, T, vocab_size)`;
+    with a padded vocabulary, (B, T, padded_vocab_size), -inf past vocab_size (see GPT)."""
 
     # a pipeline stage without them: see GPT
     PIPELINE_FIRST, PIPELINE_LAST = ("tok_emb", "pos_emb", "type_emb", "ln_emb"), ("head", "lm_head")
@@ -55,7 +56,7 @@ class BERT(nn.Module):
     def __init__(self, cfg: BERTConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model)
         self.ln_emb = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
@@ -63,7 +64,7 @@ class BERT(nn.Module):
         # keyed by the global layer index: a process holding only some blocks keeps their names
         self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layer)})
         self.head = MLMHead(cfg)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=True)
+        self.lm_head = VocabHead(cfg, bias=True)
         self.loss_chunk_rows = 0  # > 0: the MLM head and loss in checkpointed chunks of this many tokens
         self.tie_weights()
         self.init_weights()

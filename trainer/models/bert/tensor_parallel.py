@@ -8,7 +8,15 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import PrepareModuleInput, parallelize_module
 
-from trainer.models.tp_plans import block_plan, positions_embedding, present, sequence_norm, vocab_embedding, vocab_head
+from trainer.models.tp_plans import (
+    block_plan,
+    mask_head_shards,
+    positions_embedding,
+    present,
+    sequence_norm,
+    vocab_embedding,
+    vocab_head,
+)
 
 BLOCK = block_plan(
     norms=("ln_attn", "ln_mlp"),
@@ -33,4 +41,5 @@ def apply(model: nn.Module, tp_mesh: DeviceMesh) -> None:
         "lm_head": vocab_head(Replicate()),
     }
     parallelize_module(model, tp_mesh, present(model, top))
+    mask_head_shards(model)
     model.tie_weights()

@@ -23,7 +23,7 @@ class GPTConfig(ModelConfig):
     d_model: int
     """Hidden size (width of the residual stream)."""
     vocab_size: int
-    """Rows of the token embedding (and of the tied LM head)."""
+    """Tokens of the vocabulary (ids 0..vocab_size-1); the embedding and head have padded_vocab_size rows."""
     max_seq_len: int
     """Learned position embeddings; longer inputs are an error."""
     dropout: float = 0.0
@@ -31,6 +31,9 @@ class GPTConfig(ModelConfig):
     d_ff: int | None = None
     """MLP inner width; None means 4 * d_model."""
     layer_norm_eps: float = 1e-5
+    vocab_multiple: int = 1
+    """The embedding and LM head rows are vocab_size rounded up to a multiple of this (`padded_vocab_size`); 1: none.
+    A run defaults it to 128 (times what tensor parallelism needs); checkpoints saved without it had none."""
 
     def fill_defaults(self) -> None:
         if self.d_ff is None:

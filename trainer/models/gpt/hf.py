@@ -9,7 +9,7 @@ from trainer.models.hf import Adapter, Entry, special_token_ids
 INITIALIZER_RANGE = 0.02
 
 TABLE = [
-    Entry("transformer.wte.weight", ("tok_emb.weight",)),
+    Entry("transformer.wte.weight", ("tok_emb.weight",), vocab_rows=True),
     Entry("transformer.wpe.weight", ("pos_emb.weight",)),
     Entry("transformer.ln_f.weight", ("ln_f.weight",)),
     Entry("transformer.ln_f.bias", ("ln_f.bias",)),

@@ -17,6 +17,7 @@ from trainer.models.layers import (
     MLP,
     SelfAttention,
     SequenceShard,
+    VocabHead,
     check_seq_len,
     head_loss_sum,
     init_weights_,
@@ -43,7 +44,8 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     """GPT-2 language model: `forward(input_ids (B, T)) -> logits (B, T, vocab_size)`, or with `labels` (B, T) the
-    summed next-token cross-entropy over the targets (labels != -100), without returning the logits.
+    summed next-token cross-entropy over the targets (labels != -100), without returning the logits. With a padded
+    vocabulary (model.vocab_multiple) the logits have padded_vocab_size columns, -inf past vocab_size.
 
     A pipeline stage is this model with the parts of `PIPELINE_FIRST` or `PIPELINE_LAST` set to None: without the
     embeddings it takes the previous stage's hidden state (B, T, d_model), without the head it returns its own."""
@@ -53,13 +55,13 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.emb_dropout = nn.Dropout(cfg.dropout)
         # keyed by the global layer index: a process holding only some blocks keeps their names
         self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layer)})
         self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = VocabHead(cfg)
         self.loss_chunk_rows = 0  # > 0: the head and loss in checkpointed chunks of this many tokens (head_loss_sum)
         self.seq_shard: SequenceShard | None = None  # context parallelism: this rank's positions of each sequence
         self.tie_weights()

@@ -7,7 +7,15 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard
 from torch.distributed.tensor.parallel import parallelize_module
 
-from trainer.models.tp_plans import block_plan, positions_embedding, present, sequence_norm, vocab_embedding, vocab_head
+from trainer.models.tp_plans import (
+    block_plan,
+    mask_head_shards,
+    positions_embedding,
+    present,
+    sequence_norm,
+    vocab_embedding,
+    vocab_head,
+)
 
 BLOCK = block_plan(
     norms=("ln_1", "ln_2"), columns=("attn.wq", "attn.wk", "attn.wv", "mlp.fc_in"), rows=("attn.wo", "mlp.fc_out")
@@ -26,4 +34,5 @@ def apply(model: nn.Module, tp_mesh: DeviceMesh) -> None:
         "lm_head": vocab_head(Shard(1)),
     }
     parallelize_module(model, tp_mesh, present(model, top))
+    mask_head_shards(model)
     model.tie_weights()

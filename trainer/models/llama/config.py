@@ -24,7 +24,7 @@ class LlamaConfig(ModelConfig):
     d_model: int
     """Hidden size (width of the residual stream)."""
     vocab_size: int
-    """Rows of the token embedding and of the LM head."""
+    """Tokens of the vocabulary (ids 0..vocab_size-1); the embedding and head have padded_vocab_size rows."""
     max_seq_len: int
     """Longest sequence (rotary positions need no table: this only bounds the input)."""
     n_kv_heads: int | None = None
@@ -45,6 +45,9 @@ class LlamaConfig(ModelConfig):
     """RMSNorm over each query and key head before the rotation (Qwen3)."""
     dropout: float = 0.0
     """Dropout of attention probabilities and residual branches (0 in every published recipe)."""
+    vocab_multiple: int = 1
+    """The embedding and LM head rows are vocab_size rounded up to a multiple of this (`padded_vocab_size`); 1: none.
+    A run defaults it to 128 (times what tensor parallelism needs); checkpoints saved without it had none."""
 
     def saved_bytes(self, b: int, s: int, tp: int, e: int) -> dict[str, int]:
         """Llama's block (see ModelConfig for the parts): two RMSNorms (input, fp32 rstd, normalised), the attention
@@ -63,7 +66,7 @@ class LlamaConfig(ModelConfig):
             "block": block,
             "block_input": bs * h // tp * e,
             "first": bs * 8,
-            "last": head + bs * -(-self.vocab_size // tp) * 4 + bs * 8,
+            "last": head + bs * -(-self.padded_vocab_size // tp) * 4 + bs * 8,
             "last_chunked": head + bs * 8,
         }
 

@@ -26,12 +26,12 @@ _QK_NORM = {"attn.q_norm.weight": "self_attn.q_norm.weight", "attn.k_norm.weight
 def table(cfg: LlamaConfig) -> list[Entry]:
     block = {**_BLOCK, **(_QK_NORM if cfg.qk_norm else {})}
     entries = [
-        Entry("model.embed_tokens.weight", ("tok_emb.weight",)),
+        Entry("model.embed_tokens.weight", ("tok_emb.weight",), vocab_rows=True),
         *[Entry(f"model.layers.{{i}}.{hf}", (f"blocks.{{i}}.{ours}",)) for ours, hf in block.items()],
         Entry("model.norm.weight", ("norm.weight",)),
     ]
     if not cfg.tie_embeddings:
-        entries.append(Entry("lm_head.weight", ("lm_head.weight",)))
+        entries.append(Entry("lm_head.weight", ("lm_head.weight",), vocab_rows=True))
     return entries
 
 

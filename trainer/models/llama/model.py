@@ -17,6 +17,7 @@ from torch import nn
 
 from trainer.models.layers import (
     SequenceShard,
+    VocabHead,
     causal_attention,
     check_seq_len,
     head_loss_sum,
@@ -136,19 +137,19 @@ class Block(nn.Module):
 
 class Llama(nn.Module):
     """`forward(input_ids (B, T)) -> logits (B, T, vocab_size)`, or with `labels` (B, T) the summed next-token
-    cross-entropy over the targets (labels != -100)."""
+    cross-entropy over the targets (labels != -100). Logits past vocab_size (padding rows) are -inf (see GPT)."""
 
     PIPELINE_FIRST, PIPELINE_LAST = ("tok_emb",), ("norm", "lm_head")  # a stage without them: see GPT
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
         self.emb_dropout = nn.Dropout(cfg.dropout)
         # keyed by the global layer index: a process holding only some blocks keeps their names
         self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layer)})
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = VocabHead(cfg)
         self.loss_chunk_rows = 0  # > 0: the head and loss in checkpointed chunks of this many tokens (head_loss_sum)
         self.seq_shard: SequenceShard | None = None  # context parallelism (set from outside)
         self.tie_weights()

@@ -9,7 +9,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard
 from torch.distributed.tensor.parallel import SequenceParallel, parallelize_module
 
-from trainer.models.tp_plans import block_plan, present, sequence_norm, vocab_embedding, vocab_head
+from trainer.models.tp_plans import block_plan, mask_head_shards, present, sequence_norm, vocab_embedding, vocab_head
 
 
 def apply(model: nn.Module, tp_mesh: DeviceMesh) -> None:
@@ -31,4 +31,5 @@ def apply(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     # '_local_tensor'). A copy breaks the alias (GPT's sum with the position embedding does the same).
     if model.tok_emb is not None:
         model.tok_emb.register_forward_hook(lambda module, args, out: out.clone())
+    mask_head_shards(model)
     model.tie_weights()
