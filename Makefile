@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 TORCH_INDEX ?=
 EXTRAS ?= wandb,deepspeed,dev
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo bench gpu-check lint clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,11 @@ demo: install
 
 bench: install
 	$(BIN)/python bench/throughput.py
+
+# the GPU acceptance run: one table of figures, targets and PASS/FAIL, meant to take under 8 minutes on one H100 or
+# H200 (a CUDA build of torch: TORCH_INDEX=https://download.pytorch.org/whl/cu128); exits 1 on a failed row
+gpu-check: install
+	$(BIN)/python bench/gpu_check.py
 
 lint: install
 	$(BIN)/ruff check trainer launch tests bench
