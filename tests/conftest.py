@@ -19,6 +19,31 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
+QUICK = os.environ.get("TRAINER_TEST_QUICK") == "1"  # `make test-quick`
+
+
+@pytest.fixture(scope="session", autouse=True)
+def quick_mode():
+    """Under `make test-quick`, a test that would start a subprocess (a CLI run, torchrun, a data worker) or join a
+    process group is skipped at that point, saying so: what is left runs in-process in a few minutes. `make test`
+    runs everything."""
+    if not QUICK:
+        yield
+        return
+    import multiprocessing
+
+    import torch.distributed as dist
+
+    def refuse(*args, **kwargs):
+        pytest.skip("starts a subprocess or a process group: `make test` runs it")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(subprocess, "Popen", refuse)
+        mp.setattr(multiprocessing.process.BaseProcess, "start", refuse)
+        mp.setattr(dist, "init_process_group", refuse)
+        yield
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     """The first ~120 KB of tiny Shakespeare, cut at a paragraph boundary."""
@@ -118,6 +143,21 @@ def torchrun(nproc: int, config: Path, *overrides: str, timeout: int = 300) -> s
         cwd=REPO,
         timeout=timeout,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def run_in_turn(nproc: int, configs: list[Path], timeout: int = 300) -> subprocess.CompletedProcess:
+    """`trainer train` on each config in turn, inside ONE torchrun launch of `nproc` gloo ranks (tests/layouts_worker.py):
+    the process start-up, imports and group rendezvous are paid once for the whole list. `timeout` is per config."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+        + [str(REPO / "tests" / "layouts_worker.py"), *map(str, configs)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
+        timeout=timeout * len(configs),
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
     )
 
 

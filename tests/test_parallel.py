@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, read_metrics, run_cli, tiny_config, write_config
+from conftest import REPO, read_metrics, run_cli, run_in_turn, tiny_config, write_config
 
 from trainer.checkpoint import latest_checkpoint, load_model
 
@@ -119,30 +119,51 @@ def assert_matches(reference: Path, run: Path, rtol: float = 1e-4, weights_atol:
 
 
 def layout_runner(root: Path, corpus: Path, tokenizer: Path, layouts: dict, **model):
-    """`get(name)`: the run of layout `name` (ranks, overrides), made once; "single" is the 1-process reference."""
+    """`get(name)`: the run of layout `name` (ranks, overrides); "single" is the 1-process reference. The first
+    layout asked for at a world size runs every layout of the table at that size, in turn, in one launch."""
     done: dict[str, Path] = {}
+
+    def config(name: str) -> Path:
+        overrides = layouts.get(name, (1, {}))[1]
+        cfg = tiny_config(root / name, corpus, tokenizer, **{**BASE, **model, **overrides})
+        return write_config(cfg, root / f"{name}.yaml")
 
     def get(name: str) -> Path:
         if name not in done:
-            nproc, overrides = layouts.get(name, (1, {}))
-            cfg = tiny_config(root / name, corpus, tokenizer, **{**BASE, **model, **overrides})
-            path = write_config(cfg, root / f"{name}.yaml")
-            r = (
-                run_cli("trainer", "train", str(path), env={"OMP_NUM_THREADS": "1"})
-                if nproc == 1
-                else launch(nproc, path)
-            )
-            assert r.returncode == 0, r.stderr[-3000:]
-            done[name] = root / name
+            nproc = layouts.get(name, (1, {}))[0]
+            if nproc == 1:
+                r = run_cli("trainer", "train", str(config(name)), env={"OMP_NUM_THREADS": "1"})
+                assert r.returncode == 0, r.stderr[-3000:]
+                done[name] = root / name
+            else:
+                batch = [n for n, (p, _) in layouts.items() if p == nproc and n not in done]
+                r = run_in_turn(nproc, [config(n) for n in batch])
+                assert r.returncode == 0, r.stderr[-3000:]
+                done.update({n: root / n for n in batch})
         return done[name]
 
     return get
 
 
+# bf16/fp16 compute with fp32 reduction and master weights, held to the fp32 reference's curve (not exactly equal);
+# in the tables' runners so that they share the tables' launches
+MIXED = {
+    f"{engine}_{precision}": (
+        2,
+        {"parallel.engine": engine, "train.micro_batch": 2, "train.precision": precision},
+    )
+    for engine, precision in (("fsdp", "bf16"), ("fsdp", "fp16"), ("deepspeed", "bf16"))
+}
+LLAMA_MIXED = {
+    f"fsdp_{p}": (2, {"parallel.engine": "fsdp", "train.micro_batch": 2, "train.precision": p})
+    for p in ("bf16", "fp16")
+}
+
+
 @pytest.fixture(scope="module")
 def gpt_runs(tmp_path_factory, corpus, gpt_tok):
-    """Runs a layout once per module (the export test reuses them)."""
-    return layout_runner(tmp_path_factory.mktemp("layouts"), corpus, gpt_tok, LAYOUTS)
+    """Runs a layout once per module (the export and mixed-precision tests reuse them)."""
+    return layout_runner(tmp_path_factory.mktemp("layouts"), corpus, gpt_tok, {**LAYOUTS, **MIXED})
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -180,24 +201,17 @@ def test_start_record_states_model_state_bytes(gpt_runs):
 
 
 def test_bert_layouts_match_single_process(tmp_path, corpus, bert_tok):
-    """BERT (MLM masks, token types, its own head) under tensor parallelism and DeepSpeed ZeRO-3."""
-    runs = {}
-    layouts = (
-        ("single", 1, {}),
-        ("tp2", 2, {"parallel.tp": 2}),
-        ("ds_zero3", 2, {"parallel.engine": "deepspeed", "parallel.zero_stage": 3, "train.micro_batch": 2}),
+    """BERT (MLM masks, token types, its own head) under tensor parallelism, DeepSpeed ZeRO-3 and pipeline stages."""
+    layouts = {
+        "tp2": (2, {"parallel.tp": 2}),
+        "ds_zero3": (2, {"parallel.engine": "deepspeed", "parallel.zero_stage": 3, "train.micro_batch": 2}),
         # masked tokens differ per micro-batch: the loss is the global batch's token mean, not a mean of means
-        ("pp2_accum4", 2, {"parallel.pp": 2, "train.micro_batch": 1, "train.grad_accum": 4}),
-    )
-    for name, nproc, overrides in layouts:
-        cfg = tiny_config(tmp_path / name, corpus, bert_tok, "bert", **BASE, **overrides)
-        path = write_config(cfg, tmp_path / f"{name}.yaml")
-        r = run_cli("trainer", "train", str(path), env={"OMP_NUM_THREADS": "1"}) if nproc == 1 else launch(nproc, path)
-        assert r.returncode == 0, r.stderr[-3000:]
-        runs[name] = tmp_path / name
+        "pp2_accum4": (2, {"parallel.pp": 2, "train.micro_batch": 1, "train.grad_accum": 4}),
+    }
+    runs = layout_runner(tmp_path, corpus, bert_tok, layouts, **{"model.arch": "bert"})
     # a lone weight with a near-zero gradient can differ by ~2e-5 after AdamW (seen in CI); real errors are ~lr = 3e-3
-    for name in ("tp2", "ds_zero3", "pp2_accum4"):
-        assert_matches(runs["single"], runs[name], weights_atol=1e-4)
+    for name in layouts:
+        assert_matches(runs("single"), runs(name), weights_atol=1e-4)
 
 
 @pytest.mark.parametrize("layout", ["fsdp_zero3", "tp2", "ds_zero3"])
@@ -245,7 +259,9 @@ LLAMA_LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def llama_runs(tmp_path_factory, corpus, gpt_tok):
-    return layout_runner(tmp_path_factory.mktemp("llama_layouts"), corpus, gpt_tok, LLAMA_LAYOUTS, **LLAMA)
+    return layout_runner(
+        tmp_path_factory.mktemp("llama_layouts"), corpus, gpt_tok, {**LLAMA_LAYOUTS, **LLAMA_MIXED}, **LLAMA
+    )
 
 
 @pytest.mark.parametrize("layout", list(LLAMA_LAYOUTS))
@@ -257,18 +273,20 @@ def test_llama_layout_matches_single_process(llama_runs, layout):
     assert_matches(llama_runs("single"), run, weights_atol=1e-4 if overrides.get("train.compile") else 1e-5)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_llama_mixed_precision_tracks_fp32(llama_runs, tmp_path, corpus, gpt_tok, precision):
-    overrides = {"parallel.engine": "fsdp", "train.micro_batch": 2, "train.precision": precision}
-    cfg = tiny_config(tmp_path / "run", corpus, gpt_tok, **BASE, **LLAMA, **overrides)
-    r = launch(2, write_config(cfg, tmp_path / "c.yaml"))
-    assert r.returncode == 0, r.stderr[-3000:]
-    ref, got = step_records(llama_runs("single")), step_records(tmp_path / "run")
+def assert_tracks_fp32(reference: Path, run: Path) -> None:
+    """Every step's loss near the fp32 run's (a wrong cast or a lost update shows within a few steps) and the grad
+    norm within 10% (AdamW hides a gradient scale, a missing fp16 unscale; the logged norm does not)."""
+    ref, got = step_records(reference), step_records(run)
     assert ref.keys() == got.keys()
     for step in ref:
         assert abs(got[step]["loss"] - ref[step]["loss"]) < 0.05, (step, got[step]["loss"], ref[step]["loss"])
         assert abs(got[step]["grad_norm"] / ref[step]["grad_norm"] - 1) < 0.1, (step, got[step], ref[step])
-    assert ref[STEPS]["loss"] < ref[1]["loss"] - 0.3
+    assert ref[STEPS]["loss"] < ref[1]["loss"] - 0.3  # the curve the run must follow moves
+
+
+@pytest.mark.parametrize("layout", list(LLAMA_MIXED))
+def test_llama_mixed_precision_tracks_fp32(llama_runs, layout):
+    assert_tracks_fp32(llama_runs("single"), llama_runs(layout))
 
 
 # --- pipeline parallel: the same table, on a 4-layer model (interleaved and V schedules run 2 stages per rank) -----
@@ -472,25 +490,13 @@ def test_stop_and_resume_on_another_layout(tmp_path, corpus, gpt_tok, uninterrup
     assert_same_weights(uninterrupted, run_dir, atol=1e-4)
 
 
-@pytest.mark.parametrize(
-    ("engine", "precision"), [("fsdp", "bf16"), ("fsdp", "fp16"), ("deepspeed", "bf16")], ids=lambda v: v
-)
-def test_mixed_precision_tracks_fp32(gpt_runs, tmp_path, corpus, gpt_tok, engine, precision):
-    """bf16/fp16 compute with fp32 gradient reduction and master weights (FSDP2 ZeRO-3, DeepSpeed ZeRO-2): every
-    step's loss stays near the fp32 run's (a wrong cast or a lost update shows up within a few steps), and the
-    weights stay fp32. DeepSpeed's fp16 needs a GPU (its CPU accelerator has none)."""
-    overrides = {"parallel.engine": engine, "train.micro_batch": 2, "train.precision": precision}
-    cfg = write_config(tiny_config(tmp_path / "run", corpus, gpt_tok, **BASE, **overrides), tmp_path / "c.yaml")
-    r = launch(2, cfg)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ref, got = step_records(gpt_runs("single")), step_records(tmp_path / "run")
-    assert ref.keys() == got.keys()
-    for step in ref:
-        assert abs(got[step]["loss"] - ref[step]["loss"]) < 0.05, (step, got[step]["loss"], ref[step]["loss"])
-        # AdamW hides a gradient scale (a missing fp16 unscale); the logged norm does not
-        assert abs(got[step]["grad_norm"] / ref[step]["grad_norm"] - 1) < 0.1, (step, got[step], ref[step])
-    assert ref[STEPS]["loss"] < ref[1]["loss"] - 0.3  # the curve the run must follow moves
-    assert all(p.dtype == torch.float32 for p in load_model(tmp_path / "run").parameters())
+@pytest.mark.parametrize("layout", list(MIXED))
+def test_mixed_precision_tracks_fp32(gpt_runs, layout):
+    """bf16/fp16 compute with fp32 gradient reduction and master weights (FSDP2 ZeRO-3, DeepSpeed ZeRO-2): the curve
+    stays near the fp32 run's and the weights stay fp32. DeepSpeed's fp16 needs a GPU (its CPU accelerator has none)."""
+    run = gpt_runs(layout)
+    assert_tracks_fp32(gpt_runs("single"), run)
+    assert all(p.dtype == torch.float32 for p in load_model(run).parameters())
 
 
 PREFETCH_SCRIPT = """
