@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 TORCH_INDEX ?=
 EXTRAS ?= wandb,deepspeed,dev
 
-.PHONY: install test demo bench gpu-check lint clean
+.PHONY: install test test-quick demo bench gpu-check lint clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 test: install
 	$(BIN)/python -m pytest -q --durations=25 tests
+
+# the edit-test loop: only the tests that start no subprocess and no process group (the rest are skipped, saying so)
+test-quick: install
+	TRAINER_TEST_QUICK=1 $(BIN)/python -m pytest -q --durations=10 tests
 
 demo: install
 	$(BIN)/python -m trainer tokenizer --kind bpe --vocab-size 2048 --out runs/demo/tokenizer data/shakespeare/train.txt
