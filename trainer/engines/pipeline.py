@@ -256,8 +256,9 @@ class PipelineEngine:
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the whole model on every stage (for samples: gathered over tp and sent from the last stage)."""
         logits = self._run_stages(input_ids.to(self.device))
-        shape = (*input_ids.shape, self.parts[0].config.padded_vocab_size)
-        out = full_value(logits).float() if logits is not None else torch.empty(shape, device=self.device)
+        vocab = self.parts[0].config.vocab_size  # under tp the logits have the padding columns too (-inf): dropped
+        shape = (*input_ids.shape, vocab)
+        out = full_value(logits)[..., :vocab].float() if logits is not None else torch.empty(shape, device=self.device)
         return self._from_last(out.contiguous())
 
     # ---- state -----------------------------------------------------------------------------------------------

@@ -64,7 +64,8 @@ class ModelConfig:
     def padded_vocab_size(self) -> int:
         """Rows of the token embedding and the LM head: vocab_size rounded up to a multiple of vocab_multiple, so that
         tensor parallelism splits them evenly (and each shard stays a multiple of a matmul tile). The rows past
-        vocab_size are no token: no id looks them up and their logits are -inf (trainer.models.layers.VocabHead)."""
+        vocab_size are no token: no id looks them up and the head never projects them, or masks their logits to -inf
+        under tensor parallelism (trainer.models.layers.VocabHead)."""
         return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     @property

@@ -94,28 +94,27 @@ class SelfAttention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
 
-def mask_padding(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """`logits` (..., padded vocabulary) with -inf in the columns of the padding rows (ids >= vocab_size), in place:
-    they then never win an argmax, a sample or a share of the softmax (exp(-inf) = 0, so no gradient reaches those
-    rows either)."""
-    cols = torch.arange(logits.shape[-1], device=logits.device)
-    return logits.masked_fill_(cols >= vocab_size, float("-inf"))
-
-
 class VocabHead(nn.Linear):
-    """The projection onto the vocabulary (LM head, MLM decoder): `padded_vocab_size` rows, of which the first
-    `vocab_size` are tokens; the padding rows' logits are -inf (`mask_padding`). Under tensor parallelism the logits
-    are vocab-sharded and the plan replaces `mask` by one that masks each rank's shard (trainer/models/tp_plans.py)."""
+    """The projection onto the vocabulary (LM head, MLM decoder) of a model whose embedding has `padded_vocab_size`
+    rows, of which the first `vocab_size` are tokens (model.vocab_multiple). Only the token rows are projected:
+    the logits have vocab_size columns, so a padding row never takes a share of the softmax, an argmax or a sample,
+    and no gradient reaches it. Under tensor parallelism the weight is sharded over all the rows and cannot be cut:
+    the plan sets `mask` (trainer/models/tp_plans.py), every row is projected and each rank sets the padding columns
+    of its vocab shard to -inf (the logits then have padded_vocab_size columns)."""
 
     def __init__(self, cfg: ModelConfig, bias: bool = False) -> None:
         super().__init__(cfg.d_model, cfg.padded_vocab_size, bias=bias)
         self.vocab_size = cfg.vocab_size
-        self.mask: Callable[[torch.Tensor, int], torch.Tensor] = mask_padding
+        self.mask: Callable[[torch.Tensor, int], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., d_model) -> (..., padded_vocab_size) logits."""
-        logits = super().forward(x)
-        return logits if self.out_features == self.vocab_size else self.mask(logits, self.vocab_size)
+        """(..., d_model) -> (..., vocab_size) logits ((..., padded_vocab_size) under tensor parallelism)."""
+        n = self.vocab_size
+        if self.out_features == n:
+            return super().forward(x)
+        if self.mask is not None:
+            return self.mask(super().forward(x), n)
+        return F.linear(x, self.weight[:n], None if self.bias is None else self.bias[:n])
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

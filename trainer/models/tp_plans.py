@@ -6,8 +6,9 @@ projections row-parallel and reduce-scattered over the sequence (sequence parall
 holds T/p positions of the residual stream, so norms and residual dropout run on 1/p of the tokens, and attention and
 MLP inputs are all-gathered over the sequence first. Outside the blocks the token embedding is vocab-parallel and
 reduce-scatters into the sequence-sharded stream; the LM head is column-parallel over the vocabulary and its logits
-stay sharded (Shard(-1)), so `loss_parallel` computes the cross-entropy without gathering them; each rank sets -inf
-in the padding columns it holds (a padded vocabulary), so the sharded softmax never counts them.
+stay sharded (Shard(-1)), so `loss_parallel` computes the cross-entropy without gathering them; the head projects
+every row of a padded vocabulary (the sharded weight cannot be cut) and each rank sets -inf in the padding columns it
+holds, so the sharded softmax never counts them.
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ def vocab_head(input_layout) -> ColwiseParallel:
 
 
 def mask_vocab_shards(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """`trainer.models.layers.mask_padding` for logits sharded over the vocabulary (a Shard(-1) DTensor): each rank
-    fills the padding columns (ids >= vocab_size) of its own shard with -inf, without gathering anything."""
+    """Logits over the padded vocabulary (trainer.models.layers.VocabHead) with -inf in the padding columns (ids >=
+    vocab_size); sharded over the vocabulary (a Shard(-1) DTensor), each rank fills those of its own shard, without
+    gathering anything."""
     if not isinstance(logits, DTensor):
         cols = torch.arange(logits.shape[-1], device=logits.device)
         return logits.masked_fill(cols >= vocab_size, float("-inf"))

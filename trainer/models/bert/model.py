@@ -47,8 +47,8 @@ class MLMHead(nn.Module):
 
 
 class BERT(nn.Module):
-    """BERT masked LM: `forward(input_ids, token_type_ids=None, attention_mask=None) -> logits (B, T, vocab_size)`;
-    with a padded vocabulary, (B, T, padded_vocab_size), -inf past vocab_size (see GPT)."""
+    """BERT masked LM: `forward(input_ids, token_type_ids=None, attention_mask=None) -> logits (B, T, vocab_size)`
+    (padding rows of the vocabulary are never projected: see GPT)."""
 
     # a pipeline stage without them: see GPT
     PIPELINE_FIRST, PIPELINE_LAST = ("tok_emb", "pos_emb", "type_emb", "ln_emb"), ("head", "lm_head")

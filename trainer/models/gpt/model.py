@@ -44,8 +44,8 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     """GPT-2 language model: `forward(input_ids (B, T)) -> logits (B, T, vocab_size)`, or with `labels` (B, T) the
-    summed next-token cross-entropy over the targets (labels != -100), without returning the logits. With a padded
-    vocabulary (model.vocab_multiple) the logits have padded_vocab_size columns, -inf past vocab_size.
+    summed next-token cross-entropy over the targets (labels != -100), without returning the logits. A padded
+    vocabulary's extra rows (model.vocab_multiple) are never projected (VocabHead): the logits have vocab_size columns.
 
     A pipeline stage is this model with the parts of `PIPELINE_FIRST` or `PIPELINE_LAST` set to None: without the
     embeddings it takes the previous stage's hidden state (B, T, d_model), without the head it returns its own."""

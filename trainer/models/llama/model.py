@@ -137,7 +137,7 @@ class Block(nn.Module):
 
 class Llama(nn.Module):
     """`forward(input_ids (B, T)) -> logits (B, T, vocab_size)`, or with `labels` (B, T) the summed next-token
-    cross-entropy over the targets (labels != -100). Logits past vocab_size (padding rows) are -inf (see GPT)."""
+    cross-entropy over the targets (labels != -100). Padding rows of the vocabulary are never projected (see GPT)."""
 
     PIPELINE_FIRST, PIPELINE_LAST = ("tok_emb",), ("norm", "lm_head")  # a stage without them: see GPT
 
