@@ -247,6 +247,49 @@ def test_plan_refuses_gpus_that_do_not_fill_whole_nodes(tmp_path, capsys):
     assert len(err) == 1 and "--gpus 8" in err[0] and "--gpus-per-node 3" in err[0], err
 
 
+def llama_70b(tmp_path) -> str:
+    """Llama 3 70B by its dimensions (as a user without a preset gives it)."""
+    cfg = {
+        "model": {
+            "arch": "llama",
+            "n_layer": 80,
+            "d_model": 8192,
+            "n_head": 64,
+            "n_kv_heads": 8,
+            "d_ff": 28672,
+            "vocab_size": 128256,
+            "max_seq_len": 4096,
+        },
+        "data": {"train": ["unused.txt"], "tokenizer": "unused.json", "seq_len": 4096},
+        "train": {"micro_batch": 1, "grad_accum": 8, "precision": "bf16"},
+    }
+    return str(write_config(cfg, tmp_path / "70b.yaml"))
+
+
+def test_plan_of_70b_on_64_gpus_answers_within_a_minute(tmp_path, capsys):
+    """A guard, not a benchmark (bench/plan_speed.py has the figures): the search over a 70B model on 64 GPUs, which
+    ran for minutes, answers well within 60 s even on a loaded 2-core machine."""
+    import time
+
+    start = time.perf_counter()
+    main(["plan", llama_70b(tmp_path), "--gpus", "64", "--json"])
+    seconds = time.perf_counter() - start
+    out = json.loads(capsys.readouterr().out)
+    assert out["command"].startswith("launch slurm --nodes 8 --gpus-per-node 8 ")
+    assert seconds < 60, seconds
+
+
+def test_plan_says_how_far_it_got_when_it_takes_a_while(tmp_path, capsys, monkeypatch):
+    """Progress goes to stderr (the JSON on stdout stays whole) once a search runs longer than a few seconds."""
+    from trainer.plan import search
+
+    monkeypatch.setattr(search, "PROGRESS_AFTER_S", 0.0)
+    main(["plan", small_config(tmp_path), "--gpus", "8", "--json"])
+    captured = capsys.readouterr()
+    json.loads(captured.out)
+    assert "searched" in captured.err and "layouts" in captured.err, captured.err
+
+
 def test_plan_text_scales_its_units_for_small_models(tmp_path, capsys):
     """A tiny model's figures are printed in MiB/KiB, ms/us and GFLOP/MFLOP, never as zeros of a large unit."""
     main(["plan", small_config(tmp_path), "--gpus", "8"])
@@ -288,3 +331,70 @@ def test_plan_refuses_non_positive_hardware_in_one_line(tmp_path, capsys, argv, 
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0], err
+
+
+# ---- the pipeline schedules the planner plays, fast ----
+
+
+@pytest.mark.parametrize("schedule", ["interleaved-1f1b", "zbv"])
+def test_per_rank_orders_are_torchs_own(schedule):
+    """The planner reads interleaved 1F1B's and ZBV's orders straight from torch's per-rank method (seconds faster at
+    pp 32); they are the orders torch's own get_schedule_ops gives."""
+    from torch.distributed import pipelining
+    from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
+
+    from trainer.parallel.pipeline import SCHEDULES
+    from trainer.plan.schedule import _rank_operations
+
+    cls = getattr(pipelining, SCHEDULES[schedule][0])
+    for v in (2, 3) if schedule == "interleaved-1f1b" else (2,):  # parallel.pp_virtual stages per rank
+        for p, m in [(2, 2), (2, 5), (3, 7), (4, 4), (4, 12), (8, 9), (8, 16)]:
+            if schedule == "interleaved-1f1b" and m > p and m % p:
+                continue
+            fast = _rank_operations(schedule, p, m, v)
+            assert fast is not None
+            assert [list(r) for r in fast] == [list(r) for r in get_schedule_ops(cls, p, m, v)], (p, m, v)
+
+
+def test_plan_weighs_a_layout_with_three_stages_per_rank(tmp_path, capsys):
+    """parallel.pp_virtual=3 under interleaved 1F1B: the schedule is played with three stages per rank (it was
+    played with two, and waited forever for a stage that did not exist)."""
+    path = small_config(tmp_path, n_layer=12)
+    main(["plan", path, "--gpus", "4", "--json", "parallel.pp_split=null", "parallel.pp_virtual=3", "parallel.tp=1"])
+    own = json.loads(capsys.readouterr().out)["layout"]
+    assert (own["pp"], own["pp_schedule"]) == (2, "interleaved-1f1b") and own["fits"], own
+    assert len(own["per_pp_rank_peak_bytes"]) == 2
+
+
+def test_1f1b_of_equal_stages_takes_the_textbook_time():
+    """p equal stages, m micro-batches, forward t and backward 2t: (m + p - 1) x 3t, bubble (p - 1) / (m + p - 1)."""
+    from trainer.plan.schedule import play
+
+    for p, m in [(2, 2), (4, 4), (4, 9), (8, 32)]:
+        r = play("1f1b", p, m, [{"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0}] * p)
+        assert r["step_s"] == pytest.approx((m + p - 1) * 3.0)
+        assert max(r["bubble"]) == pytest.approx((p - 1) / (m + p - 1))
+        assert r["peak_in_flight"][0] == min(m, p)  # rank 0 holds p micro-batches at once
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved-1f1b", "zbv"])
+def test_a_long_step_is_extrapolated_exactly(monkeypatch, schedule):
+    """play_steady (a step of many micro-batches played as a shorter one) gives what playing it whole gives, for the
+    planner's own stage splits: blocks plus the head on the last stage, and a first stage one block heavier than the
+    rest, whose slack takes ten rounds to run out (extrapolating from earlier rounds would be 4% short)."""
+    from trainer.parallel.pipeline import SCHEDULES, balanced_split
+    from trainer.plan import schedule as sched
+
+    monkeypatch.setattr(sched, "EXACT_ACTIONS", 0)
+    v = SCHEDULES[schedule][2] or 2
+    for p, n_layer, head in [(4, 32, 1.9), (8, 80, 0.8), (16, 32 if v == 1 else 40, 1.9)]:
+        split = balanced_split(n_layer, p * v, head)
+        cost = [k + (head if s == p * v - 1 else 0.0) for s, k in enumerate(split)]
+        costs = [{"F": c, "B": 2 * c, "I": c, "W": c} for c in cost]
+        held = [1000.0 * k + (5000.0 if s == 0 else 0.0) for s, k in enumerate(split)]
+        for m in (9 * p, 20 * p):
+            whole, steady = sched.play(schedule, p, m, costs, held), sched.play_steady(schedule, p, m, costs, held)
+            assert steady["step_s"] == pytest.approx(whole["step_s"], rel=1e-9), (p, m)
+            assert steady["bubble"] == pytest.approx(whole["bubble"], abs=1e-9), (p, m)
+            for key in ("peak_held_bytes", "peak_after_backward", "peak_in_flight"):
+                assert steady[key] == whole[key], (p, m, key)

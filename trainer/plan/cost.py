@@ -22,9 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from trainer.build import model_flops_per_token
-from trainer.models import ModelConfig, count_params, model_from_config
+from trainer.models import ModelConfig, count_params
 from trainer.plan.hardware import Accelerator
-from trainer.plan.memory import DTYPE_BYTES, Layout, head_cost, n_params, pipeline_of
+from trainer.plan.memory import DTYPE_BYTES, Layout, pipeline_of
+from trainer.plan.params import head_cost, meta_model, model_key, n_params
 
 DEFAULT_EFFICIENCY = 0.45  # the share of peak FLOP/s a well-tuned transformer step reaches (MFU)
 HALF_EFFICIENCY_TOKENS = 512  # tokens per micro-batch and tp rank at which matmuls reach half that efficiency
@@ -57,13 +58,9 @@ _FLOPS: dict[str, tuple[float, int]] = {}
 
 def model_flops(model_cfg: ModelConfig, seq_len: int) -> tuple[float, int]:
     """(training FLOPs per token, non-embedding parameters), as `trainer train` counts them for MFU."""
-    key = repr(sorted(model_cfg.to_dict().items())) + str(seq_len)
+    key = model_key(model_cfg) + str(seq_len)
     if key not in _FLOPS:
-        import torch
-
-        with torch.device("meta"):
-            model = model_from_config(model_cfg)
-        n = count_params(model, exclude_embeddings=True)
+        n = count_params(meta_model(model_cfg), exclude_embeddings=True)
         per_token = model_flops_per_token(model_cfg, {"n_params_non_embedding": n}, seq_len)
         _FLOPS[key] = (per_token, n)
     return _FLOPS[key]
@@ -136,9 +133,10 @@ _BUBBLES: dict[tuple, float] = {}
 def pipeline_bubble(model_cfg: ModelConfig, layout: Layout, seq_len: int) -> float:
     """The largest idle share of any pp rank: the schedule's action order played with each stage's cost (its blocks
     and, on the last stage, the head in blocks), backward twice the forward."""
-    from trainer.plan.schedule import play
+    from trainer.plan.schedule import play_steady
 
-    key = (repr(sorted(model_cfg.to_dict().items())), layout.pp, layout.pp_schedule, layout.grad_accum, seq_len)
+    key = (model_key(model_cfg), layout.pp, layout.pp_schedule, layout.pp_virtual, layout.pp_split, layout.grad_accum)
+    key += (seq_len,)
     if key not in _BUBBLES:
         plan = pipeline_of(model_cfg, layout, seq_len)
         head = head_cost(model_cfg, seq_len)
@@ -146,5 +144,5 @@ def pipeline_bubble(model_cfg: ModelConfig, layout: Layout, seq_len: int) -> flo
         for s in range(plan.n_stages):
             c = plan.split[s] + (head if s == plan.n_stages - 1 else 0.0)
             costs.append({"F": c, "B": 2 * c, "I": c, "W": c})
-        _BUBBLES[key] = max(play(layout.pp_schedule, layout.pp, layout.grad_accum, costs)["bubble"])
+        _BUBBLES[key] = max(play_steady(layout.pp_schedule, layout.pp, layout.grad_accum, costs)["bubble"])
     return _BUBBLES[key]

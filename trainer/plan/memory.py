@@ -25,20 +25,36 @@ and each family's count of what its forward saves for backward (`ModelConfig.sav
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from trainer.errors import UserError
-from trainer.models import ModelConfig, model_from_config
+from trainer.models import ModelConfig
 from trainer.models.layers import loss_chunk_rows
-from trainer.parallel.pipeline import PipelinePlan, head_cost_in_blocks, plan_pipeline
+from trainer.parallel.pipeline import PipelinePlan, balanced_split, plan_pipeline, stages_per_rank
+from trainer.plan.params import (
+    Param,
+    fsdp_shard,
+    head_cost,
+    largest,
+    local_numel,
+    model_key,
+    model_params,
+    n_params,
+    rank_params,
+    root_and_block_numel,
+    split_embedding_grads,
+    stage_params,
+    zero3_partition,
+    zero12_partition,
+)
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-COLUMN = ("wq", "wk", "wv", "fc_in", "gate", "up")  # column-parallel: dim 0 split over tp (bias too)
-ROW = ("wo", "fc_out", "down")  # row-parallel: dim 1 split (bias whole)
+__all__ = ["Breakdown", "Layout", "Param", "estimate", "head_cost", "model_params", "n_params", "stage_params"]
 
 
 @dataclass(frozen=True)
@@ -124,112 +140,41 @@ class Layout:
         )
 
 
-@dataclass(frozen=True)
-class Param:
-    name: str
-    shape: tuple[int, ...]
-    tp_dim: int | None  # the dim tensor parallelism splits, or None (replicated)
-    layer: int | None  # its block, or None outside the blocks
-    part: str  # "block", "first" (embeddings), "last" (final norm and head) or "tied" (first, copied on the last)
-    decay: bool = True  # in AdamW's weight-decay group (the order DeepSpeed flattens parameters in)
-
-    def local_shape(self, tp: int) -> tuple[int, ...]:
-        if self.tp_dim is None or tp == 1:
-            return self.shape
-        s = list(self.shape)
-        s[self.tp_dim] = math.ceil(s[self.tp_dim] / tp)
-        return tuple(s)
+_PLANS: dict[tuple, PipelinePlan | UserError] = {}
 
 
-_PARAMS: dict[str, tuple] = {}
-
-
-def model_params(model_cfg: ModelConfig) -> tuple[Param, ...]:
-    """Every distinct parameter of the model with its tensor-parallel split and where it lives."""
-    key = repr(sorted(model_cfg.to_dict().items()))
-    if key not in _PARAMS:
-        _PARAMS[key] = _model_params(model_cfg)
-    return _PARAMS[key]
-
-
-def _model_params(model_cfg: ModelConfig) -> tuple[Param, ...]:
-    with torch.device("meta"):
-        model = model_from_config(model_cfg)
-    first, last = model.PIPELINE_FIRST, model.PIPELINE_LAST
-    tied = {id(model.lm_head.weight)} if model_cfg.tied_head else set()
-    out = []
-    for name, p in model.named_parameters():
-        parts = name.split(".")
-        layer = int(parts[1]) if parts[0] == "blocks" else None
-        owner = parts[-2] if len(parts) >= 2 else ""
-        module = model.get_submodule(".".join(parts[:-1])) if len(parts) > 1 else model
-        if layer is not None:
-            tp_dim = 0 if owner in COLUMN else (1 if owner in ROW and parts[-1] == "weight" else None)
-        elif isinstance(module, torch.nn.Embedding) and parts[0] != "pos_emb" or parts[0] == "lm_head":
-            tp_dim = 0  # vocab-parallel
-        elif parts[0] == "pos_emb":
-            tp_dim = 0
-        else:
-            tp_dim = None
-        if layer is not None:
-            part = "block"
-        elif id(p) in tied:
-            part = "tied"
-        else:
-            part = "first" if parts[0] in first else ("last" if parts[0] in last else "first")
-        decay = p.dim() >= 2 and not isinstance(module, (torch.nn.Embedding, torch.nn.LayerNorm))
-        out.append(Param(name, tuple(p.shape), tp_dim, layer, part, decay))
-    return tuple(out)
-
-
-def n_params(model_cfg: ModelConfig) -> int:
-    return sum(math.prod(p.shape) for p in model_params(model_cfg))
-
-
-_HEAD_COST: dict[tuple, float] = {}
-
-
-def head_cost(model_cfg: ModelConfig, seq_len: int) -> float:
-    """The head and loss's training FLOPs in blocks (what the default pipeline split weighs the last stage by)."""
-    key = (repr(sorted(model_cfg.to_dict().items())), seq_len)
-    if key not in _HEAD_COST:
-        with torch.device("meta"):
-            _HEAD_COST[key] = head_cost_in_blocks(model_from_config(model_cfg), seq_len)
-    return _HEAD_COST[key]
+@functools.lru_cache(maxsize=1024)
+def _balanced(n_layer: int, n_stages: int, head: float) -> list[int]:
+    return balanced_split(n_layer, n_stages, head)
 
 
 def pipeline_of(model_cfg: ModelConfig, layout: Layout, seq_len: int) -> PipelinePlan | None:
-    """The trainer's own stage split and placement for the layout (UserError where the schedule cannot run)."""
+    """The trainer's own stage split and placement for the layout (UserError where the schedule cannot run); worked
+    out once per model, pipeline and micro-batch count."""
     if layout.pp == 1:
         return None
-    return plan_pipeline(
-        layout.pp,
-        layout.pp_schedule,
-        layout.pp_virtual,
-        list(layout.pp_split) if layout.pp_split else None,
-        model_cfg.n_layer,
-        head_cost(model_cfg, seq_len),
-        layout.grad_accum,
-    )
-
-
-def stage_params(params: tuple[Param, ...], plan: PipelinePlan | None, stage: int | None) -> list[Param]:
-    """The parameters a pipeline stage holds (all of them without a pipeline); a tied head is copied on the last."""
-    if plan is None:
-        return list(params)
-    layers = set(plan.layers(stage))
-    is_first, is_last = stage == 0, stage == plan.n_stages - 1
-    held = {"block": False, "first": is_first, "last": is_last, "tied": is_first or is_last}  # tied: a copy on the last
-    return [p for p in params if (p.layer in layers if p.part == "block" else held[p.part])]
-
-
-def _numel(shapes) -> int:
-    return sum(math.prod(s) for s in shapes)
-
-
-def _fsdp_shard(shapes, dp: int) -> int:
-    """FSDP2's per-rank numel: dim 0 split in ceil(d0 / dp) rows (the padding is allocated on every rank)."""
-    return sum(math.ceil(s[0] / dp) * math.prod(s[1:]) if s else 1 for s in shapes)
+    split = list(layout.pp_split) if layout.pp_split else None
+    key = (model_key(model_cfg), seq_len, layout.pp, layout.pp_schedule, layout.pp_virtual, layout.pp_split)
+    key += (layout.grad_accum,)
+    if key not in _PLANS:
+        try:
+            n_stages = layout.pp * stages_per_rank(layout.pp_schedule, layout.pp_virtual)
+            if split is None and n_stages <= model_cfg.n_layer:  # the default split, worked out once for every m
+                split = _balanced(model_cfg.n_layer, n_stages, head_cost(model_cfg, seq_len))
+            _PLANS[key] = plan_pipeline(
+                layout.pp,
+                layout.pp_schedule,
+                layout.pp_virtual,
+                split,
+                model_cfg.n_layer,
+                head_cost(model_cfg, seq_len),
+                layout.grad_accum,
+            )
+        except UserError as e:
+            _PLANS[key] = e
+    if isinstance(_PLANS[key], UserError):
+        raise UserError(str(_PLANS[key]))
+    return _PLANS[key]
 
 
 @dataclass
@@ -250,7 +195,8 @@ class Breakdown:
     per_pp_rank: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """Its fields as a plain dict (a shallow copy: a search makes one per pp rank of thousands of layouts)."""
+        return {**vars(self), "offloaded": dict(self.offloaded), "per_pp_rank": list(self.per_pp_rank)}
 
 
 def stage_activations(
@@ -289,24 +235,21 @@ def cp_gathered_kv(model_cfg: ModelConfig, layout: Layout, seq_len: int) -> int:
 def zero3_gathered(mine: list[Param], tp: int, ce: int) -> int:
     """fsdp ZeRO-3 at the start of backward: the root group (embeddings, final norm, head: gathered for the whole
     forward and again from the start of backward) and one block (the one being differentiated)."""
-    root = _numel([p.local_shape(tp) for p in mine if p.part != "block"])
-    blocks = [p for p in mine if p.part == "block"]
-    per_block = _numel([p.local_shape(tp) for p in blocks]) / max(1, len({p.layer for p in blocks}))
+    root, per_block = root_and_block_numel(mine, tp)
     return int(ce * (root + per_block))
 
 
 def _in_flight(plan: PipelinePlan, layout: Layout, stage_act: list[int], stage_cost: list[float]) -> dict:
     """Per pp rank, the most activation bytes held at once and whether gradients exist by then: the schedule's
     actions played out with each stage's one micro-batch of activations."""
-    from trainer.plan.schedule import play
+    from trainer.plan.schedule import play_steady
 
     costs = [{"F": c, "B": 2 * c, "I": c, "W": c} for c in stage_cost]
-    return play(layout.pp_schedule, layout.pp, layout.grad_accum, costs, [float(a) for a in stage_act])
+    return play_steady(layout.pp_schedule, layout.pp, layout.grad_accum, costs, [float(a) for a in stage_act])
 
 
 def estimate(model_cfg: ModelConfig, layout: Layout, seq_len: int) -> Breakdown:
     """Per-rank bytes of a training step of `layout` (see the module docstring); the worst pp rank's."""
-    params = model_params(model_cfg)
     plan = pipeline_of(model_cfg, layout, seq_len)
     stages = list(range(plan.n_stages)) if plan else [None]
     ranks = [plan.stages_of(r) for r in range(layout.pp)] if plan else [[None]]
@@ -322,7 +265,7 @@ def estimate(model_cfg: ModelConfig, layout: Layout, seq_len: int) -> Breakdown:
     per_rank = []
     played = _in_flight(plan, layout, acts, costs) if plan else {"peak_held_bytes": [acts[0]]}
     for r, held_stages in enumerate(ranks):
-        mine = [p for st in held_stages for p in stage_params(params, plan, st)]
+        mine = rank_params(model_cfg, plan, r)
         # gradients from an earlier micro-batch exist when the rank holds the most activations
         grads_by_then = played["peak_after_backward"][r] if plan else layout.grad_accum > 1
         per_rank.append(
@@ -347,8 +290,7 @@ def _rank_bytes(
     ce: int,
 ) -> Breakdown:
     dp, tp = layout.dp * layout.cp, layout.tp  # cp ranks hold the parameters as dp ones do
-    shapes = [p.local_shape(tp) for p in mine]
-    n_tp = _numel(shapes)  # this rank's parameters before dp sharding
+    n_tp = local_numel(mine, tp)  # this rank's parameters before dp sharding
     out = Breakdown()
     last = plan is None or (plan.n_stages - 1) in stages
     b, s, v = layout.micro_batch, seq_len // layout.cp, model_cfg.padded_vocab_size  # s: this rank's tokens
@@ -365,14 +307,12 @@ def _rank_bytes(
     out.activations = int(activations)
     m = layout.grad_accum
     if layout.engine in ("ddp", "fsdp"):
-        shard = n_tp if layout.engine == "ddp" else _fsdp_shard(shapes, dp)
+        shard = n_tp if layout.engine == "ddp" else fsdp_shard(mine, tp, dp)
         out.parameters = 4 * shard
         out.gradients = 4 * shard
         if layout.engine == "ddp" and tp > 1:
             # an untied vocab- or position-parallel embedding's gradient is a shard of a whole-size tensor
-            out.gradients += sum(
-                4 * math.prod(p.shape) * (tp - 1) // tp for p in mine if p.part == "first" and p.tp_dim is not None
-            )
+            out.gradients += split_embedding_grads(mine, tp)
         out.optimizer = 8 * shard
         # ddp: the all-reduce buckets (dp > 1) or the gradients of earlier micro-batches; a pipeline rank's exist
         # only once it has run a backward
@@ -411,9 +351,7 @@ def _deepspeed(out: Breakdown, model_cfg: ModelConfig, layout: Layout, mine: lis
     bucket = model_cfg.d_model * model_cfg.d_model
     if layout.zero_stage == 3:
         # every parameter partitioned on its own; those under the threshold also kept whole on every rank
-        small = [p for p in mine if math.prod(p.shape) <= 10 * model_cfg.d_model]
-        part = sum(math.ceil(math.prod(p.shape) / dp) for p in mine)
-        whole_small = _numel([p.shape for p in small])
+        part, whole_small = zero3_partition(mine, dp, 10 * model_cfg.d_model)
         out.parameters = pbytes * (part + whole_small)
         out.gradients = 4 * part + 4 * bucket  # the flat gradient partition (allocated once) and the reduce bucket
         out.optimizer = 12 * part  # fp32 master partition and the two moments
@@ -424,35 +362,23 @@ def _deepspeed(out: Breakdown, model_cfg: ModelConfig, layout: Layout, mine: lis
     else:
         # ZeRO-1/2: each weight-decay group flattened, padded to a multiple of 2 dp, split in dp partitions; the
         # gradient buffer holds every parameter that reaches into the rank's partition, whole
-        part, grads = 0, [0] * dp
-        for decay in (True, False):
-            sizes = [math.prod(p.shape) for p in mine if p.decay == decay]
-            total = sum(sizes)
-            padded = math.ceil(total / (2 * dp)) * 2 * dp
-            size = padded // dp
-            part += size
-            for r in range(dp):
-                lo, hi, start = r * size, (r + 1) * size, 0
-                for k in sizes:
-                    if start < hi and start + k > lo:
-                        grads[r] += k
-                    start += k
+        part, most = zero12_partition(mine, dp)
         out.parameters = pbytes * n
-        out.gradients = 4 * max(grads)
+        out.gradients = 4 * most
         out.optimizer = 12 * part
         early = 0  # allocated as backward reduces the first bucket, freed after the step
     if layout.offload == "cpu":
         # the optimizer step runs on the CPU: fp32 master, moments and the master's gradient there (ZeRO-3: also the
         # parameter partitions); ZeRO-1/2 also keep a fp32 gradient partition and a largest-parameter staging buffer
         # there, and on the device a partition-sized parameter buffer and a staging buffer
-        largest = 4 * max((math.prod(p.shape) for p in mine), default=0)
+        staging = 4 * largest(mine)
         moved = {"optimizer": 16 * part}
         if layout.zero_stage == 3:
             moved["parameters"] = pbytes * part
             out.parameters -= pbytes * part
         else:
-            moved["gradients"] = 4 * part + largest
-            out.gradients = largest
+            moved["gradients"] = 4 * part + staging
+            out.gradients = staging
             out.gathered = pbytes * part
         out.optimizer = 0
         out.offloaded = moved

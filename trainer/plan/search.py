@@ -6,14 +6,17 @@ step time (`cost.step_cost`). The ones that fit come first, fastest first."""
 
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import dataclass, replace
 
 from trainer.errors import UserError
 from trainer.models import ModelConfig
 from trainer.parallel.context_parallel import check_cp
 from trainer.plan.cost import DEFAULT_EFFICIENCY, StepCost, step_cost
-from trainer.plan.hardware import Accelerator, GiB
+from trainer.plan.hardware import Accelerator
 from trainer.plan.memory import Breakdown, Layout, estimate
+from trainer.plan.units import binary_bytes
 
 ENGINES = [
     ("ddp", 0, "none"),
@@ -121,8 +124,8 @@ def evaluate(
         mem = c.memory
         biggest = max(CATEGORY_NAMES, key=lambda k: getattr(mem, k))
         c.reason = (
-            f"peak {mem.peak / GiB:.1f} GiB > {limit / GiB:.1f} GiB usable ({mem.peak_at}; largest: {biggest} "
-            f"{getattr(mem, biggest) / GiB:.1f} GiB)"
+            f"peak {binary_bytes(mem.peak)} > {binary_bytes(limit)} usable ({mem.peak_at}; largest: {biggest} "
+            f"{binary_bytes(getattr(mem, biggest))})"
         )
     return c
 
@@ -131,20 +134,11 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def search(
-    model_cfg: ModelConfig,
-    own: Layout,
-    seq_len: int,
-    acc: Accelerator,
-    headroom: float,
-    efficiency: float = DEFAULT_EFFICIENCY,
-    max_micro_batch: int = 64,
-) -> list[Candidate]:
-    """Every layout of `own.world` ranks with `own`'s global batch and precision, best first: those that fit by
-    step time (then peak), then those that do not by peak, then those that cannot run."""
-    world, g = own.world, acc.gpus_per_node
+def layouts(own: Layout, model_cfg: ModelConfig, seq_len: int, gpus_per_node: int, max_micro_batch: int = 64):
+    """Every layout of `own.world` ranks with `own`'s global batch and precision that the search weighs, in the
+    order it weighs them (ties in the ranking keep this order)."""
+    world, g = own.world, gpus_per_node
     global_batch = own.micro_batch * own.grad_accum * own.dp
-    out: list[Candidate] = []
     seen = set()
     for tp, cp in [(t, c) for t in _divisors(min(world, g)) if world % t == 0 for c in _divisors(world // t)]:
         try:  # a cp degree this model or sequence cannot take is not a candidate (the trainer's own rule)
@@ -170,13 +164,46 @@ def search(
                                 engine, zero, offload, dp, tp, pp, sched, 0, ac, mb, per_rank // mb, own.precision
                             )
                             lay = replace(lay, cp=cp) if cp > 1 else lay
-                            if lay in seen:
-                                continue
-                            seen.add(lay)
-                            c = evaluate(model_cfg, lay, seq_len, acc, headroom, efficiency)
-                            if c.memory is None and pp > 1:
-                                continue  # a schedule that cannot run this micro-batch count: not a candidate
-                            out.append(c)
+                            if lay not in seen:
+                                seen.add(lay)
+                                yield lay
+
+
+PROGRESS_AFTER_S = 3.0  # a search still running after this long says how far it got on stderr
+PROGRESS_EVERY_S = 2.0
+
+
+def search(
+    model_cfg: ModelConfig,
+    own: Layout,
+    seq_len: int,
+    acc: Accelerator,
+    headroom: float,
+    efficiency: float = DEFAULT_EFFICIENCY,
+    max_micro_batch: int = 64,
+) -> list[Candidate]:
+    """Every layout of `own.world` ranks with `own`'s global batch and precision, best first: those that fit by
+    step time (then peak), then those that do not by peak, then those that cannot run. A search that takes more than
+    PROGRESS_AFTER_S seconds says on stderr how many layouts it has weighed, of how many."""
+    todo = list(layouts(own, model_cfg, seq_len, acc.gpus_per_node, max_micro_batch))
+    out: list[Candidate] = []
+    start = time.monotonic()
+    said = start + PROGRESS_AFTER_S - PROGRESS_EVERY_S
+    for i, lay in enumerate(todo):
+        now = time.monotonic()
+        if now - start >= PROGRESS_AFTER_S and now - said >= PROGRESS_EVERY_S:
+            print(f"trainer plan: searched {i:,} of {len(todo):,} layouts...", file=sys.stderr, flush=True)
+            said = now
+        c = evaluate(model_cfg, lay, seq_len, acc, headroom, efficiency)
+        if c.memory is None and lay.pp > 1:
+            continue  # a schedule that cannot run this micro-batch count: not a candidate
+        out.append(c)
+    if time.monotonic() - start >= PROGRESS_AFTER_S:
+        print(
+            f"trainer plan: searched {len(todo):,} layouts in {time.monotonic() - start:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
     return rank(out)
 
 
