@@ -40,8 +40,8 @@ class ModelSection:
     # Every other model.* key is a dimension of the family (n_layer, n_head, d_model, d_ff, vocab_size, max_seq_len,
     # dropout, and the family's own, e.g. llama's n_kv_heads): it overrides the preset, and the family checks it.
     # vocab_size defaults to the tokenizer's vocabulary size. vocab_multiple (default 128; a resumed run keeps its
-    # checkpoint's): the embedding and head get rows up to a multiple of it (and of parallel.tp), whose logits are
-    # masked; export trims them.
+    # checkpoint's): the embedding and head get rows up to a multiple of it (and of parallel.tp); those rows are no
+    # token and never win a softmax (not projected; masked under tp); export trims them.
     dims: dict = field(default_factory=dict)
 
 
