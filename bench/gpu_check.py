@@ -184,12 +184,14 @@ def random_batches(vocab: int, seq: int, batch: int, n: int, device: torch.devic
 
 
 def environment(device: torch.device) -> dict:
+    import torch.distributed as dist
+
     from trainer.metrics import peak_flops
     from trainer.plan.hardware import GPUS
 
     info = {"torch": torch.__version__, "cuda": torch.version.cuda, "nccl": None, "bf16": False, "gpus": 0}
     if device.type == "cuda":
-        info["nccl"] = ".".join(map(str, torch.cuda.nccl.version())) if torch.distributed.is_nccl_available() else None
+        info["nccl"] = ".".join(map(str, torch.cuda.nccl.version())) if dist.is_nccl_available() else None
         info["bf16"] = torch.cuda.is_bf16_supported()
         info["gpus"] = torch.cuda.device_count()
         info["name"] = torch.cuda.get_device_name(device)
@@ -244,8 +246,8 @@ def shape_of(name: str, quick: bool) -> tuple[dict, int, int, int, tuple[int, in
 def trainer_step_rate(
     model: dict, seq: int, batch: int, device: torch.device, warmup: int, windows: tuple[int, int], *overrides: str
 ) -> dict:
-    """The trainer's step as `trainer train` builds it (ddp engine, one process), timed on ids already on the device;
-    its peak memory (CUDA: the allocator's peak since before the build; CPU: PyTorch's MemTracker over one step) and
+    """The trainer's step as `trainer train` builds it (ddp engine, one process), timed on random ids handed over as
+    the loop hands them; its peak memory (CUDA: the allocator's peak since before the build; CPU: PyTorch's MemTracker over one step) and
     the memory formula's prediction for the same config."""
     from trainer.build import build_model, model_flops_per_token, resolve_model
     from trainer.loop import pinned
