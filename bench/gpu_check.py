@@ -296,7 +296,13 @@ class PeerLoop:
 
     def __init__(self, model_cfg, seq: int, batch: int, device: torch.device, precision: str, compile: bool) -> None:
         import torch.nn.functional as F
-        from transformers import AutoConfig, AutoModelForCausalLM
+
+        try:
+            from transformers import AutoConfig, AutoModelForCausalLM
+        except ImportError:
+            raise RuntimeError(
+                "the comparison needs transformers: pip install -e '.[dev]' (make install does)"
+            ) from None
 
         from trainer.engines.base import DTYPES
         from trainer.models import family
