@@ -69,12 +69,14 @@ def launch_command(config: str, cfg: Config, user_overrides: list[str], layout: 
     return f"launch slurm --nodes {gpus // per_node} --gpus-per-node {per_node} -- {extra}"
 
 
-def _config_value(layout: Layout, key: str):
+def _config_value(layout: Layout, key: str) -> object:
+    """The layout's value of a parallel key as the config holds it (a list, not a tuple)."""
     value = getattr(layout, key)
     return list(value) if isinstance(value, tuple) else value
 
 
-def _yaml_word(value) -> str:
+def _yaml_word(value: object) -> str:
+    """A value as one YAML word for a `section.key=value` override."""
     if value is None:
         return "null"
     if isinstance(value, list):

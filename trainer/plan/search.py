@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from trainer.errors import UserError
@@ -134,7 +135,9 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def layouts(own: Layout, model_cfg: ModelConfig, seq_len: int, gpus_per_node: int, max_micro_batch: int = 64):
+def layouts(
+    own: Layout, model_cfg: ModelConfig, seq_len: int, gpus_per_node: int, max_micro_batch: int = 64
+) -> Iterator[Layout]:
     """Every layout of `own.world` ranks with `own`'s global batch and precision that the search weighs, in the
     order it weighs them (ties in the ranking keep this order)."""
     world, g = own.world, gpus_per_node
