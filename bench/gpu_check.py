@@ -92,7 +92,7 @@ def first_line(error: BaseException) -> str:
 
 
 def format_table(rows: list[Row]) -> str:
-    """The rows as one Markdown table (what the README shows)."""
+    """The rows as one Markdown table (what docs/benchmarks.md shows)."""
     lines = ["| check | figure | target | result | s |", "| --- | --- | --- | --- | --- |"]
     for r in rows:
         cells = [r.check, r.figure, r.target, r.result, "" if r.seconds is None else f"{r.seconds:.0f}"]

@@ -4,7 +4,7 @@ step time beside the median of real steps for each CPU layout of the parity tabl
 
     python bench/plan_steptime.py      # about 2 minutes on 2 cores
 
-No test asserts a time: the figures go in the README. The model is deliberately simple (see trainer/plan/cost.py):
+No test asserts a time: the figures go in docs/benchmarks.md. The model is deliberately simple (see trainer/plan/cost.py):
 it knows matmul FLOPs and bytes on links, not the element-wise kernels, Python overhead or gloo's latency that
 dominate a small model on CPU, so it is expected to be optimistic here.
 """

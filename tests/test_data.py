@@ -252,7 +252,7 @@ def test_mixture_shares_hold_and_the_small_source_wraps(env, prepared):
         rows += s.describe(10)
         counts.append(s.consumed())
     prefix, per_batch = shares_ok(counts, {"prose": 0.7, "verse": 0.3}, 10)
-    assert prefix < 1.5 and per_batch < 2  # the bounds the README states
+    assert prefix < 1.5 and per_batch < 2  # the bounds docs/data.md states
     assert counts[-1] == {"verse": 90, "prose": 210}
     prose = [(r["file"], r["document"], r["offset"]) for r in rows if r["source"] == "prose"]
     assert len(set(prose)) == len(prose)  # the large source is still in its first pass: no sample twice

@@ -127,7 +127,7 @@ class Family:
     objective: str  # one of OBJECTIVES: what the data layer packs and what evaluation reports
     tensor_parallel: str
     hf: str
-    notes: dict[str, str] = field(default_factory=dict)  # preset -> what it is (README table)
+    notes: dict[str, str] = field(default_factory=dict)  # preset -> what it is (the table of docs/models.md)
 
     def __post_init__(self) -> None:
         assert self.objective in OBJECTIVES, self.objective

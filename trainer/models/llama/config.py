@@ -118,7 +118,7 @@ LLAMA3_SCALING = {
     "original_max_position_embeddings": 8192,
 }
 
-# Published models (their Hugging Face config.json), with their vocabularies; parameter counts in the README.
+# Published models (their Hugging Face config.json), with their vocabularies; parameter counts in docs/models.md.
 PRESETS = {
     "smollm2-135m": LlamaConfig(
         30, 9, 576, 49152, 8192, n_kv_heads=3, d_ff=1536, rope_theta=100000.0, tie_embeddings=True
