@@ -308,7 +308,7 @@ def in_run_overhead(name: str, tmp: Path, tokenizer: Path, rounds: int = 6, step
     def alternate(run, stop, heartbeat) -> dict:
         bare = BareLoop(dims, seq_len, batch, model=run.engine.module, opt=run.engine.optimizer)
         close, run.stream.close = run.stream.close, lambda: None
-        loop_module.save_checkpoint = lambda run: None
+        loop_module.save_checkpoint = lambda run, **_: None
 
         def trainer_window(n: int = steps + 1) -> float:
             run.cfg.train.steps = run.state.step + n
