@@ -15,20 +15,11 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_config, write_config
+from test_errors import cli_error
 
 from trainer.cli import main
 from trainer.errors import UserError
 from trainer.run_lock import RunLock
-
-
-def cli_error(capsys, *argv: str) -> str:
-    """The one line a command fails with: exit code 2, exactly one line on stderr, no traceback."""
-    with pytest.raises(SystemExit) as exc:
-        main(list(argv))
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
 
 
 @contextlib.contextmanager

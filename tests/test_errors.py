@@ -13,6 +13,7 @@ from trainer.errors import UserError
 
 
 def cli_error(capsys, *argv: str) -> str:
+    """The one line a command fails with: exit code 2, exactly one line on stderr, no traceback."""
     with pytest.raises(SystemExit) as exc:
         main(list(argv))
     assert exc.value.code == 2
