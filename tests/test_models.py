@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import transformers
@@ -249,25 +247,3 @@ def test_chunked_head_loss_matches_whole_and_saves_less(arch: str, compiled: boo
     if not compiled:  # compiled graphs save what the partitioner chose, not through these hooks
         logits_bytes = b * t * vocab * 4
         assert saved_w - saved_c > 0.9 * logits_bytes, (saved_w, saved_c, logits_bytes)
-
-
-@pytest.mark.parametrize("arch", ["gpt", "llama", "bert"])
-def test_fused_qkv_projection_equals_three_projections(arch):
-    """q, k, v as one product over the concatenated weights (the default) give the logits and gradients of three
-    separate products (what tensor parallelism and DeepSpeed ZeRO-3 run, unfuse_projections)."""
-    from trainer.models.layers import unfuse_projections
-
-    dims = {"n_kv_heads": 2} if arch == "llama" else {}
-    torch.manual_seed(0)
-    fused = build_model(arch, None, vocab_size=96, max_seq_len=16, n_layer=2, n_head=4, d_model=32, **dims)
-    separate = copy.deepcopy(fused)
-    unfuse_projections(separate)
-    assert all(m.fuse_qkv for m in fused.modules() if hasattr(m, "fuse_qkv"))
-    assert not any(m.fuse_qkv for m in separate.modules() if hasattr(m, "fuse_qkv"))
-    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(1))
-    out = [m(ids) for m in (fused, separate)]
-    torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-6)
-    for o in out:
-        o.square().mean().backward()
-    for (name, a), b in zip(fused.named_parameters(), separate.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)

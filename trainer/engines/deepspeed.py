@@ -40,7 +40,6 @@ from torch.overrides import TorchFunctionMode
 from trainer.config import ParallelConfig, TrainConfig
 from trainer.engines.base import DTYPES, MicroBatchSteps, fsync, unique_params
 from trainer.errors import UserError
-from trainer.models.layers import unfuse_projections
 from trainer.optim import OptimizerSettings, param_groups
 from trainer.parallel import ParallelDims, barrier, materialize, unwrapped
 
@@ -249,7 +248,6 @@ class DeepSpeedEngine(MicroBatchSteps):
             with deepspeed.zero.Init(config_dict_or_path=self.config):
                 model = make_model()
             model = prepare(model)  # outside: zero.Init would also hook the checkpoint wrappers' construction
-            unfuse_projections(model)  # a partitioned weight is gathered only inside its own module's forward
             torch.manual_seed(seed)
             with torch.no_grad(), _GatheredInit(deepspeed.zero.GatheredParameters):
                 model.init_weights()

@@ -64,30 +64,6 @@ def causal_attention(
     return shard.attention(q, k, v, dropout_p, enable_gqa)
 
 
-def project_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`attn.wq(x), attn.wk(x), attn.wv(x)`. On CPU, with `attn.fuse_qkv`, as one product over the three weights
-    concatenated (X [Wq; Wk; Wv]^T, then split): there three (d x d) products cost about twice one (d x 3d) product
-    (the 16M model 0.90x -> 0.94x of transformers' fused c_attn). Parameters keep their names and shapes. Not on
-    accelerators, where separate products run as fast and the concatenated weight, saved for backward, would hold
-    another copy of q/k/v's weights per layer (which ZeRO-3 frees after forward). Whoever shards the projections
-    separately (tensor parallelism; DeepSpeed ZeRO-3, which gathers a module's weights only in its own forward) sets
-    `fuse_qkv = False`."""
-    wq, wk, wv = attn.wq, attn.wk, attn.wv
-    if not attn.fuse_qkv or x.device.type != "cpu":
-        return wq(x), wk(x), wv(x)
-    weight = torch.cat([wq.weight, wk.weight, wv.weight])
-    bias = None if wq.bias is None else torch.cat([wq.bias, wk.bias, wv.bias])
-    q, k, v = F.linear(x, weight, bias).split([wq.out_features, wk.out_features, wv.out_features], dim=-1)
-    return q, k, v
-
-
-def unfuse_projections(model: nn.Module) -> None:
-    """Every attention of `model` projects q, k and v through its own modules (see `project_qkv`)."""
-    for module in model.modules():
-        if hasattr(module, "fuse_qkv"):
-            module.fuse_qkv = False
-
-
 class SelfAttention(nn.Module):
     """Multi-head self-attention through scaled_dot_product_attention; causal for GPT, bidirectional with an optional
     boolean key mask `attn_mask` (B, 1, 1, T), True where a key is visible, for BERT. Output dropout is the caller's."""
@@ -102,13 +78,14 @@ class SelfAttention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.d_model)
         self.wo = nn.Linear(cfg.d_model, cfg.d_model)
         self.seq_shard: SequenceShard | None = None  # context parallelism (causal only)
-        self.fuse_qkv = True  # q, k, v as one product (project_qkv)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, d_model) -> (B, T, d_model)."""
         b, t, _ = x.shape
         # -1 heads: the local head count, which is n_head / tp when wq/wk/wv are column-sharded.
-        q, k, v = (y.reshape(b, t, -1, self.head_dim).transpose(1, 2) for y in project_qkv(self, x))
+        q = self.wq(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         p = self.dropout if self.training else 0.0
         if self.causal:
             y = causal_attention(q, k, v, p, self.seq_shard)

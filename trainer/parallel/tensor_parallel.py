@@ -15,7 +15,6 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from trainer.errors import UserError
 from trainer.models import family
-from trainer.models.layers import unfuse_projections
 
 
 def check_tp_degree(tp: int, divisors: dict[str, int], seq_len: int) -> None:
@@ -31,9 +30,7 @@ def check_tp_degree(tp: int, divisors: dict[str, int], seq_len: int) -> None:
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
-    """Shards `model` in place over `tp_mesh` with its family's plan (q, k and v then project separately, each
-    column-sharded)."""
-    unfuse_projections(model)
+    """Shards `model` in place over `tp_mesh` with its family's plan."""
     family(model.config.arch).apply_tensor_parallel(model, tp_mesh)
 
 

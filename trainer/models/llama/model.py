@@ -23,7 +23,6 @@ from trainer.models.layers import (
     head_loss_sum,
     init_weights_,
     positions_of,
-    project_qkv,
 )
 from trainer.models.llama.config import LlamaConfig
 
@@ -90,15 +89,15 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.seq_shard: SequenceShard | None = None  # context parallelism: global positions, keys gathered
-        self.fuse_qkv = True  # q, k, v as one product (project_qkv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, d_model) -> (B, T, d_model)."""
         b, t, _ = x.shape
         cos, sin = (r.to(x.dtype) for r in rotary(self.config, positions_of(t, x.device, self.seq_shard)))
         # -1 heads: the local counts, n_head / tp and n_kv_heads / tp when the projections are column-sharded
-        q, k, v = (y.reshape(b, t, -1, self.head_dim) for y in project_qkv(self, x))
-        v = v.transpose(1, 2)
+        q = self.wq(x).view(b, t, -1, self.head_dim)
+        k = self.wk(x).view(b, t, -1, self.head_dim)
+        v = self.wv(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotate(q.transpose(1, 2), cos, sin), rotate(k.transpose(1, 2), cos, sin)
