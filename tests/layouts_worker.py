@@ -3,8 +3,9 @@
     python -m torch.distributed.run --standalone --nproc-per-node N tests/layouts_worker.py A.yaml B.yaml ...
 
 Each rank joins one gloo group, then runs `trainer.train.train` on each config in order, exactly as `trainer train`
-does, except that the group outlives each run (the trainer leaves a group it finds already made; here the worker
-keeps it, so a later run does not meet the previous run's rendezvous keys in the store). Between runs dynamo's
+does, except that the group outlives each run: the trainer joins a group only when none exists, and the worker
+replaces the trainer's shutdown_distributed by a no-op, so a later run does not meet the previous run's rendezvous
+keys in the store. Between runs dynamo's
 caches are reset, so every compiled layout compiles its own graphs instead of hitting the recompile limit. Each
 finished config prints `LAYOUT-DONE <path>` on rank 0; the first failure ends the launch with the config named.
 """
