@@ -363,7 +363,10 @@ def test_llama_pipeline_layout_matches_single_process(llama_pp_runs, layout):
     run = llama_pp_runs(layout)
     nproc, overrides = LLAMA_PP_LAYOUTS[layout]
     check_pipeline_start(run, nproc, overrides)
-    assert_matches(llama_pp_runs("single"), run)
+    # one element of a projection differs by about 2e-5 on AVX-512 CPUs (1e-6 on AVX2): AdamW turns the rounding of
+    # a near-cancelling gradient sum (4 micro-batches of 1 against one batch of 4) into up to lr = 3e-3 per step, so
+    # the bound is the compiled rows' 1e-4 (lr / 30); a missing tied-gradient sum moves the embedding by 3e-2
+    assert_matches(llama_pp_runs("single"), run, weights_atol=1e-4)
 
 
 def test_pipeline_stage_memory(pp_runs):
