@@ -20,12 +20,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
+# two pytest workers (pytest-xdist), one thread each; a test file stays on one worker, so the layout tables' shared
+# launches (module fixtures) run once
 test: install
-	$(BIN)/python -m pytest -q --durations=25 tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25 tests
 
 # the edit-test loop: only the tests that start no subprocess and no process group (the rest are skipped, saying so)
 test-quick: install
-	TRAINER_TEST_QUICK=1 $(BIN)/python -m pytest -q --durations=10 tests
+	TRAINER_TEST_QUICK=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=10 tests
 
 demo: install
 	$(BIN)/python -m trainer tokenizer --kind bpe --vocab-size 2048 --out runs/demo/tokenizer data/shakespeare/train.txt

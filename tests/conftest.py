@@ -15,6 +15,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "data" / "shakespeare" / "train.txt"
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest workers on two cores: one thread each, for the tests' own torch and for every
+    # process they start (set before anything imports torch)
+    os.environ["OMP_NUM_THREADS"] = "1"
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 

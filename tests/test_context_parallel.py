@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_cli, tiny_config, write_config
-from test_parallel import assert_matches, launch, layout_runner, read_metrics
+from conftest import read_metrics, run_cli, tiny_config, write_config
+from parity import assert_matches, launch, layout_runner
 
 from trainer.parallel.context_parallel import _chunk_positions, block_causal
 
