@@ -23,7 +23,7 @@ from the step records' wall-clock stamps, 6N + 12 L d T FLOPs per token counted 
 measured here), the data-loader wait, compile start-up (cold inductor cache, then warm), and data-parallel scaling:
 2 ranks x 1 thread against 1 rank x 1 thread, each a `trainer train` under torchrun.
 
-    python bench/throughput.py                     # everything (about 19 minutes on 2 cores)
+    python bench/throughput.py                     # everything (over 30 minutes on 2 cores)
     python bench/throughput.py --only 16M --rounds 2 --no-scaling
     python bench/throughput.py --profile 16M      # torch.profiler table of the step
 
