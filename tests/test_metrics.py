@@ -118,6 +118,15 @@ def test_mfu_arithmetic():
     assert math.isnan(mfu(1.0, 2.0, math.nan))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_slow_dtype_is_measured_within_the_budget(dtype):
+    """fp16 (and bf16 without AVX-512) matmuls are slow on CPU: one 2048^3 product took 15-50 s, and a tiny fp16 run
+    spent 100 s measuring its peak before its first step. The size grows from a small product instead."""
+    t0 = time.perf_counter()
+    meter = PeakMeter("cpu", dtype)
+    assert time.perf_counter() - t0 < 3.0 and meter.per_device > 0
+
+
 def test_peak_meter_cpu_is_measured_in_under_a_second_and_scales_with_ranks():
     t0 = time.perf_counter()
     meter = PeakMeter("cpu", torch.float32, world_size=3)

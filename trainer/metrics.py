@@ -117,19 +117,18 @@ def _synchronize(device: torch.device) -> None:
 
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype, budget_s: float = 1.0) -> float:
     """FLOP/s of the fastest of the square matmuls on `device` in `dtype` that fit in ~`budget_s` of wall time (at
-    least three; 2048 x 2048 on CPU, 4096 on accelerators; smaller when one takes over a tenth of the budget, e.g.
-    fp16 on CPU).
+    least three; up to 2048 x 2048 on CPU, 4096 on accelerators; the largest size, grown from 256, whose one product
+    takes at most a tenth of the budget: smaller e.g. for fp16 on CPU).
 
     Used where no spec sheet applies (CPUs, unknown accelerators). It runs on the current torch thread count, so it
     is the peak this process can reach, the one its MFU is measured against. The best single product, not a mean: a
     shared machine's neighbours only ever slow a trial down, and the same rule every time keeps MFU comparable. The
     budget is wall time, so a loaded machine does not make the measurement take longer (only read lower)."""
     start = time.perf_counter()
-    size = 2048 if device.type == "cpu" else 4096
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    torch.matmul(a, b)  # warm-up: thread pool / kernel selection
-    _synchronize(device)
+    largest = 2048 if device.type == "cpu" else 4096
+
+    def operands(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype))
 
     def one_product() -> float:
         t0 = time.perf_counter()
@@ -137,8 +136,20 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, budget_s: floa
         _synchronize(device)
         return time.perf_counter() - t0
 
+    # grow from a small product, never start from the largest: fp16 has no fast kernel on most CPUs, where one
+    # 2048^3 product takes 15-50 s (the first run of a tiny fp16 model spent 100 s here)
+    size = 256
+    a, b = operands(size)
+    torch.matmul(a, b)  # warm-up: thread pool / kernel selection
+    _synchronize(device)
     one = one_product()
-    while one > budget_s / 10 and size > 128:  # too slow for the budget: shrink
+    while size < largest and 8 * one <= budget_s / 10:  # twice the size, about 8 times the work: still in budget
+        size *= 2
+        a, b = operands(size)
+        torch.matmul(a, b)
+        _synchronize(device)
+        one = one_product()
+    while one > budget_s / 10 and size > 128:  # slower than predicted (a loaded machine): shrink
         size //= 2
         a, b = a[:size, :size].contiguous(), b[:size, :size].contiguous()
         one = one_product()
