@@ -128,7 +128,11 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, budget_s: floa
     largest = 2048 if device.type == "cpu" else 4096
 
     def operands(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype))
+        """Two n x n operands, after one product of them (warm-up: thread pool, kernel selection)."""
+        x, y = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+        torch.matmul(x, y)
+        _synchronize(device)
+        return x, y
 
     def one_product() -> float:
         t0 = time.perf_counter()
@@ -140,14 +144,10 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, budget_s: floa
     # 2048^3 product takes 15-50 s (the first run of a tiny fp16 model spent 100 s here)
     size = 256
     a, b = operands(size)
-    torch.matmul(a, b)  # warm-up: thread pool / kernel selection
-    _synchronize(device)
     one = one_product()
     while size < largest and 8 * one <= budget_s / 10:  # twice the size, about 8 times the work: still in budget
         size *= 2
         a, b = operands(size)
-        torch.matmul(a, b)
-        _synchronize(device)
         one = one_product()
     while one > budget_s / 10 and size > 128:  # slower than predicted (a loaded machine): shrink
         size //= 2
