@@ -155,9 +155,12 @@ def test_stop_signal_to_the_launcher_checkpoints_and_resumes(tmp_path, corpus, g
     seen = wait_for_step(proc, tmp_path / "run", 6, tmp_path / "log")
     proc.send_signal(sig)
     assert finish(proc) == 0, (tmp_path / "log").read_text()[-3000:]
-    assert "stop signal received" in (tmp_path / "log").read_text()
+    line = next(x for x in (tmp_path / "log").read_text().splitlines() if "stop signal received" in x)
+    said = int(line.split("stopped at step ")[1].split(";")[0])
     stopped = int(latest_checkpoint(tmp_path / "run" / "checkpoints").name.split("_")[1])
-    assert seen <= stopped <= seen + 3 < BASE["train.steps"]  # within the step in flight (the log lags a little)
+    # the checkpoint is of the step the ranks stopped at; how many steps the signal takes to pass launcher -> torchrun
+    # -> ranks depends on the machine's load (CI saw 4 tiny steps), so the bound is only "before the run's end"
+    assert seen <= stopped == said < BASE["train.steps"]
     r = run_cli("launch", "local", "--nproc-per-node", "2", "--", str(cfg))
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_curve(reference, tmp_path / "run")

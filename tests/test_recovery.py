@@ -211,20 +211,22 @@ def test_resume_with_another_tokenizer_is_refused(tmp_path, corpus, gpt_tok, bas
 def test_second_job_on_a_run_directory_is_refused_and_the_first_is_unharmed(tmp_path, corpus, gpt_tok):
     """The second job exits with one line naming the holder (pid, host, since when) and writes nothing; the first
     trains on, and its curve equals a lone run's. When the holder dies (kill -9), the lock goes with it."""
-    steps = 1200  # ~8 s of the tiny model: the second job's start-up (~4 s) falls inside the first's run
-    over = {"train.steps": steps, "checkpoint.every": 400, "log.every": 1}
+    steps = 40
+    over = {"train.steps": steps, "checkpoint.every": 20, "log.every": 1}
     lone = tiny_config(tmp_path / "lone", corpus, gpt_tok, **over)
     run_in_process(lone, tmp_path / "lone.yaml")
     cfg = write_config(tiny_config(tmp_path / "run", corpus, gpt_tok, **over), tmp_path / "c.yaml")
     first = start_trainer(cfg)
     try:
         wait_for_step(tmp_path / "run", 1, first)
+        os.kill(first.pid, signal.SIGSTOP)  # mid-run however long the second job takes to start
         second = run_cli("trainer", "train", str(cfg), timeout=120)
         err = second.stderr.strip().splitlines()
         assert second.returncode == 2 and len(err) == 1, second.stderr[-2000:]
         assert f"is in use by another job (pid {first.pid} on " in err[0] and "since" in err[0], err
         assert first.poll() is None, "the first job should still be training"
     finally:
+        os.kill(first.pid, signal.SIGCONT)
         _, errs = first.communicate(timeout=300)
     assert first.returncode == 0, errs[-2000:]
     starts = [m for m in read_metrics(tmp_path / "run") if m.get("event") == "start"]

@@ -22,7 +22,7 @@ from parity import (
 
 from trainer.checkpoint import latest_checkpoint
 
-RESUME = {**BASE, "train.steps": 60, "train.eval_every": 0, "log.every": 1}
+RESUME = {**BASE, "train.steps": 24, "train.eval_every": 0, "log.every": 1}
 DS_ZERO3 = {"parallel.engine": "deepspeed", "parallel.zero_stage": 3, "train.micro_batch": 2}
 
 
@@ -113,6 +113,6 @@ def test_stop_and_resume_on_another_layout(tmp_path, corpus, gpt_tok, uninterrup
     assert ref.keys() == got.keys()
     for step in ref:  # later lines replace earlier ones: the resumed run's steps after the stop
         assert math.isclose(got[step]["loss"], ref[step]["loss"], rel_tol=1e-4), (step, got[step], ref[step])
-        # gradients summed in another order round differently; over 60 steps that drift reaches ~1e-3 in the norm
+        # gradients summed in another order round differently; over 24 steps that drift reaches ~1e-3 in the norm
         assert math.isclose(got[step]["grad_norm"], ref[step]["grad_norm"], rel_tol=2e-3), (step, got[step], ref[step])
     assert_same_weights(uninterrupted, run_dir, atol=1e-4)

@@ -99,7 +99,9 @@ def test_bert_micro_batch_reshape_gives_same_update(tmp_path, corpus, bert_tok):
     b = tiny_config(tmp_path / "b", corpus, bert_tok, "bert", **base, **{"train.micro_batch": 2, "train.grad_accum": 4})
     train_in_process(a, tmp_path, "a.yaml")
     train_in_process(b, tmp_path, "b.yaml")
-    assert_same_run(tmp_path / "a", tmp_path / "b", rtol=1e-5, weights_atol=1e-5)
+    # a weight whose gradient is near zero can land ~1e-5 away (AdamW turns another summation order's rounding into
+    # a step of up to lr); a wrong normalisation moves every weight by far more
+    assert_same_run(tmp_path / "a", tmp_path / "b", rtol=1e-5, weights_atol=1e-4)
 
 
 def test_activation_checkpointing_does_not_change_numerics(tmp_path, corpus, gpt_tok):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import faulthandler
 import os
 import re
 import sys
@@ -308,6 +309,9 @@ def main(argv: list[str] | None = None) -> None:
         from trainer.lifetime import follow_parent
 
         follow_parent()  # under a torchrun agent: die with it, never train on as an orphan
+        # a rank killed by a fatal signal (a C++ abort or segfault in a library) prints where each thread was in
+        # Python, which torchrun's own report ("exitcode -6") does not say
+        faulthandler.enable()
         args.stop = _early_stop_signal()  # SIGTERM/SIGUSR1 are remembered from here on (stop at a step boundary)
     try:
         args.func(args)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -60,9 +61,22 @@ def import_deepspeed():
             "parallel.engine=deepspeed needs DeepSpeed: pip install 'trainer[deepspeed]' (or pip install deepspeed)"
         ) from None
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)  # its INFO and advice lines would flood the console
+    _cache_cpu_info()
     # DeepSpeed calls collectives torch has renamed; torch warns on every call, which is not the user's to fix
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     return deepspeed
+
+
+def _cache_cpu_info() -> None:
+    """DeepSpeed's op loader asks py-cpuinfo for the CPU three times when it loads CPUAdam (offload), and each
+    `get_cpu_info()` starts a Python subprocess: about 3.4 s per rank at every offloaded start. The answer cannot
+    change within a process, so it is asked once."""
+    try:
+        import cpuinfo
+    except ImportError:  # DeepSpeed then reads lscpu instead
+        return
+    if not hasattr(cpuinfo.get_cpu_info, "cache_info"):
+        cpuinfo.get_cpu_info = functools.cache(cpuinfo.get_cpu_info)
 
 
 # --- the DeepSpeed config, generated from ours ------------------------------------------------------------------
