@@ -5,6 +5,7 @@ Bad input ends with one line `error: ...` on stderr and exit code 2, never a tra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import faulthandler
@@ -311,7 +312,9 @@ def main(argv: list[str] | None = None) -> None:
         follow_parent()  # under a torchrun agent: die with it, never train on as an orphan
         # a rank killed by a fatal signal (a C++ abort or segfault in a library) prints where each thread was in
         # Python, which torchrun's own report ("exitcode -6") does not say
-        faulthandler.enable()
+        if not faulthandler.is_enabled():
+            with contextlib.suppress(ValueError):  # stderr without a file descriptor (a caller capturing it)
+                faulthandler.enable()
         args.stop = _early_stop_signal()  # SIGTERM/SIGUSR1 are remembered from here on (stop at a step boundary)
     try:
         args.func(args)
