@@ -19,6 +19,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs two pytest workers on two cores: one thread each, for the tests' own torch and for every
     # process they start (set before anything imports torch)
     os.environ["OMP_NUM_THREADS"] = "1"
+# the MFU peak of every run the suite starts: each rank would otherwise measure its matmul peak for 0.8 s (some 360
+# rank starts: minutes of the suite's CPU); test_metrics and test_gpt_trains_and_writes_artifacts unset it and measure
+os.environ.setdefault("TRAINER_PEAK_TFLOPS", "0.1")
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")  # a process the suite starts that aborts says where it was
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 

@@ -12,6 +12,7 @@ finished config prints `LAYOUT-DONE <path>` on rank 0; the first failure ends th
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 
@@ -43,4 +44,7 @@ def main(paths: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # as `trainer train` ends a multi-rank run: no interpreter teardown after the gloo group

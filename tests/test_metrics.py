@@ -16,6 +16,12 @@ from trainer.metrics import PeakMeter, flops_per_token, gpu_peak_from_table, mem
 from trainer.models import build_model, count_params
 
 
+@pytest.fixture(autouse=True)
+def measured_peaks(monkeypatch):
+    """These tests measure peaks: the suite's named peak (conftest) is unset here."""
+    monkeypatch.delenv(metrics.PEAK_ENV, raising=False)
+
+
 def test_flops_per_token_gpt2_small_by_hand():
     # gpt2-small: 12 layers, d_model 768, context 1024, vocab 50257 (tied). Non-embedding params: per layer
     # attention 4*768*768 + 4*768 = 2,362,368, MLP 8*768*768 + 4*768 + 768 = 4,722,432, two LayerNorms 3,072:
@@ -170,6 +176,21 @@ def test_peak_meter_gpu_uses_the_spec_sheet(monkeypatch):
     assert meter.mfu(1e6, 8 * 989e12 * 0.4 / 1e6) == pytest.approx(0.4)
     assert meter.mfu(1e6, 8 * 989e12 * 1.2 / 1e6) == 1.0
     assert meter.raises == 1 and "beat the spec sheet" in meter.source
+
+
+def test_a_named_peak_is_used_as_given_and_never_measured(monkeypatch):
+    """$TRAINER_PEAK_TFLOPS: the per-device peak as given, no measurement at start-up or on a raise; a bad value is
+    one line naming the variable."""
+    monkeypatch.setenv(metrics.PEAK_ENV, "0.5")
+    monkeypatch.setattr(metrics, "measure_matmul_peak", lambda *a, **k: pytest.fail("a named peak is never measured"))
+    meter = PeakMeter("cpu", torch.float32, world_size=2)
+    assert meter.peak == 2 * 0.5e12 and not meter.measured and meter.source == "TRAINER_PEAK_TFLOPS=0.5 per device"
+    assert meter.mfu(1e6, 0.25e12 / 1e6) == pytest.approx(0.25)
+    assert meter.mfu(1e6, 2 * 0.6e12 / 1e6) == 1.0 and meter.per_device == pytest.approx(0.6e12)  # beaten: raised
+    for bad in ("fast", "0", "-3", "nan"):
+        monkeypatch.setenv(metrics.PEAK_ENV, bad)
+        with pytest.raises(UserError, match=f"TRAINER_PEAK_TFLOPS='{bad}' is not a positive number"):
+            PeakMeter("cpu", torch.float32)
 
 
 def test_mem_peak_gb_cpu_is_process_rss():

@@ -8,6 +8,7 @@ recomputation does not raise MFU.
 from __future__ import annotations
 
 import math
+import os
 import resource
 import sys
 import time
@@ -188,11 +189,31 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak: float) -> float:
     return tokens_per_s * flops_per_token / peak
 
 
+PEAK_ENV = "TRAINER_PEAK_TFLOPS"
+
+
+def named_peak() -> tuple[float, str] | None:
+    """The per-device peak the user names in $TRAINER_PEAK_TFLOPS (dense TFLOP/s in the run's compute dtype), for an
+    accelerator missing from the spec-sheet table or a CPU whose peak is known; None when unset. Used as a spec
+    sheet is: never re-measured, raised only if a step beats it."""
+    text = os.environ.get(PEAK_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise UserError(f"{PEAK_ENV}={text!r} is not a positive number of TFLOP/s per device: fix it or unset it")
+    return value * 1e12, f"{PEAK_ENV}={text} per device"
+
+
 class PeakMeter:
     """The peak FLOP/s that MFU is measured against, for `world_size` ranks of `device` computing in `dtype`, and MFU
     against it: one figure, never above 1.0.
 
-    A peak must be one that load cannot shrink. GPUs in the spec-sheet table: the table's dense peak. CPUs and
+    A peak must be one that load cannot shrink. A peak named in $TRAINER_PEAK_TFLOPS comes first, then GPUs in the
+    spec-sheet table: the table's dense peak. CPUs and
     accelerators missing from it: the best of several short matmul products at start-up (about `budget_s`; shared with
     peak_flops' cache). Load on a shared machine only ever makes a measurement low, so when a step's achieved FLOP/s
     beats the peak, the peak was measured low: it is measured again (at most once per `remeasure_every_s`) and becomes
@@ -216,8 +237,8 @@ class PeakMeter:
         self.device, self.dtype, self.world_size = torch.device(device), dtype, world_size
         self.budget_s, self.remeasure_every_s = budget_s, remeasure_every_s
         key = _precision_key(dtype)
-        found = None
-        if self.device.type == "cuda":
+        found = named_peak()
+        if found is None and self.device.type == "cuda":
             found = gpu_peak_from_table(torch.cuda.get_device_name(self.device), dtype)
         self.measured = found is None  # False: a spec sheet, which load cannot shrink and is never re-measured
         if found is not None:

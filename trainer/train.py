@@ -11,6 +11,7 @@ import torch
 from trainer.build import build_run, check_layout, engine_config, pipeline_plan, resolve_model
 from trainer.config import Config
 from trainer.loop import train_loop
+from trainer.metrics import named_peak
 from trainer.models import ModelConfig
 from trainer.parallel import ParallelDims, barrier, check_tp_degree, init_distributed, shutdown_distributed
 from trainer.parallel.context_parallel import check_cp
@@ -61,6 +62,7 @@ def check_before_start(cfg: Config, world: int) -> tuple[TokenizerInfo, ModelCon
     settings, and run.dir. Writes nothing; `launch local`/`launch slurm` call it to refuse a bad config before any
     rank starts. Returns the tokenizer, model config, pipeline plan and DeepSpeed config the run is built from."""
     p = cfg.parallel
+    named_peak()  # a bad $TRAINER_PEAK_TFLOPS is refused here too, not by every rank once the job runs
     tok = load_tokenizer(cfg.data.tokenizer)
     model_cfg = resolve_model(cfg, tok)
     # a degree that cannot split the model is refused before any process group exists
