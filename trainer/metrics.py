@@ -213,9 +213,8 @@ class PeakMeter:
     against it: one figure, never above 1.0.
 
     A peak must be one that load cannot shrink. A peak named in $TRAINER_PEAK_TFLOPS comes first, then GPUs in the
-    spec-sheet table: the table's dense peak. CPUs and
-    accelerators missing from it: the best of several short matmul products at start-up (about `budget_s`; shared with
-    peak_flops' cache). Load on a shared machine only ever makes a measurement low, so when a step's achieved FLOP/s
+    spec-sheet table: the table's dense peak. CPUs and accelerators missing from it: the best of several short matmul
+    products at start-up (about `budget_s`; shared with peak_flops' cache). Load on a shared machine only ever makes a measurement low, so when a step's achieved FLOP/s
     beats the peak, the peak was measured low: it is measured again (at most once per `remeasure_every_s`) and becomes
     the best of the old peak, the new measurement and the achieved figure. A figure above a spec sheet means the FLOP
     count or the table is wrong: the peak is raised to it as a last resort. Every raise is recorded in `source`.
